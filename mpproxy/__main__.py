@@ -1,0 +1,3 @@
+from mpproxy.cli import main
+
+raise SystemExit(main())

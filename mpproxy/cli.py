@@ -1,0 +1,101 @@
+"""The command line, with nginx's habits; the only place that exits the master process.
+
+    mpproxy [-c CONFIG] [-t] [-T] [-s reload|stop|quit|reopen] [--daemon] [-V]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from mpproxy import __version__
+from mpproxy.errors import EXIT_FAILURE, EXIT_OK, ConfigError, MpproxyError
+
+DEFAULT_CONFIG = '/etc/mpproxy/mpproxy.yaml'
+SIGNAL_NAMES = {'reload': signal.SIGHUP, 'stop': signal.SIGTERM,
+                'quit': signal.SIGQUIT, 'reopen': signal.SIGUSR1}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog='mpproxy', description='Layer-4 TCP and UDP reverse proxy and load balancer.')
+    parser.add_argument('-c', dest='config', metavar='CONFIG',
+                        default=os.environ.get('MPPROXY_CONFIG', DEFAULT_CONFIG),
+                        help='configuration file (default: $MPPROXY_CONFIG, else %(default)s)')
+    parser.add_argument('-t', dest='test', action='store_true',
+                        help='check the configuration and exit')
+    parser.add_argument('-T', dest='dump', action='store_true',
+                        help='check the configuration, print the effective one and exit')
+    parser.add_argument('-s', dest='signal', choices=sorted(SIGNAL_NAMES),
+                        help='send a signal to the running master (its pid is read from pid_file)')
+    parser.add_argument('--daemon', action='store_true', help='detach from the terminal')
+    parser.add_argument('-V', '--version', action='version', version=f'mpproxy {__version__}')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from mpproxy.config import dump, load   # after argparse, so -V and -h stay fast
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_FAILURE
+    if args.test or args.dump:
+        if args.dump:
+            sys.stdout.write(dump(config))
+        print('configuration ok', file=sys.stderr if args.dump else sys.stdout)
+        return EXIT_OK
+    if args.signal:
+        return _send_signal(config, args.signal)
+    return _serve(config, args)
+
+
+def _send_signal(config, name: str) -> int:
+    from mpproxy.master.pidfile import read_pid
+
+    if not config.pid_file:
+        print(f'mpproxy: -s needs pid_file set in {config.path}', file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        pid = read_pid(config.pid_file)
+        os.kill(pid, SIGNAL_NAMES[name])
+    except MpproxyError as exc:
+        print(f'mpproxy: {exc}', file=sys.stderr)
+        return EXIT_FAILURE
+    except ProcessLookupError:
+        print(f'mpproxy: no process with pid {pid} (from {config.pid_file})', file=sys.stderr)
+        return EXIT_FAILURE
+    except PermissionError:
+        print(f'mpproxy: not allowed to signal pid {pid}', file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _serve(config, args) -> int:
+    from mpproxy.master import daemon
+    from mpproxy.master.arbiter import Arbiter
+    from mpproxy.observe import log as logmod
+
+    try:
+        logmod.setup(config.error_log, config.log_level)
+    except OSError as exc:
+        print(f'mpproxy: cannot open error log {config.error_log}: {exc.strerror}', file=sys.stderr)
+        return EXIT_FAILURE
+    ready_fd = daemon.daemonize() if args.daemon else None
+    arbiter = Arbiter(config, args.config, ready_fd)
+    try:
+        arbiter.start()
+    except MpproxyError as exc:
+        logmod.log.error('%s', exc)
+        daemon.report(ready_fd, f'mpproxy: {exc}\n')
+        return EXIT_FAILURE
+    except OSError as exc:
+        logmod.log.error('cannot start: %s', exc)
+        daemon.report(ready_fd, f'mpproxy: cannot start: {exc}\n')
+        return EXIT_FAILURE
+    return arbiter.run()

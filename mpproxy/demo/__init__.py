@@ -1,0 +1,4 @@
+"""A demo echo backend (TCP and UDP) that `scripts/run` puts behind the example config.
+
+Owns nothing the proxy uses; may import only the standard library and uvloop.
+"""

@@ -1,0 +1,7 @@
+"""The master process: the arbiter that owns sockets, generations and workers.
+
+Owns: the main loop (a selectors poll, no asyncio, no threads), signal dispatch
+(`handle_<sig>`), the reload transaction, the listening sockets (bind, reuse,
+diff), the worker table, the pid file and daemonising.
+May import: config, worker (to run a child after fork), observe, errors.
+"""

@@ -1,0 +1,377 @@
+"""The arbiter: the master's main loop, its signals, and the reload transaction.
+
+Signal handlers only queue the signal; `run()` polls a `selectors` selector over
+the signal wake-up pipe and the workers' control sockets, then dispatches each
+queued signal to `handle_<name>()`, reaps children, and lets `manage_workers()`
+move the worker table towards its target (gunicorn's arbiter, nginx's cycle).
+No asyncio loop and no thread ever runs here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import time
+
+import setproctitle
+
+from mpproxy.config import ConfigError, load
+from mpproxy.config.schema import Config
+from mpproxy.errors import EXIT_FAILURE, EXIT_WORKER_BOOT, MpproxyError, StartupError
+from mpproxy.master import daemon
+from mpproxy.master.pidfile import PidFile
+from mpproxy.master.sockets import SocketSet
+from mpproxy.master.workers import ACTIVE, DRAINING, STARTING, Generation, WorkerHandle, spawn
+from mpproxy.observe import log as logmod
+
+log = logmod.log
+
+SIGNALS = ('HUP', 'QUIT', 'TERM', 'INT', 'USR1', 'USR2', 'CHLD')
+TERM_GRACE = 1.0          # after TERM, SIGKILL what is still alive
+KILL_GRACE = 2.0          # after a drain deadline's TERM, SIGKILL
+BACKOFF_MAX = 30.0        # a slot whose worker keeps dying waits at most this long
+STABLE_AFTER = 10.0       # a worker that lived this long resets its slot's back-off
+START_TIMEOUT = 10.0      # a new generation's workers must all be serving by then
+
+
+class Arbiter:
+    def __init__(self, config: Config, config_arg: str, ready_fd: int | None = None):
+        self.config = config
+        self.config_arg = config_arg
+        self.ready_fd = ready_fd
+        self.sockets = SocketSet()
+        self.generations: list[Generation] = []     # oldest first
+        self.next_generation = 1
+        self.pidfile: PidFile | None = None
+        self.signals: list[int] = []
+        self.selector = selectors.DefaultSelector()
+        self.stopping: str | None = None            # None | 'quit' | 'term'
+        self.stop_deadline: float | None = None
+        self.backoff: dict[int, tuple[int, float]] = {}   # slot -> (failures, not before)
+        self.exit_code = 0
+        self.started = False                        # the first generation became active
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind, lock, fork: raises StartupError before any worker exists."""
+        setproctitle.setproctitle(f'mpproxy: master -c {self.config_arg}')
+        if self.config.pid_file:
+            self.pidfile = PidFile(self.config.pid_file)
+            self.pidfile.acquire()
+        try:
+            bound = self.sockets.acquire(self.config)
+        except BaseException:
+            if self.pidfile:
+                self.pidfile.release()
+            raise
+        self._install_signals()
+        self._new_generation(self.config, bound)
+        self.manage_workers()
+
+    def _install_signals(self) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r, self.wake_w = r, w
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self.selector.register(r, selectors.EVENT_READ, self._drain_wakeup)
+        for name in SIGNALS:
+            signal.signal(getattr(signal, 'SIG' + name), self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)               # only record it (STYLE rule 1)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            while True:
+                for key, _ in self.selector.select(self._timeout()):
+                    key.data()
+                while self.signals:
+                    sig = self.signals.pop(0)
+                    name = signal.Signals(sig).name[3:].lower()
+                    getattr(self, 'handle_' + name)()
+                self.reap()
+                self.manage_workers()
+                if self.stopping and not self._live_workers():
+                    break
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _timeout(self) -> float:
+        return 0.05 if self.stopping else 0.25
+
+    def _live_workers(self) -> list[WorkerHandle]:
+        return [w for g in self.generations for w in g.workers.values()]
+
+    def _on_control(self, worker: WorkerHandle) -> None:
+        try:
+            data = worker.control.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self.selector.unregister(worker.control)
+            return
+        worker.last_beat = time.monotonic()
+        if b'r' in data and not worker.ready:
+            worker.ready = True
+
+    # -- signals ----------------------------------------------------------------------------
+    def handle_hup(self) -> None:
+        if self.stopping:
+            return
+        log.log(logmod.NOTICE, 'reloading configuration from %s', self.config.path)
+        self.reload()
+
+    def handle_quit(self) -> None:
+        if self.stopping:
+            return
+        log.log(logmod.NOTICE, 'graceful shutdown (QUIT): draining for up to %ss',
+                _fmt(self.config.shutdown_timeout))
+        self.stopping = 'quit'
+        for generation in self.generations:
+            self._drain(generation)
+        self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
+
+    def handle_term(self) -> None:
+        if self.stopping == 'term':
+            return
+        log.log(logmod.NOTICE, 'fast shutdown')
+        self.stopping = 'term'
+        self.stop_deadline = time.monotonic() + TERM_GRACE
+        for generation in self.generations:
+            generation.signal_all(signal.SIGTERM)
+        self.sockets.close_all()
+
+    handle_int = handle_term
+
+    def handle_usr1(self) -> None:
+        log.log(logmod.NOTICE, 'reopening log files')
+        logmod.reopen()
+        for generation in self.generations:
+            generation.signal_all(signal.SIGUSR1)
+
+    def handle_usr2(self) -> None:
+        log.warning('binary upgrade (USR2) is not supported yet; ignoring the signal')
+
+    def handle_chld(self) -> None:
+        pass                      # reap() runs after every dispatch
+
+    # -- reload -----------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Parse, validate and bind into a new generation; on failure keep the old one."""
+        try:
+            config = load(self.config.path)
+            self._check_reloadable(config)
+            bound = self.sockets.acquire(config)
+        except ConfigError as exc:
+            log.error('reload failed, keeping the running configuration: %s',
+                      '; '.join(exc.problems))
+            return
+        except (MpproxyError, OSError) as exc:
+            log.error('reload failed, keeping the running configuration: %s', exc)
+            return
+        for generation in self.generations:
+            if generation.state == STARTING:     # superseded before it was ready
+                self._drain(generation, quiet=True)
+        if config.workers != self.config.workers and any(l.protocol == 'udp' for l in config.listeners):
+            log.warning('workers changed from %d to %d: UDP flows re-hash to other workers',
+                        self.config.workers, config.workers)
+        if config.log_level != self.config.log_level or config.error_log != self.config.error_log:
+            try:
+                logmod.setup(config.error_log, config.log_level)
+            except OSError as exc:
+                log.error('cannot open error log %s: %s; keeping the old one',
+                          config.error_log, exc.strerror)
+        self.config = config
+        self._new_generation(config, bound)
+
+    def _check_reloadable(self, config: Config) -> None:
+        if config.pid_file != self.config.pid_file:
+            raise StartupError('pid_file cannot change on reload; restart to change it')
+
+    def _new_generation(self, config: Config, bound) -> Generation:
+        generation = Generation(self.next_generation, config, bound)
+        self.next_generation += 1
+        self.generations.append(generation)
+        return generation
+
+    def _promote(self, generation: Generation) -> None:
+        """All workers of a starting generation serve: it becomes active, the old one drains."""
+        generation.state = ACTIVE
+        for other in self.generations:
+            if other is not generation and other.state in (ACTIVE, STARTING):
+                self._drain(other, quiet=other.state == STARTING)
+        self.sockets.shutdown_unused(generation.bound)
+        if not self.started:
+            self.started = True
+            log.log(logmod.NOTICE, 'mpproxy started: %d worker(s), %d listener(s), generation %d',
+                    generation.config.workers, len(generation.config.listeners), generation.number)
+            daemon.report(self.ready_fd, 'ok')
+            self.ready_fd = None
+        else:
+            log.log(logmod.NOTICE, 'generation %d active', generation.number)
+
+    def _drain(self, generation: Generation, quiet: bool = False) -> None:
+        if generation.state == DRAINING:
+            return
+        generation.state = DRAINING
+        generation.deadline = time.monotonic() + generation.config.shutdown_timeout
+        if not quiet:
+            log.info('generation %d draining (%d worker(s))', generation.number,
+                     len(generation.workers))
+        generation.signal_all(signal.SIGQUIT)
+
+    # -- children ---------------------------------------------------------------------------
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if pid == 0:
+                return
+            self._worker_exited(pid, status)
+
+    def _worker_exited(self, pid: int, status: int) -> None:
+        for generation in self.generations:
+            for slot, worker in list(generation.workers.items()):
+                if worker.pid == pid:
+                    del generation.workers[slot]
+                    self._forget(worker)
+                    self._judge_exit(worker, status)
+                    return
+
+    def _forget(self, worker: WorkerHandle) -> None:
+        try:
+            self.selector.unregister(worker.control)
+        except (KeyError, ValueError):
+            pass
+        worker.control.close()
+
+    def _judge_exit(self, worker: WorkerHandle, status: int) -> None:
+        generation = worker.generation
+        code = os.waitstatus_to_exitcode(status)
+        expected = generation.state == DRAINING or self.stopping or worker.signalled is not None
+        how = f'exited with code {code}' if code >= 0 else f'was killed by {signal.Signals(-code).name}'
+        if expected and code in (0, -signal.SIGTERM, -signal.SIGKILL, -signal.SIGQUIT):
+            log.info('worker %d (pid %d, generation %d) %s', worker.slot, worker.pid,
+                     generation.number, how)
+            return
+        if generation.state == STARTING and not worker.ready:
+            self._start_failed(generation, f'worker {worker.slot} {how} before it was ready')
+            return
+        if self.stopping:
+            return
+        failures, _ = self.backoff.get(worker.slot, (0, 0.0))
+        lived = time.monotonic() - worker.started
+        failures = 1 if lived >= STABLE_AFTER and code != EXIT_WORKER_BOOT else failures + 1
+        delay = 0.0 if failures <= 1 else min(BACKOFF_MAX, 0.5 * 2 ** (failures - 2))
+        self.backoff[worker.slot] = (failures, time.monotonic() + delay)
+        log.error('worker %d (pid %d) %s unexpectedly; respawning%s', worker.slot, worker.pid,
+                  how, f' in {delay:.1f}s (it keeps dying)' if delay else '')
+
+    # -- reconcile --------------------------------------------------------------------------
+    def manage_workers(self) -> None:
+        now = time.monotonic()
+        for generation in list(self.generations):
+            if generation.state in (ACTIVE, STARTING) and not self.stopping:
+                self._spawn_missing(generation, now)
+            if generation.state == STARTING and generation.all_ready():
+                self._promote(generation)
+            self._watch_heartbeats(generation, now)
+            if generation.state == DRAINING and generation.deadline is not None:
+                if now >= generation.deadline + KILL_GRACE:
+                    for worker in generation.workers.values():
+                        if not worker.killed:
+                            log.warning('worker %d (pid %d) did not stop, killing it',
+                                        worker.slot, worker.pid)
+                            worker.signal(signal.SIGKILL)
+                elif now >= generation.deadline:
+                    for worker in generation.workers.values():
+                        if worker.signalled not in (signal.SIGTERM, signal.SIGKILL):
+                            worker.signal(signal.SIGTERM)
+            if generation.state == DRAINING and not generation.workers:
+                self.generations.remove(generation)
+                self.sockets.release([g.bound for g in self.generations])
+                log.info('generation %d finished', generation.number)
+        self._limit_draining()
+        if self.stopping == 'term' and self.stop_deadline and now >= self.stop_deadline:
+            for worker in self._live_workers():
+                if not worker.killed:
+                    worker.signal(signal.SIGKILL)
+
+    def _start_failed(self, generation: Generation, why: str) -> None:
+        """A starting generation failed: a reload keeps the old one; a first start stops."""
+        self._drain(generation, quiet=True)
+        generation.signal_all(signal.SIGTERM)
+        if self.started:
+            log.error('reload failed: generation %d: %s; keeping the running generation',
+                      generation.number, why)
+            return
+        log.error('cannot start: %s', why)
+        daemon.report(self.ready_fd, f'mpproxy: cannot start: {why}\n')
+        self.ready_fd = None
+        self.exit_code = EXIT_FAILURE
+        self.handle_term()
+
+    def _spawn_missing(self, generation: Generation, now: float) -> None:
+        if generation.state == STARTING and now - generation.loaded_at > START_TIMEOUT \
+                and not generation.all_ready():
+            self._start_failed(generation, f'its workers did not start within {START_TIMEOUT:g}s')
+            return
+        for slot in range(generation.config.workers):
+            if slot in generation.workers:
+                continue
+            if generation.state == ACTIVE:
+                failures, not_before = self.backoff.get(slot, (0, 0.0))
+                if now < not_before:
+                    continue
+            worker = spawn(generation, slot)
+            generation.workers[slot] = worker
+            self.selector.register(worker.control, selectors.EVENT_READ,
+                                   lambda w=worker: self._on_control(w))
+
+    def _watch_heartbeats(self, generation: Generation, now: float) -> None:
+        timeout = generation.config.worker_timeout
+        for worker in generation.workers.values():
+            if not worker.killed and now - worker.last_beat > timeout:
+                log.error('worker %d (pid %d) gave no heartbeat for %ss, killing it',
+                          worker.slot, worker.pid, _fmt(timeout))
+                worker.signal(signal.SIGKILL)
+
+    def _limit_draining(self) -> None:
+        draining = [g for g in self.generations if g.state == DRAINING]
+        excess = len(draining) - self.config.max_draining_generations
+        for generation in draining[:max(0, excess)]:
+            if generation.deadline > time.monotonic():
+                log.warning('too many draining generations, generation %d finishes now',
+                            generation.number)
+                generation.deadline = time.monotonic()
+
+    def _shutdown(self) -> None:
+        self.sockets.close_all()
+        for worker in self._live_workers():
+            worker.signal(signal.SIGKILL)
+        if self.pidfile:
+            self.pidfile.release()
+        log.log(logmod.NOTICE, 'mpproxy exited')
+
+
+def _fmt(seconds: float) -> str:
+    return f'{seconds:g}'

@@ -1,0 +1,144 @@
+"""The master's listening sockets: bound once, shared by generations, diffed by key.
+
+A key is (protocol, host, port). Its value is a list of sockets indexed by
+worker slot: TCP listeners have one shared socket (every slot uses index 0)
+unless `reuseport`, UDP listeners one SO_REUSEPORT socket per slot. A reload
+`acquire()`s the sockets of the new config: a key already held is reused as it
+is (the same socket, so no accept queue is reset and no UDP flow re-hashes), a
+new key is bound; if anything fails, only what this call bound is closed.
+A socket is closed when no live generation refers to it any more (`release`).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from mpproxy.config.schema import Config, Listener
+from mpproxy.errors import StartupError
+
+Key = tuple[str, str, int]
+
+
+class Bound:
+    """The sockets one generation uses: listener → list indexed by slot."""
+
+    def __init__(self, entries: list[tuple[Listener, list[socket.socket], bool]]):
+        self.entries = entries          # (listener, sockets, per_slot)
+
+    def for_slot(self, slot: int) -> tuple[tuple[Listener, socket.socket], ...]:
+        return tuple((listener, socks[slot] if per_slot else socks[0])
+                     for listener, socks, per_slot in self.entries)
+
+    def all_sockets(self) -> set[socket.socket]:
+        return {sock for _, socks, _ in self.entries for sock in socks}
+
+
+class SocketSet:
+    def __init__(self):
+        self._held: dict[Key, list[socket.socket]] = {}
+        self._mode: dict[Key, tuple] = {}
+
+    def acquire(self, config: Config) -> Bound:
+        """Bind or reuse every listener of `config`; all or nothing (raises StartupError)."""
+        new: list[socket.socket] = []
+        entries = []
+        try:
+            for listener in config.listeners:
+                per_slot = listener.protocol == 'udp' or listener.reuseport
+                wanted = config.workers if per_slot else 1
+                key = listener.key
+                mode = (per_slot, listener.ipv6only)
+                held = self._held.get(key)
+                if held is not None and self._mode[key] != mode:
+                    raise StartupError(
+                        f'listener {listener.name}: changing reuseport or ipv6only of a bound '
+                        f'address needs a restart')
+                socks = list(held or ())
+                while len(socks) < wanted:
+                    sock = _bind(listener)
+                    new.append(sock)
+                    socks.append(sock)
+                if held is not None and listener.protocol == 'tcp':
+                    for sock in socks[:wanted]:
+                        sock.listen(listener.backlog)   # a changed backlog applies at once
+                entries.append((listener, socks[:wanted], per_slot))
+        except BaseException:
+            for sock in new:
+                sock.close()
+            raise
+        for listener, socks, per_slot in entries:
+            key = listener.key
+            held = self._held.setdefault(key, [])
+            held.extend(s for s in socks if s not in held)
+            self._mode[key] = (per_slot, listener.ipv6only)
+        return Bound(entries)
+
+    def shutdown_unused(self, active: Bound) -> None:
+        """Stop accepting on TCP sockets the active generation no longer listens on.
+
+        They stay open (old workers hold copies) until `release` closes them.
+        """
+        in_use = active.all_sockets()
+        for key, socks in self._held.items():
+            if key[0] != 'tcp':
+                continue
+            for sock in socks:
+                if sock not in in_use:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def release(self, live: list[Bound]) -> None:
+        """Close every socket no live generation uses."""
+        in_use = set()
+        for bound in live:
+            in_use |= bound.all_sockets()
+        for key in list(self._held):
+            keep = [s for s in self._held[key] if s in in_use]
+            for sock in self._held[key]:
+                if sock not in in_use:
+                    sock.close()
+            if keep:
+                self._held[key] = keep
+            else:
+                del self._held[key]
+                del self._mode[key]
+
+    def close_all(self) -> None:
+        for socks in self._held.values():
+            for sock in socks:
+                sock.close()
+        self._held.clear()
+        self._mode.clear()
+
+    def fds(self) -> list[int]:
+        return [s.fileno() for socks in self._held.values() for s in socks]
+
+
+def _bind(listener: Listener) -> socket.socket:
+    addr = listener.listen
+    family = socket.AF_INET6 if addr.is_ipv6 else socket.AF_INET
+    udp = listener.protocol == 'udp'
+    sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if udp or listener.reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(listener.ipv6only))
+        if udp and addr.is_wildcard:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                if not listener.ipv6only:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+        sock.bind((addr.host, addr.port))
+        if not udp:
+            sock.listen(listener.backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f'cannot bind {listener.protocol} {addr}: {exc.strerror or exc}') from None
+    return sock

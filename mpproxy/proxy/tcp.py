@@ -1,0 +1,321 @@
+"""The TCP relay: two protocols that know each other, one per side of a connection pair.
+
+A client connection is accepted by the worker's server on the shared listening
+socket; `ClientSide.connection_made` pauses its reading and starts connecting
+to an upstream. Once connected, bytes flow by one routine, `Side.data_received`,
+whichever the direction: what one side reads is written to its peer's transport,
+and the peer's `pause_writing` (its write buffer over the high-water mark)
+pauses this side's reading, so a slow reader never makes the proxy buffer
+without bound.
+
+A relay's states::
+
+    CONNECTING --connected--> OPEN --one side's FIN--> HALF_CLOSED --other FIN--> CLOSED
+        |                      |                          |                          ^
+        +-- all tries failed --+-- RST, idle_timeout -----+-- half_close_timeout ----+
+
+Both transports are closed explicitly once both directions are done (uvloop
+must never garbage-collect a transport with a pending `write_eof()`), and a
+relay stays in its service's table until both sides report `connection_lost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from mpproxy.config.schema import Keepalive, Listener
+from mpproxy.upstream.pool import UpstreamPool
+
+
+class Side(asyncio.Protocol):
+    """One end of a relay: forwards what it reads to `peer`, and mirrors its flow control."""
+
+    __slots__ = ('relay', 'peer', 'transport', 'eof', 'lost', 'received')
+
+    def __init__(self, relay: 'Relay'):
+        self.relay = relay
+        self.peer: Side | None = None
+        self.transport: asyncio.Transport | None = None
+        self.eof = False          # this side sent us FIN
+        self.lost = False         # connection_lost was called
+        self.received = 0         # bytes read from this side
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.relay.last_active = self.relay.loop.time()
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.relay.on_eof(self)
+        return True               # keep the other direction open
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.lost:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.lost:
+            peer.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        self.relay.on_lost(self, exc)
+
+
+class ClientSide(Side):
+    """The accepted side; also buffers what arrives before the upstream is connected."""
+
+    __slots__ = ('early',)
+
+    def __init__(self, relay: 'Relay'):
+        super().__init__(relay)
+        self.early: list[bytes] | None = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.pause_reading()
+        self.relay.start(transport)
+
+    def data_received(self, data: bytes) -> None:
+        early = self.early
+        if early is not None:     # uvloop may deliver data after pause_reading()
+            early.append(data)
+            self.received += len(data)
+            return
+        Side.data_received(self, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.early is None:
+            self.relay.on_eof(self)
+        return True
+
+
+class UpstreamSide(Side):
+    __slots__ = ()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+
+class Relay:
+    """One client connection and its upstream connection."""
+
+    __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target',
+                 'last_active', 'timer', 'half_closed', 'closing', 'connect_task')
+
+    def __init__(self, service: 'TcpService'):
+        self.service = service
+        self.loop = service.loop
+        self.client = ClientSide(self)
+        self.upstream: UpstreamSide | None = None
+        self.client_addr = None
+        self.target = None
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.half_closed = False
+        self.closing = False
+        self.connect_task: asyncio.Task | None = None
+
+    # -- CONNECTING ---------------------------------------------------------------------
+    def start(self, transport) -> None:
+        self.client_addr = transport.get_extra_info('peername')
+        self.service.relays.add(self)
+        self.connect_task = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        svc = self.service
+        cfg = svc.listener
+        for target in svc.pool.candidates(self.client_addr, cfg.next_upstream_tries):
+            if self.closing:
+                return
+            side = UpstreamSide(self)
+            try:
+                await asyncio.wait_for(
+                    self.loop.create_connection(lambda: side, *target.sockaddr[:2]),
+                    cfg.connect_timeout)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = 'timed out' if isinstance(exc, asyncio.TimeoutError) else _oserror_text(exc)
+                svc.log.warning('connect() to %s failed (%s) while connecting to upstream, '
+                                'client: %s, listener: %s', target.label, reason,
+                                _fmt_addr(self.client_addr), cfg.name)
+                continue
+            if self.closing:
+                side.transport.close()
+                return
+            self.target = target
+            self._opened(side)
+            return
+        if not self.closing:
+            svc.log.error('no upstream could be connected for client %s, listener: %s; '
+                          'closing the client connection', _fmt_addr(self.client_addr), cfg.name)
+            self.close()
+
+    # -- OPEN ---------------------------------------------------------------------------
+    def _opened(self, upstream: UpstreamSide) -> None:
+        self.connect_task = None
+        client = self.client
+        self.upstream = upstream
+        client.peer = upstream
+        upstream.peer = client
+        keepalive = self.service.listener.keepalive
+        if keepalive is not None:
+            _set_keepalive(client.transport, keepalive)
+            _set_keepalive(upstream.transport, keepalive)
+        early, client.early = client.early, None
+        if early:
+            upstream.transport.write(b''.join(early))
+        if client.lost:           # the client went away while we were connecting
+            self.close()
+            return
+        if client.eof:
+            self.on_eof(client)
+        if self.closing:
+            return
+        self.last_active = self.loop.time()
+        self._arm(self.service.listener.idle_timeout)
+        client.transport.resume_reading()
+
+    def on_eof(self, side: Side) -> None:
+        peer = side.peer
+        if peer is None or self.closing:
+            return
+        if peer.eof:              # both directions are done
+            self.close()
+            return
+        transport = peer.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()     # pass the FIN on; the other direction goes on
+        if not self.half_closed:
+            self.half_closed = True
+            self._arm(min(self.service.listener.half_close_timeout, self._idle_left()))
+
+    def on_lost(self, side: Side, exc) -> None:
+        if not self.closing:
+            self.close()
+        self._maybe_forget()
+
+    # -- timers -------------------------------------------------------------------------
+    def _idle_left(self) -> float:
+        return self.last_active + self.service.listener.idle_timeout - self.loop.time()
+
+    def _arm(self, delay: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(max(delay, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closing:
+            return
+        if self.half_closed:      # half_close_timeout is not extended by traffic
+            self.service.log.info('half-close timeout, closing client %s', _fmt_addr(self.client_addr))
+            self.close()
+            return
+        left = self._idle_left()
+        if left > 0:
+            self._arm(left)
+        else:
+            self.service.log.info('idle timeout, closing client %s', _fmt_addr(self.client_addr))
+            self.close()
+
+    # -- CLOSED -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close both transports (flushing what they hold); idempotent."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        for side in (self.client, self.upstream):
+            if side is not None and side.transport is not None and not side.lost:
+                side.transport.close()
+        self._maybe_forget()
+
+    def abort(self) -> None:
+        """Close both transports now, dropping buffered data (fast stop)."""
+        self.close()
+        for side in (self.client, self.upstream):
+            if side is not None and side.transport is not None and not side.lost:
+                side.transport.abort()
+
+    def _maybe_forget(self) -> None:
+        if not self.closing:
+            return
+        for side in (self.client, self.upstream):
+            if side is not None and side.transport is not None and not side.lost:
+                return
+        self.service.relays.discard(self)
+        self.client.peer = None
+        if self.upstream is not None:
+            self.upstream.peer = None
+
+
+class TcpService:
+    """One TCP listener in one worker: accepts on the (shared) socket, runs the relays."""
+
+    def __init__(self, loop, listener: Listener, sock: socket.socket, pool: UpstreamPool, log):
+        self.loop = loop
+        self.listener = listener
+        self.sock = sock
+        self.pool = pool
+        self.log = log
+        self.relays: set[Relay] = set()
+        self.server = None
+
+    async def start(self) -> None:
+        self.server = await self.loop.create_server(
+            lambda: Relay(self).client, sock=self.sock, backlog=self.listener.backlog)
+
+    def drain(self) -> None:
+        """Stop accepting; relays already open go on."""
+        if self.server is not None:
+            self.server.close()   # closes this worker's copy of the listening fd only
+            self.server = None
+
+    def busy(self) -> bool:
+        return bool(self.relays)
+
+    def close(self) -> None:
+        self.drain()
+        for relay in list(self.relays):
+            relay.abort()
+
+
+def _set_keepalive(transport, ka: Keepalive) -> None:
+    sock = transport.get_extra_info('socket')
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if ka.idle is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(ka.idle)))
+        if ka.interval is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(ka.interval)))
+        if ka.count is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, ka.count)
+    except OSError:
+        pass
+
+
+def _oserror_text(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _fmt_addr(addr) -> str:
+    if not addr:
+        return '-'
+    host, port = addr[0], addr[1]
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'

@@ -1,0 +1,6 @@
+"""One worker process: everything that happens in a child after the master forks it.
+
+Owns: resetting what the fork inherited (signals, wake-up fd, foreign fds), the
+worker's own uvloop loop, its services (one per listener), the heartbeat, drain
+and exit. May import: config, proxy, upstream, observe, errors; never master/.
+"""

@@ -1,0 +1,223 @@
+"""The life of a worker process, from the fork to `os._exit`.
+
+A worker's states::
+
+    BOOTING --services started, 'r' sent--> SERVING --QUIT--> DRAINING --idle or deadline--> EXIT
+       |                                       |                                              ^
+       +-- boot error: exit 3 ------------------+-- TERM / INT / master gone ------------------+
+
+The master learns that the worker is ready from one byte `r` on the control
+socket, and that its loop still turns from a `h` byte sent once a second by a
+timer inside that loop (so a stuck loop stops the heartbeat). EOF on the
+control socket, or a new parent pid, means the master is gone: stop at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import resource
+import signal
+import socket
+from dataclasses import dataclass
+
+import setproctitle
+import uvloop
+
+from mpproxy.config.schema import Config, Listener
+from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT
+from mpproxy.observe import log as logmod
+from mpproxy.proxy.tcp import TcpService
+from mpproxy.proxy.udp import UdpService
+from mpproxy.upstream.pool import UpstreamPool
+
+log = logmod.log
+
+HEARTBEAT_INTERVAL = 1.0
+DRAIN_POLL = 0.1
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, built by the master before the fork."""
+    slot: int
+    generation: int
+    config: Config
+    master_pid: int
+    control: socket.socket                                # the worker's end
+    sockets: tuple[tuple[Listener, socket.socket], ...]   # this slot's listening sockets
+
+
+def run(spec: WorkerSpec) -> None:
+    """Entry point in the child right after fork(); never returns."""
+    code = EXIT_WORKER_BOOT
+    try:
+        code = Worker(spec).run()
+    except BaseException:     # noqa: BLE001 - a worker must never unwind into the master's code
+        try:
+            log.exception('worker %d crashed', spec.slot)
+        except BaseException:
+            pass
+    finally:
+        for handler in log.handlers:
+            try:
+                handler.flush()
+            except BaseException:
+                pass
+        os._exit(code)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.config = spec.config
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.services: list = []
+        self.exit_code = EXIT_OK
+        self.draining = False
+
+    # -- boot -----------------------------------------------------------------------------
+    def run(self) -> int:
+        spec = self.spec
+        self._reset_inherited()
+        setproctitle.setproctitle(f'mpproxy: worker {spec.slot} (generation {spec.generation})')
+        logmod.set_role(f'w{spec.slot}')
+        self._set_limits()
+        self.loop = loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._start_services())
+        except Exception as exc:  # noqa: BLE001 - any boot failure is reported, then exit 3
+            log.error('worker %d could not start: %s', spec.slot, exc)
+            return EXIT_WORKER_BOOT
+        for sig, handler in ((signal.SIGQUIT, self.drain), (signal.SIGTERM, self.stop),
+                             (signal.SIGINT, self.stop), (signal.SIGUSR1, logmod.reopen)):
+            loop.add_signal_handler(sig, handler)
+        spec.control.setblocking(False)
+        loop.add_reader(spec.control.fileno(), self._on_control)
+        self._send(b'r')
+        self._heartbeat()
+        loop.run_forever()
+        return self.exit_code
+
+    def _reset_inherited(self) -> None:
+        """Undo what fork() copied from the master: its signal set-up and its fds."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != self.spec.master_pid:
+            os._exit(EXIT_OK)     # the master died before we got here
+        keep = {0, 1, 2, self.spec.control.fileno()}
+        keep.update(sock.fileno() for _, sock in self.spec.sockets)
+        for handler in log.handlers:
+            stream = getattr(handler, 'stream', None)
+            if stream is not None:
+                try:
+                    keep.add(stream.fileno())
+                except (OSError, ValueError):
+                    pass
+        for name in os.listdir('/proc/self/fd'):
+            fd = int(name)
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass          # the fd of the listdir itself, already gone
+
+    def _set_limits(self) -> None:
+        want = self.config.worker_rlimit_nofile
+        if want is None:
+            return
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning('cannot set worker_rlimit_nofile to %d: %s', want, exc)
+
+    async def _start_services(self) -> None:
+        pools: dict[str, UpstreamPool] = {}
+        for listener, sock in self.spec.sockets:
+            pool = pools.get(listener.upstream)
+            if pool is None:
+                pool = pools[listener.upstream] = UpstreamPool(self.config.upstreams[listener.upstream])
+                if not pool.targets:
+                    log.warning('upstream %s has no usable server address', pool.name)
+            if listener.protocol == 'tcp':
+                service = TcpService(self.loop, listener, sock, pool, log)
+                await service.start()
+            else:
+                service = UdpService(self.loop, listener, sock, pool, log)
+                service.start()
+            self.services.append(service)
+
+    # -- talking to the master --------------------------------------------------------------
+    def _send(self, byte: bytes) -> None:
+        try:
+            self.spec.control.send(byte)
+        except BlockingIOError:
+            pass                  # the master is behind on reading; the next beat will do
+        except OSError:
+            self._master_gone()
+
+    def _heartbeat(self) -> None:
+        if os.getppid() != self.spec.master_pid:
+            self._master_gone()
+            return
+        self._send(b'h')
+        self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+
+    def _on_control(self) -> None:
+        try:
+            data = self.spec.control.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._master_gone()
+
+    def _master_gone(self) -> None:
+        if self.loop.is_running():
+            log.warning('master process is gone, worker exiting')
+        self.stop()
+
+    # -- stopping ---------------------------------------------------------------------------
+    def drain(self) -> None:
+        """QUIT: stop taking new clients, let open ones finish until shutdown_timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        setproctitle.setproctitle(
+            f'mpproxy: worker {self.spec.slot} (generation {self.spec.generation}) draining')
+        for service in self.services:
+            service.drain()
+        deadline = self.loop.time() + self.config.shutdown_timeout
+        self._check_drained(deadline)
+
+    def _check_drained(self, deadline: float) -> None:
+        if not any(service.busy() for service in self.services):
+            self.stop()
+        elif self.loop.time() >= deadline:
+            log.info('shutdown_timeout reached, closing the remaining connections')
+            self.stop()
+        else:
+            self.loop.call_later(DRAIN_POLL, self._check_drained, deadline)
+
+    def stop(self) -> None:
+        """TERM, INT, or the end of a drain: close everything now and leave the loop."""
+        for service in self.services:
+            try:
+                service.close()
+            except Exception:     # noqa: BLE001 - closing must reach every service
+                log.exception('error while closing a service')
+        self.loop.stop()

@@ -1,0 +1,268 @@
+"""Signals and the process model: reload, graceful and fast stop, respawn, master death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from conftest import (TcpBackend, alive, cmdline, fd_count, free_port, wait_for)
+from test_tcp import connect, echo_roundtrip, recv_all, tcp_config
+
+
+def tagged_backend(tag: bytes) -> TcpBackend:
+    """A backend that answers every connection with its tag, then echoes."""
+    def handler(conn):
+        conn.sendall(tag)
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+    return TcpBackend(handler)
+
+
+def first_bytes(port: int, n: int) -> bytes:
+    with connect(port) as sock:
+        data = b''
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_process_titles(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address, workers=2)).start(wait_workers=2)
+    assert cmdline(proxy.pid) == f'mpproxy: master -c {proxy.config_path}'
+    titles = sorted(cmdline(pid) for pid in proxy.workers())
+    assert titles == ['mpproxy: worker 0 (generation 1)', 'mpproxy: worker 1 (generation 1)']
+
+
+def test_hup_with_good_config_switches_upstream_for_new_connections(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        proxy = proxies(tcp_config(port, a.address)).start(wait_workers=2)
+        old_workers = set(proxy.workers())
+        assert first_bytes(port, 1) == b'A'
+        held = connect(port)                   # an open connection on the old generation
+        assert held.recv(1) == b'A'
+        proxy.write_config(tcp_config(port, b.address))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log('generation 2 active')
+        assert all(first_bytes(port, 1) == b'B' for _ in range(20))
+        new_workers = set(proxy.serving_workers())
+        assert new_workers and not new_workers & old_workers
+        held.sendall(b'still here')            # the old generation keeps serving it
+        assert held.recv(100) == b'still here'
+        held.close()
+        wait_for(lambda: not any(alive(p) for p in old_workers), 5, what='old workers to exit')
+    finally:
+        a.close()
+        b.close()
+
+
+def test_hup_with_bad_config_changes_nothing(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
+    workers = sorted(proxy.workers())
+    proxy.write_config('workers: 2\nlisteners: [{listen: "127.0.0.1:99999"}]\n')
+    proxy.signal(signal.SIGHUP)
+    log = proxy.wait_log('reload failed')
+    errors = [line for line in log.splitlines() if 'reload failed' in line]
+    assert len(errors) == 1 and 'port must be 1-65535' in errors[0], errors
+    assert 'Traceback' not in log
+    assert echo_roundtrip(port, b'still served') == b'still served'
+    assert sorted(proxy.workers()) == workers
+
+
+def test_hup_that_cannot_bind_keeps_old_generation(proxies, tcp_echo):
+    taken = socket.socket()
+    taken.bind(('127.0.0.1', 0))
+    taken.listen(1)
+    try:
+        port = free_port()
+        proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
+        busy = taken.getsockname()[1]
+        proxy.write_config(tcp_config(port, tcp_echo.address) + f"""
+          - listen: "127.0.0.1:{busy}"
+            protocol: tcp
+            upstream: ["{tcp_echo.address}"]
+        """)
+        proxy.signal(signal.SIGHUP)
+        log = proxy.wait_log('reload failed')
+        assert f'cannot bind tcp 127.0.0.1:{busy}' in log
+        assert echo_roundtrip(port, b'ok') == b'ok'
+        assert 'generation 2' not in log
+    finally:
+        taken.close()
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on `port` (from /proc/net/tcp)."""
+    with open('/proc/net/tcp') as f:
+        rows = [r.split() for r in f.read().splitlines()[1:]]
+    return {r[9] for r in rows if r[3] == '0A' and int(r[1].split(':')[1], 16) == port}
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f'/proc/{pid}/fd'):
+        try:
+            target = os.readlink(f'/proc/{pid}/fd/{fd}')
+        except OSError:
+            continue
+        if target.startswith('socket:['):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def test_unchanged_listener_keeps_its_socket_across_reload(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
+    before = listening_inodes(port)
+    assert len(before) == 1 and before <= socket_inodes(proxy.pid)
+    proxy.write_config(tcp_config(port, tcp_echo.address, extra='''
+            idle_timeout: 5m'''))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log('generation 2 active')
+    assert listening_inodes(port) == before
+    assert before <= socket_inodes(proxy.pid)
+    assert echo_roundtrip(port, b'same socket') == b'same socket'
+
+
+def test_quit_drains_open_connection_then_exits_zero(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
+    held = connect(port)
+    held.sendall(b'before')
+    assert held.recv(100) == b'before'
+    proxy.signal(signal.SIGQUIT)
+    proxy.wait_log('graceful shutdown')
+    # new connections are refused once the workers stopped accepting
+    def refused():
+        try:
+            with socket.create_connection(('127.0.0.1', port), timeout=1) as s:
+                s.sendall(b'x')
+                return s.recv(1) == b''
+        except OSError:
+            return True
+    wait_for(refused, 5, what='new connections refused')
+    assert proxy.proc.poll() is None, 'master exited while a connection was open'
+    held.sendall(b'during drain')
+    assert held.recv(100) == b'during drain'
+    held.shutdown(socket.SHUT_WR)
+    assert recv_all(held) == b''
+    held.close()
+    assert proxy.wait_exit(10) == 0
+
+
+def test_quit_closes_connections_at_shutdown_timeout(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address).replace(
+        'workers: 2', 'workers: 1\n        shutdown_timeout: 500ms')).start(wait_workers=1)
+    held = connect(port)
+    held.sendall(b'x')
+    assert held.recv(1) == b'x'
+    start = time.monotonic()
+    proxy.signal(signal.SIGQUIT)
+    assert proxy.wait_exit(10) == 0
+    assert time.monotonic() - start < 4
+    try:
+        assert held.recv(1) == b''
+    except ConnectionResetError:
+        pass
+    held.close()
+
+
+def test_term_exits_fast(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
+    workers = proxy.workers()
+    held = connect(port)
+    held.sendall(b'x')
+    assert held.recv(1) == b'x'
+    start = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait_exit(5) == 0
+    assert time.monotonic() - start < 1.5
+    wait_for(lambda: not any(alive(p) for p in workers), 2, what='workers gone')
+    held.close()
+
+
+def test_killed_worker_is_replaced_and_clients_keep_being_served(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
+    victim = proxy.workers()[0]
+    victim_title = cmdline(victim)
+    os.kill(victim, signal.SIGKILL)
+    start = time.monotonic()
+    wait_for(lambda: len(proxy.serving_workers()) == 2 and victim not in proxy.workers(), 3,
+             what='the worker to be replaced')
+    assert time.monotonic() - start < 1.5
+    assert victim_title in {cmdline(p) for p in proxy.workers()}   # same slot, same generation
+    for _ in range(50):
+        assert echo_roundtrip(port, b'served') == b'served'
+    assert 'unexpectedly' in proxy.log()
+
+
+def test_worker_that_keeps_dying_is_respawned_with_backoff(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address, workers=1)).start(wait_workers=1)
+    kills = 0
+    deadline = time.monotonic() + 4
+    seen = set()
+    while time.monotonic() < deadline:
+        for pid in proxy.workers():
+            if pid not in seen:
+                seen.add(pid)
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+        time.sleep(0.02)  # polling interval of this kill loop
+    # with back-off (0, 0.5, 1, 2 s ...) only a handful of workers can have been started
+    assert 3 <= kills <= 6, kills
+    assert 'keeps dying' in proxy.log()
+
+
+def test_workers_exit_when_master_is_killed(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
+    workers = proxy.workers()
+    os.kill(proxy.pid, signal.SIGKILL)
+    proxy.proc.wait(5)
+    wait_for(lambda: not any(alive(p) for p in workers), 3, what='workers to exit')
+    # nothing keeps the port
+    def port_free():
+        try:
+            with socket.socket() as s:
+                s.bind(('127.0.0.1', port))
+            return True
+        except OSError:
+            return False
+    wait_for(port_free, 3, what='the port to be free')
+
+
+def test_hup_storm_bounds_draining_generations(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address, workers=1).replace(
+        'workers: 1', 'workers: 1\n        max_draining_generations: 2')).start(wait_workers=1)
+    base_fds = fd_count(proxy.pid)
+    held = []
+    for i in range(8):
+        sock = connect(port)
+        sock.sendall(b'x')
+        assert sock.recv(1) == b'x'
+        held.append(sock)
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log(f'generation {i + 2} active')
+    wait_for(lambda: len(proxy.workers()) <= 1 + 2, 5, what='at most 2 draining generations')
+    for sock in held:
+        sock.close()
+    wait_for(lambda: len(proxy.workers()) == 1, 5, what='draining generations to finish')
+    wait_for(lambda: fd_count(proxy.pid) <= base_fds, 5, what='master fds back to baseline')
+    assert 'too many draining generations' in proxy.log()

@@ -1,0 +1,32 @@
+"""UpstreamPool: resolving server addresses and the round-robin order."""
+
+import socket
+
+from mpproxy.config.schema import Address, Server, Upstream
+from mpproxy.upstream.pool import UpstreamPool
+
+
+def pool(*addrs):
+    return UpstreamPool(Upstream('u', tuple(Server(Address(h, p)) for h, p in addrs)))
+
+
+def test_round_robin_rotates_start_and_bounds_tries():
+    p = pool(('127.0.0.1', 1), ('127.0.0.2', 2), ('127.0.0.3', 3))
+    firsts = [p.candidates(None, 3)[0].sockaddr[0] for _ in range(6)]
+    assert firsts == ['127.0.0.1', '127.0.0.2', '127.0.0.3'] * 2
+    tries = p.candidates(None, 2)
+    assert len(tries) == 2 and tries[0] != tries[1]
+    assert len(p.candidates(None, 10)) == 3
+
+
+def test_ipv6_literal_and_name_resolve():
+    p = pool(('::1', 80), ('localhost', 81))
+    families = {t.family for t in p.targets}
+    assert socket.AF_INET6 in families
+    assert any(t.label == 'localhost:81' for t in p.targets)
+    assert p.targets[0].sockaddr[:2] == ('::1', 80)
+
+
+def test_unresolvable_name_gives_no_target():
+    p = pool(('no-such-host.invalid', 80))
+    assert p.targets == () and p.candidates(None, 3) == []
