@@ -1,0 +1,399 @@
+"""UDP sessions: one worker's half of a UDP listener.
+
+The master binds one SO_REUSEPORT socket per listener and worker slot; worker i
+wraps socket i in a `UdpService`. The kernel's flow hash keeps a client on one
+worker, so each worker's session table is private and needs no locking.
+
+    client ──▶ listener socket ──▶ session table[client(, local addr)] ──▶ session socket ──▶ upstream
+    client ◀── listener socket (sendto / sendmsg+pktinfo) ◀──────────────── session socket ◀──┘
+
+Each session owns a connected, non-blocking UDP socket towards one upstream
+server, so replies come back on that socket and need no lookup. Everything is
+raw sockets and `loop.add_reader`: asyncio datagram transports cannot send
+0-byte datagrams and cost an extra layer per datagram.
+
+The hot path (one datagram either way) is: recv, one dict lookup, one
+`move_to_end`, one attribute store, send. Sockets are read until EAGAIN but at
+most `BATCH` datagrams per callback, so one busy flow cannot starve the loop;
+counters are added once per callback; nothing is logged per datagram.
+
+Idle expiry: the table is an OrderedDict ordered by last activity (every
+datagram moves its session to the end), so one periodic timer pops expired
+sessions from the front: the cost is O(expired), not O(sessions). The timer
+runs only while there are sessions.
+
+Errors never escape a reader callback (it would stop the worker's loop): they
+are counted, and logged through a `RateLimitedLog` (one line per second per
+cause).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections import OrderedDict
+
+from mpproxy.proxy import pktinfo
+from mpproxy.proxy.ratelog import RateLimitedLog
+
+BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
+BATCH = 64               # datagrams read per reader callback, per socket
+MIN_SWEEP = 0.05         # seconds; the expiry timer's period is
+MAX_SWEEP = 1.0          # min(idle_timeout / 4, MAX_SWEEP), at least MIN_SWEEP
+
+# Errors on a session socket that mean the upstream is gone (ICMP unreachable
+# reported on the connected socket): they end the session. Others (EMSGSIZE,
+# ENOBUFS, ...) only cost the datagram.
+_UPSTREAM_DEAD = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH,
+                            errno.ENETUNREACH, errno.EHOSTDOWN))
+_AGAIN = (BlockingIOError, InterruptedError)
+
+
+class UdpStats:
+    """Counters of one UdpService. Read them as attributes or with `as_dict()`."""
+
+    __slots__ = ('datagrams_in', 'datagrams_out', 'sessions_created', 'sessions_expired',
+                 'sessions_completed', 'sessions_failed', 'sessions_closed',
+                 'sessions_active', 'dropped')
+
+    # datagrams_in       datagrams read from clients (including dropped ones)
+    # datagrams_out      replies sent to clients
+    # sessions_created   sessions opened
+    # sessions_expired   ended by idle_timeout
+    # sessions_completed ended after udp.responses replies
+    # sessions_failed    ended by an upstream error (ECONNREFUSED, unreachable)
+    # sessions_closed    ended by close()
+    # sessions_active    open now (= created - the four above)
+    # dropped            datagrams lost either way: table full, no server,
+    #                    send errors to an upstream or to a client
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return 'UdpStats(%s)' % ', '.join('%s=%d' % kv for kv in self.as_dict().items())
+
+
+class Session:
+    """One client flow: a connected socket to one upstream server.
+
+    ::
+
+        client datagram, no session ──(table full / no server)──▶ dropped
+                    │ socket(); connect(server); add_reader
+                    ▼
+                  OPEN ◀── a datagram either way: last = now, move to table end
+                    │
+                    ├─ idle_timeout without datagrams ──▶ expired  ┐
+                    ├─ reply number udp.responses sent ─▶ completed │
+                    ├─ ECONNREFUSED / unreachable ──────▶ failed   ├─▶ CLOSED
+                    └─ UdpService.close() ──────────────▶ closed   ┘   (remove_reader,
+                                                                       close socket,
+                                                                       out of table,
+                                                                       sock = None)
+
+    A CLOSED session is never reopened; the client's next datagram creates a
+    new session (new socket, new source port, next server in balancing order).
+    """
+
+    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last')
+
+    def __init__(self, key, addr, sock, anc, target, now):
+        self.key = key              # table key: addr, or (addr, local dst) for wildcards
+        self.addr = addr            # client address, as recvfrom() gave it
+        self.sock = sock            # connected upstream socket; None once CLOSED
+        self.fd = sock.fileno()
+        self.anc = anc              # sendmsg() pktinfo for wildcard listeners, else None
+        self.target = target        # upstream.pool.Target
+        self.replies = 0            # replies received from the upstream
+        self.last = now             # loop.time() of the last datagram either way
+
+
+class UdpService:
+    """The session table of one UDP listener socket in one worker."""
+
+    def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger):
+        self.stats = UdpStats()
+        self._loop = loop
+        self._time = loop.time
+        self._listener = listener
+        self._name = listener.name
+        self._lsock = sock
+        self._lfd = sock.fileno()
+        self._pool = pool
+        self._log = log
+        self._rl = RateLimitedLog(log)
+        self._sessions: OrderedDict = OrderedDict()
+        self._idle = float(listener.idle_timeout)
+        self._period = max(MIN_SWEEP, min(self._idle / 4.0, MAX_SWEEP))
+        self._responses = listener.udp.responses
+        self._max_sessions = listener.udp.max_sessions       # 0 = unlimited
+        self._tries = max(1, listener.next_upstream_tries)
+        self._wildcard = listener.listen.is_wildcard or pktinfo.is_wildcard(sock)
+        self._pk = pktinfo.recv_spec(sock.family)
+        self._reading = False
+        self._closed = False
+        self._timer = None
+
+    # -- the interface the worker uses ---------------------------------------
+
+    def start(self) -> None:
+        """Begin reading the listener socket (synchronous)."""
+        if self._closed:
+            raise RuntimeError('UdpService.start() after close()')
+        if self._reading:
+            return
+        self._lsock.setblocking(False)
+        if self._wildcard:
+            pktinfo.enable(self._lsock)
+        self._loop.add_reader(self._lfd, self._on_listener)
+        self._reading = True
+
+    def drain(self) -> None:
+        """Stop reading the listener; live sessions go on until they end."""
+        self._stop_reading()
+
+    def busy(self) -> bool:
+        """True while any session is open."""
+        return bool(self._sessions)
+
+    def close(self) -> None:
+        """End every session now and stop reading. The listener socket stays open."""
+        self._stop_reading()
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        sessions = list(self._sessions.values())
+        for sess in sessions:
+            self._end(sess)
+        self.stats.sessions_closed += len(sessions)
+        self._rl.flush()
+
+    # -- reader callbacks (the hot path) -------------------------------------
+
+    def _on_listener(self):
+        """Client datagrams → their sessions' upstream sockets."""
+        lsock = self._lsock
+        sessions = self._sessions
+        get = sessions.get
+        touch = sessions.move_to_end
+        wildcard = self._wildcard
+        if wildcard:
+            pk_level, pk_type, pk_slice = self._pk
+            ancsize = pktinfo.ANCBUFSIZE
+        now = self._time()
+        n = dropped = 0
+        try:
+            while n < BATCH:
+                try:
+                    if wildcard:
+                        data, anc, _flags, addr = lsock.recvmsg(BUFSIZE, ancsize)
+                    else:
+                        data, addr = lsock.recvfrom(BUFSIZE)
+                except _AGAIN:
+                    break
+                n += 1
+                if wildcard:
+                    cdata = None
+                    for level, typ, cd in anc:
+                        if typ == pk_type and level == pk_level:
+                            cdata = cd
+                            break
+                    key = (addr, None if cdata is None else cdata[pk_slice])
+                else:
+                    key = addr
+                    cdata = None
+                sess = get(key)
+                if sess is None:
+                    sess = self._open(key, addr, cdata, now)
+                    if sess is None:
+                        dropped += 1
+                        continue
+                else:
+                    touch(key)
+                    sess.last = now
+                try:
+                    sess.sock.send(data)
+                except OSError as exc:
+                    dropped += 1
+                    self._upstream_error(sess, exc, 'send to')
+        except Exception as exc:
+            self._unexpected(exc, 'reading the listener')
+        stats = self.stats
+        stats.datagrams_in += n
+        if dropped:
+            stats.dropped += dropped
+
+    def _on_upstream(self, sess):
+        """Upstream replies on one session socket → the client."""
+        sock = sess.sock
+        if sock is None:            # ended earlier in this loop iteration
+            return
+        lsock = self._lsock
+        addr = sess.addr
+        anc = sess.anc
+        responses = self._responses
+        limit = BATCH if not responses else min(BATCH, responses - sess.replies)
+        got = sent = 0
+        try:
+            while got < limit:
+                try:
+                    data = sock.recv(BUFSIZE)
+                except _AGAIN:
+                    break
+                except OSError as exc:
+                    self._upstream_error(sess, exc, 'reply from')
+                    break
+                got += 1
+                try:
+                    if anc is None:
+                        lsock.sendto(data, addr)
+                    else:
+                        lsock.sendmsg((data,), anc, 0, addr)
+                    sent += 1
+                except OSError as exc:
+                    self._client_error(addr, exc)
+            if got and sess.sock is not None:
+                sess.replies += got
+                if responses and sess.replies >= responses:
+                    self._end(sess)
+                    self.stats.sessions_completed += 1
+                else:
+                    sess.last = self._time()
+                    self._sessions.move_to_end(sess.key)
+        except Exception as exc:
+            self._unexpected(exc, 'relaying replies')
+        stats = self.stats
+        stats.datagrams_out += sent
+        if got != sent:
+            stats.dropped += got - sent
+
+    # -- session life ---------------------------------------------------------
+
+    def _open(self, key, addr, cdata, now):
+        """A new session for `addr`, or None (counted by the caller as dropped)."""
+        sessions = self._sessions
+        if self._max_sessions and len(sessions) >= self._max_sessions:
+            # Hook for eviction policies: to make room instead of refusing,
+            # end the least recently active session here
+            # (next(iter(sessions.values())) is it) and go on.
+            self._rl.warning('full', 'udp %s: %d sessions (udp.max_sessions per worker), '
+                             'new client %s dropped', self._name, len(sessions), addr)
+            return None
+        targets = self._pool.candidates(addr, self._tries)
+        if not targets:
+            self._rl.warning('no servers', 'udp %s: upstream %s has no servers, datagram '
+                             'from %s dropped', self._name, self._listener.upstream, addr)
+            return None
+        sock = None
+        for target in targets:          # next_upstream_tries: a local failure tries the next
+            try:
+                sock = socket.socket(target.family, socket.SOCK_DGRAM)
+            except OSError as exc:      # EMFILE, ENFILE: no other server would help
+                self._rl.error('socket', 'udp %s: cannot create a socket: %s', self._name, exc)
+                return None
+            try:
+                sock.setblocking(False)
+                sock.connect(target.sockaddr)
+                break
+            except OSError as exc:
+                sock.close()
+                sock = None
+                self._rl.warning(('connect', target.label), 'udp %s: cannot connect to %s: %s',
+                                 self._name, target.label, exc)
+        if sock is None:
+            return None
+        anc = None
+        if cdata is not None:
+            anc = pktinfo.reply_ancdata(self._lsock.family, cdata)
+        sess = Session(key, addr, sock, anc, target, now)
+        try:
+            self._loop.add_reader(sess.fd, self._on_upstream, sess)
+        except Exception as exc:
+            sock.close()
+            self._unexpected(exc, 'watching a session socket')
+            return None
+        sessions[key] = sess
+        stats = self.stats
+        stats.sessions_created += 1
+        stats.sessions_active += 1
+        if self._timer is None and not self._closed:
+            self._timer = self._loop.call_later(self._period, self._sweep)
+        return sess
+
+    def _end(self, sess) -> None:
+        """OPEN → CLOSED. The caller counts why."""
+        sock = sess.sock
+        if sock is None:
+            return
+        sess.sock = None
+        if self._sessions.get(sess.key) is sess:
+            del self._sessions[sess.key]
+        try:
+            self._loop.remove_reader(sess.fd)
+        except Exception:           # the loop is closing; the socket still gets closed
+            pass
+        sock.close()
+        self.stats.sessions_active -= 1
+
+    def _sweep(self):
+        """The expiry timer: end sessions idle for idle_timeout, from the table's front."""
+        self._timer = None
+        sessions = self._sessions
+        try:
+            cutoff = self._time() - self._idle
+            expired = 0
+            while sessions:
+                sess = next(iter(sessions.values()))
+                if sess.last > cutoff:
+                    break
+                self._end(sess)
+                expired += 1
+            self.stats.sessions_expired += expired
+        except Exception as exc:
+            self._unexpected(exc, 'expiring sessions')
+        if sessions and not self._closed:
+            self._timer = self._loop.call_later(self._period, self._sweep)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            try:
+                self._loop.remove_reader(self._lfd)
+            except Exception:
+                pass
+
+    # -- errors (off the hot path) ---------------------------------------------
+
+    def _upstream_error(self, sess, exc: OSError, what: str) -> None:
+        """An error on a session socket: the upstream is gone, or one datagram is lost."""
+        if isinstance(exc, _AGAIN):         # socket buffer full: the datagram is lost
+            return
+        label = sess.target.label
+        if exc.errno in _UPSTREAM_DEAD:
+            self._end(sess)
+            self.stats.sessions_failed += 1
+            self._rl.warning((exc.errno, label), 'udp %s: %s upstream %s: %s; session of %s ended',
+                             self._name, what, label, exc.strerror or exc, sess.addr)
+        else:
+            self._rl.warning((exc.errno, label), 'udp %s: %s upstream %s: %s; datagram dropped',
+                             self._name, what, label, exc.strerror or exc)
+
+    def _client_error(self, addr, exc: OSError) -> None:
+        if isinstance(exc, _AGAIN):
+            return
+        self._rl.warning(('client', exc.errno), 'udp %s: send to client %s: %s; reply dropped',
+                         self._name, addr, exc.strerror or exc)
+
+    def _unexpected(self, exc: BaseException, where: str) -> None:
+        try:
+            self._rl.error(('bug', where), 'udp %s: unexpected error %s: %r',
+                           self._name, where, exc, exc_info=exc)
+        except Exception:
+            pass

@@ -1,0 +1,424 @@
+"""UdpService in-process: a uvloop loop, real sockets on 127.0.0.1 / ::1.
+
+Each test builds a listener socket, a small UDP upstream living in the same
+loop, and clients that are polled from inside the loop. Every wait has a
+deadline; every socket is closed in teardown; no exception may reach the
+loop's exception handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import pytest
+import uvloop
+
+from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
+from mpproxy.proxy.ratelog import RateLimitedLog
+from mpproxy.proxy.udp import UdpService
+from mpproxy.upstream.pool import UpstreamPool
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class Env:
+    """One loop plus everything to clean up."""
+
+    def __init__(self):
+        self.loop = uvloop.new_event_loop()
+        self.loop_errors = []
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
+        self.socks = []
+        self.readers = []
+        self.services = []
+        self.handler = ListHandler()
+        self.log = logging.getLogger('test.udp.%d' % id(self))
+        self.log.propagate = False
+        self.log.setLevel(logging.DEBUG)
+        self.log.addHandler(self.handler)
+
+    def udp(self, family, addr, reuseport=False, v6only=True):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        self.socks.append(s)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == V6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            s.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+        s.setblocking(False)
+        s.bind(addr)
+        return s
+
+    def add_reader(self, sock, cb):
+        self.loop.add_reader(sock.fileno(), cb)
+        self.readers.append(sock.fileno())
+
+    def run_until(self, cond, timeout=5.0, what='condition'):
+        async def wait():
+            deadline = time.monotonic() + timeout
+            while not cond():
+                if time.monotonic() > deadline:
+                    raise AssertionError('timed out waiting for ' + what)
+                await asyncio.sleep(0.005)
+        self.loop.run_until_complete(wait())
+
+    def run_for(self, seconds):
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    def recv(self, client, timeout=5.0):
+        """The next datagram on a client socket (data, from), within `timeout`."""
+        box = []
+
+        def ready():
+            try:
+                box.append(client.recvfrom(70000))
+            except BlockingIOError:
+                return False
+            return True
+        self.run_until(ready, timeout, 'a reply')
+        return box[0]
+
+    def nothing(self, client, seconds=0.2):
+        """Assert no datagram reaches `client` for `seconds`."""
+        self.run_for(seconds)
+        with pytest.raises(BlockingIOError):
+            client.recvfrom(70000)
+
+    def close(self):
+        for svc in self.services:
+            svc.close()
+        for fd in self.readers:
+            self.loop.remove_reader(fd)
+        for s in self.socks:
+            s.close()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+        self.log.removeHandler(self.handler)
+
+
+class EchoUpstream:
+    """Answers each datagram `copies` times; copies=0 only records."""
+
+    def __init__(self, env, family=V4, host='127.0.0.1', port=0, copies=1):
+        self.sock = env.udp(family, (host, port))
+        self.addr = self.sock.getsockname()
+        self.got = []                   # (data, source address)
+        self.copies = copies
+        env.add_reader(self.sock, self._read)
+
+    def _read(self):
+        for _ in range(64):
+            try:
+                data, src = self.sock.recvfrom(70000)
+            except BlockingIOError:
+                return
+            self.got.append((data, src))
+            for _ in range(self.copies):
+                self.sock.sendto(data, src)
+
+    def sources(self):
+        return [src for _, src in self.got]
+
+
+@pytest.fixture
+def env():
+    e = Env()
+    try:
+        yield e
+    finally:
+        errors = e.loop_errors
+        e.close()
+    assert not errors, errors
+
+
+def service(env, upstream_addr, family=V4, host='127.0.0.1', idle=30.0, responses=0,
+            max_sessions=10000, pool=None):
+    lsock = env.udp(family, (host, 0), reuseport=True)
+    port = lsock.getsockname()[1]
+    up = Upstream(name='u', servers=(Server(address=Address(upstream_addr[0], upstream_addr[1])),))
+    listener = Listener(name='test', listen=Address(host, port), protocol='udp', upstream='u',
+                        idle_timeout=idle,
+                        udp=UdpOptions(responses=responses, max_sessions=max_sessions))
+    svc = UdpService(env.loop, listener, lsock, pool or UpstreamPool(up), env.log)
+    env.services.append(svc)
+    svc.start()
+    return svc, port
+
+
+def open_fds():
+    return set(int(fd) for fd in os.listdir('/proc/self/fd'))
+
+
+# -- sessions ---------------------------------------------------------------------
+
+
+def test_two_clients_get_independent_sessions(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr)
+    c1 = env.udp(V4, ('127.0.0.1', 0))
+    c2 = env.udp(V4, ('127.0.0.1', 0))
+    for i in range(3):
+        c1.sendto(b'one-%d' % i, ('127.0.0.1', port))
+        c2.sendto(b'two-%d' % i, ('127.0.0.1', port))
+    got1 = [env.recv(c1) for _ in range(3)]
+    got2 = [env.recv(c2) for _ in range(3)]
+    assert sorted(d for d, _ in got1) == [b'one-0', b'one-1', b'one-2']
+    assert sorted(d for d, _ in got2) == [b'two-0', b'two-1', b'two-2']
+    assert {src for _, src in got1 + got2} == {('127.0.0.1', port)}
+    env.nothing(c1)
+    env.nothing(c2, 0.0)
+    by_source = {}
+    for data, src in up.got:
+        by_source.setdefault(src, set()).add(data[:3])
+    assert len(by_source) == 2                      # two upstream source ports
+    assert sorted(by_source.values(), key=sorted) == [{b'one'}, {b'two'}]
+    st = svc.stats
+    assert (st.sessions_created, st.sessions_active) == (2, 2)
+    assert (st.datagrams_in, st.datagrams_out, st.dropped) == (6, 6, 0)
+    assert svc.busy()
+
+
+def test_idle_session_expires_and_activity_keeps_it(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr, idle=0.3)
+    c = env.udp(V4, ('127.0.0.1', 0))
+    t0 = time.monotonic()
+    c.sendto(b'a', ('127.0.0.1', port))
+    assert env.recv(c)[0] == b'a'
+    env.run_until(lambda: svc.stats.sessions_active == 0, 5.0, 'expiry')
+    assert time.monotonic() - t0 >= 0.25
+    assert (svc.stats.sessions_expired, svc.busy()) == (1, False)
+    assert svc._timer is None                       # no timer while the table is empty
+    c.sendto(b'b', ('127.0.0.1', port))
+    assert env.recv(c)[0] == b'b'
+    assert up.got[1][1] != up.got[0][1]             # a new session, a new source port
+
+    # datagrams every 0.1s keep a 0.3s session alive
+    created = svc.stats.sessions_created
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        c.sendto(b'k', ('127.0.0.1', port))
+        assert env.recv(c)[0] == b'k'
+        env.run_for(0.1)
+    assert svc.stats.sessions_created == created
+    assert svc.stats.sessions_expired == 1
+
+
+@pytest.mark.parametrize('responses,copies', [(1, 2), (2, 3)])
+def test_responses_end_the_session(env, responses, copies):
+    up = EchoUpstream(env, copies=copies)
+    svc, port = service(env, up.addr, responses=responses)
+    c = env.udp(V4, ('127.0.0.1', 0))
+    c.sendto(b'x', ('127.0.0.1', port))
+    for _ in range(responses):
+        assert env.recv(c)[0] == b'x'
+    env.run_until(lambda: svc.stats.sessions_completed == 1, 5.0, 'session end')
+    assert svc.stats.sessions_active == 0
+    env.nothing(c)                                  # the extra replies are not relayed
+    c.sendto(b'y', ('127.0.0.1', port))
+    assert env.recv(c)[0] == b'y'
+    assert up.got[1][1] != up.got[0][1]             # new session = new source port
+    assert svc.stats.sessions_created == 2
+
+
+@pytest.mark.parametrize('family,host,size', [(V4, '127.0.0.1', 0), (V4, '127.0.0.1', 65507),
+                                              (V6, '::1', 0), (V6, '::1', 65527)])
+def test_datagram_sizes_both_ways(env, family, host, size):
+    up = EchoUpstream(env, family, host)
+    svc, port = service(env, up.addr, family, host)
+    c = env.udp(family, (host, 0))
+    payload = bytes(range(256)) * (size // 256) + b'z' * (size % 256)
+    c.sendto(payload, (host, port))
+    data, src = env.recv(c)
+    assert data == payload and src[:2] == (host, port)
+    assert up.got[0][0] == payload
+    assert (svc.stats.datagrams_in, svc.stats.datagrams_out, svc.stats.dropped) == (1, 1, 0)
+
+
+def test_max_sessions_drops_and_counts(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr, max_sessions=2)
+    clients = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(3)]
+    for c in clients[:2]:
+        c.sendto(b'in', ('127.0.0.1', port))
+        assert env.recv(c)[0] == b'in'
+    clients[2].sendto(b'out', ('127.0.0.1', port))
+    env.run_until(lambda: svc.stats.datagrams_in == 3, 5.0, 'the third datagram')
+    env.nothing(clients[2])
+    assert (svc.stats.dropped, svc.stats.sessions_active, len(set(up.sources()))) == (1, 2, 2)
+    assert any('max_sessions' in r.getMessage() for r in env.handler.records)
+    clients[0].sendto(b'again', ('127.0.0.1', port))   # existing sessions still flow
+    assert env.recv(clients[0])[0] == b'again'
+
+
+def test_dead_upstream_ends_session_and_logs_once(env):
+    probe = socket.socket(V4, socket.SOCK_DGRAM)
+    probe.bind(('127.0.0.1', 0))
+    dead = probe.getsockname()
+    probe.close()                                   # nothing listens there now
+    svc, port = service(env, dead)
+    clients = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(4)]
+    for i, c in enumerate(clients):
+        c.sendto(b'hello', ('127.0.0.1', port))
+        env.run_until(lambda: svc.stats.sessions_failed == i + 1, 5.0, 'ECONNREFUSED')
+    assert (svc.stats.sessions_active, svc.busy()) == (0, False)
+    warnings = [r for r in env.handler.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1                       # rate-limited: one line per second
+    assert 'Connection refused' in warnings[0].getMessage()
+
+    # the loop survived: bring the upstream to life on that port and it works
+    up = EchoUpstream(env, port=dead[1])
+    clients[0].sendto(b'alive', ('127.0.0.1', port))
+    assert env.recv(clients[0])[0] == b'alive'
+    assert up.got[0][0] == b'alive'
+
+
+def test_errors_in_callbacks_do_not_escape(env):
+    class BrokenPool:
+        def candidates(self, client_addr, tries):
+            raise RuntimeError('boom')
+    svc, port = service(env, ('127.0.0.1', 9), pool=BrokenPool())
+    c = env.udp(V4, ('127.0.0.1', 0))
+    for _ in range(3):
+        c.sendto(b'x', ('127.0.0.1', port))
+    env.run_until(lambda: svc.stats.datagrams_in >= 1, 5.0, 'the datagram')
+    env.run_for(0.05)
+    errors = [r for r in env.handler.records if r.levelno == logging.ERROR]
+    assert errors and 'boom' in errors[0].getMessage()
+    # the env fixture asserts that nothing reached the loop's exception handler
+
+
+# -- wildcard listeners --------------------------------------------------------------
+
+
+def test_wildcard_v4_replies_from_the_address_the_client_used(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr, host='0.0.0.0')
+    a = env.udp(V4, ('127.0.0.1', 0))
+    b = env.udp(V4, ('127.0.0.1', 0))
+    a.sendto(b'to-2', ('127.0.0.2', port))
+    b.sendto(b'to-1', ('127.0.0.1', port))
+    assert env.recv(a) == (b'to-2', ('127.0.0.2', port))
+    assert env.recv(b) == (b'to-1', ('127.0.0.1', port))
+    # one client, two local addresses: two sessions, each answered from its own address
+    a.sendto(b'to-1', ('127.0.0.1', port))
+    a.sendto(b'to-3', ('127.0.0.3', port))
+    got = {env.recv(a), env.recv(a)}
+    assert got == {(b'to-1', ('127.0.0.1', port)), (b'to-3', ('127.0.0.3', port))}
+    assert svc.stats.sessions_created == 4
+    a.sendto(b'again', ('127.0.0.2', port))         # same (client, local address): same session
+    assert env.recv(a) == (b'again', ('127.0.0.2', port))
+    assert svc.stats.sessions_created == 4
+
+
+def test_wildcard_v6(env):
+    up = EchoUpstream(env, V6, '::1')
+    svc, port = service(env, up.addr, V6, '::')
+    c = env.udp(V6, ('::1', 0))
+    c.sendto(b'six', ('::1', port))
+    data, src = env.recv(c)
+    assert (data, src[:2]) == (b'six', ('::1', port))
+    assert svc.stats.datagrams_out == 1
+
+
+def test_wildcard_dual_stack_answers_v4_clients_from_their_address(env):
+    up = EchoUpstream(env)
+    lsock = env.udp(V6, ('::', 0), reuseport=True, v6only=False)
+    port = lsock.getsockname()[1]
+    listener = Listener(name='dual', listen=Address('::', port), protocol='udp', upstream='u',
+                        ipv6only=False, idle_timeout=30.0)
+    pool = UpstreamPool(Upstream(name='u', servers=(Server(address=Address(*up.addr)),)))
+    svc = UdpService(env.loop, listener, lsock, pool, env.log)
+    env.services.append(svc)
+    svc.start()
+    c4 = env.udp(V4, ('127.0.0.1', 0))
+    c4.sendto(b'four', ('127.0.0.2', port))
+    assert env.recv(c4) == (b'four', ('127.0.0.2', port))
+    c6 = env.udp(V6, ('::1', 0))
+    c6.sendto(b'six', ('::1', port))
+    assert env.recv(c6)[0] == b'six'
+
+
+# -- drain and close -------------------------------------------------------------------
+
+
+def test_drain_stops_reading_but_replies_still_flow(env):
+    up = EchoUpstream(env, copies=0)                # answers only when told to
+    svc, port = service(env, up.addr)
+    c = env.udp(V4, ('127.0.0.1', 0))
+    c.sendto(b'question', ('127.0.0.1', port))
+    env.run_until(lambda: len(up.got) == 1, 5.0, 'the upstream to get the question')
+    svc.drain()
+    c.sendto(b'late', ('127.0.0.1', port))
+    env.run_for(0.2)
+    assert len(up.got) == 1 and svc.stats.datagrams_in == 1     # listener not read
+    up.sock.sendto(b'answer', up.got[0][1])         # the in-flight reply
+    assert env.recv(c) == (b'answer', ('127.0.0.1', port))
+    assert svc.busy()
+    svc.close()
+    assert not svc.busy()
+    assert svc.stats.sessions_closed == 1
+
+
+def test_close_closes_every_session_socket(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr)
+    lsock = env.socks[-1]
+    clients = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(3)]
+    before = open_fds()
+    for c in clients:
+        c.sendto(b'hi', ('127.0.0.1', port))
+        assert env.recv(c)[0] == b'hi'
+    session_fds = open_fds() - before
+    assert len(session_fds) == 3
+    sessions = list(svc._sessions.values())
+    svc.close()
+    assert open_fds() & session_fds == set()
+    assert all(s.sock is None for s in sessions)
+    assert (svc.busy(), svc.stats.sessions_active, svc.stats.sessions_closed) == (False, 0, 3)
+    assert lsock.fileno() != -1                     # the listener socket is not ours to close
+    clients[0].sendto(b'after', ('127.0.0.1', port))
+    env.run_for(0.1)
+    assert svc.stats.datagrams_in == 3              # no longer read
+
+
+# -- rate-limited logging -----------------------------------------------------------------
+
+
+def test_ratelog_one_line_per_interval_per_cause():
+    now = [100.0]
+    handler = ListHandler()
+    log = logging.getLogger('test.ratelog')
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    try:
+        rl = RateLimitedLog(log, interval=1.0, clock=lambda: now[0])
+        assert rl.warning('a', 'refused %s', 'x')
+        for _ in range(4):
+            assert not rl.warning('a', 'refused %s', 'x')
+        assert rl.warning('b', 'other')                 # another cause has its own budget
+        now[0] += 1.01
+        assert rl.warning('a', 'refused %s', 'y')
+        assert not rl.warning('a', 'refused %s', 'z')
+        rl.flush()
+        rl.flush()                                      # nothing pending twice
+        lines = [r.getMessage() for r in handler.records]
+        assert lines == ['refused x', 'other', 'refused y (4 similar suppressed)',
+                         'refused z (1 similar suppressed)']
+    finally:
+        log.removeHandler(handler)
