@@ -68,7 +68,7 @@ def test_check_ok_and_example_config():
 
 def test_config_from_environment(tmp_path):
     path = tmp_path / 'env.yaml'
-    path.write_text('workers: 1\n')
+    path.write_text('workers: 1\nlisteners: [{listen: "127.0.0.1:8000", upstream: ["127.0.0.1:9000"]}]\n')
     result = run_cli('-t', env={**os.environ, 'MPPROXY_CONFIG': str(path)})
     assert result.returncode == 0 and 'configuration ok' in result.stdout
 

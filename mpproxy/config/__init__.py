@@ -1,0 +1,14 @@
+"""The configuration: schema, YAML loader, value parsers and dump.
+
+Owns: the frozen dataclasses every other package reads (`schema.py`), reading
+and validating the YAML file with `file:line: key.path` problems (`loader.py`,
+`checks.py`), durations and addresses (`values.py`), and the effective config
+as YAML for `mpproxy -T` (`dump.py`).
+May import: mpproxy.errors, the standard library and PyYAML; nothing else of mpproxy.
+"""
+
+from mpproxy.config.dump import dump
+from mpproxy.config.loader import load
+from mpproxy.errors import ConfigError
+
+__all__ = ['ConfigError', 'dump', 'load']
