@@ -86,7 +86,7 @@ def _serve(config, args) -> int:
     except OSError as exc:
         print(f'mpproxy: cannot open error log {config.error_log}: {exc.strerror}', file=sys.stderr)
         return EXIT_FAILURE
-    ready_fd = daemon.daemonize() if args.daemon else None
+    ready_fd = daemon.daemonize(config.error_log == 'stderr') if args.daemon else None
     arbiter = Arbiter(config, args.config, ready_fd)
     try:
         arbiter.start()

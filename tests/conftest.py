@@ -185,6 +185,7 @@ def proxies(tmp_path):
     yield make
     for proxy in made:
         proxy.cleanup()
+        print(f'--- {proxy.log_path} ---\n{proxy.log()[-4000:]}')   # shown when the test fails
 
 
 def run_cli(*args, timeout: float = 20.0, env=None) -> subprocess.CompletedProcess:

@@ -262,7 +262,7 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
     listen = s.get('listen', partial(parse_address, listen=True), required=True)
     protocol = s.get('protocol', choice('tcp', 'udp'), 'tcp')
     name = s.get('name', optional(text)) or (str(listen) if listen else s.path)
-    upstream = _listener_upstream(s, name, declared, inline)
+    upstream = _listener_upstream(s, name if protocol == 'tcp' else f'{name}/udp', declared, inline)
     reuseport = s.get('reuseport', boolean, False)
     if reuseport and protocol == 'udp':
         s.report('reuseport', 'udp listeners always use one SO_REUSEPORT socket per worker')
@@ -289,7 +289,8 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
 
 
 def _listener_upstream(s: Section, name: str, declared: dict, inline: dict) -> str | None:
-    """The upstream's name; an inline server list becomes an upstream named after the listener."""
+    """The upstream's name; an inline server list becomes an upstream named after the listener
+    (`<name>/udp` for a udp listener, so `listen: 53` over tcp and udp need no names)."""
     value = s.value('upstream')
     if 'upstream' not in s:
         s.report('upstream', 'missing (the name of an upstream or a list of servers)')

@@ -11,8 +11,10 @@ import os
 import sys
 
 
-def daemonize() -> int:
+def daemonize(keep_stderr: bool) -> int:
     """Detach; returns in the daemon the write end of the readiness pipe.
+
+    stdin and stdout go to /dev/null, and stderr too unless the error log is stderr.
 
     The original process never returns: it exits 0 when the daemon reports
     ready, 1 (after printing the daemon's error) otherwise.
@@ -40,6 +42,8 @@ def daemonize() -> int:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
+    if not keep_stderr:
+        os.dup2(null, 2)
     os.close(null)
     return w
 

@@ -17,6 +17,7 @@ from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import StartupError
 
 Key = tuple[str, str, int]
+IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)      # missing from Python 3.11's socket module
 
 
 class Bound:
@@ -131,9 +132,9 @@ def _bind(listener: Listener) -> socket.socket:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
                 if not listener.ipv6only:
-                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             else:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         sock.bind((addr.host, addr.port))
         if not udp:
             sock.listen(listener.backlog)

@@ -96,10 +96,15 @@ class ClientSide(Side):
 
 
 class UpstreamSide(Side):
-    __slots__ = ()
+    __slots__ = ('target',)
+
+    def __init__(self, relay: 'Relay', target):
+        super().__init__(relay)
+        self.target = target
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.relay._opened(self)  # at once: data may follow before the connecting task resumes
 
 
 class Relay:
@@ -133,7 +138,7 @@ class Relay:
         for target in svc.pool.candidates(self.client_addr, cfg.next_upstream_tries):
             if self.closing:
                 return
-            side = UpstreamSide(self)
+            side = UpstreamSide(self, target)
             try:
                 await asyncio.wait_for(
                     self.loop.create_connection(lambda: side, *target.sockaddr[:2]),
@@ -146,12 +151,7 @@ class Relay:
                                 'client: %s, listener: %s', target.label, reason,
                                 _fmt_addr(self.client_addr), cfg.name)
                 continue
-            if self.closing:
-                side.transport.close()
-                return
-            self.target = target
-            self._opened(side)
-            return
+            return                # connected: `UpstreamSide.connection_made` opened the relay
         if not self.closing:
             svc.log.error('no upstream could be connected for client %s, listener: %s; '
                           'closing the client connection', _fmt_addr(self.client_addr), cfg.name)
@@ -159,7 +159,11 @@ class Relay:
 
     # -- OPEN ---------------------------------------------------------------------------
     def _opened(self, upstream: UpstreamSide) -> None:
+        if self.closing:          # the client went away while we were connecting
+            upstream.transport.close()
+            return
         self.connect_task = None
+        self.target = upstream.target
         client = self.client
         self.upstream = upstream
         client.peer = upstream
@@ -174,12 +178,12 @@ class Relay:
         if client.lost:           # the client went away while we were connecting
             self.close()
             return
-        if client.eof:
+        self.last_active = self.loop.time()
+        self._arm(self.service.listener.idle_timeout)
+        if client.eof:            # its FIN came while we were connecting
             self.on_eof(client)
         if self.closing:
             return
-        self.last_active = self.loop.time()
-        self._arm(self.service.listener.idle_timeout)
         client.transport.resume_reading()
 
     def on_eof(self, side: Side) -> None:

@@ -87,6 +87,7 @@ class Worker:
         self._set_limits()
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_log_loop_exception)
         try:
             loop.run_until_complete(self._start_services())
         except Exception as exc:  # noqa: BLE001 - any boot failure is reported, then exit 3
@@ -221,3 +222,10 @@ class Worker:
             except Exception:     # noqa: BLE001 - closing must reach every service
                 log.exception('error while closing a service')
         self.loop.stop()
+
+
+def _log_loop_exception(loop, context) -> None:
+    """Errors that escaped a callback go to the error log, never to a silent default."""
+    exc = context.get('exception')
+    log.error('unexpected error in the event loop: %s', context.get('message'),
+              exc_info=(type(exc), exc, exc.__traceback__) if exc else None)

@@ -36,7 +36,7 @@ BROKEN = [
      '    proxy_protocol: {accept: true}\n', 4, 'listeners[0].proxy_protocol'),
     ('admin: {listen: 127.0.0.1:9901}\n', 1, 'admin: not supported yet'),
     ('upstreams:\n  web:\n    servers: []\n', 3, 'upstreams.web.servers'),
-    ('workers: [1\n', 1, 'YAML syntax error'),
+    ('workers: 1\n  bad: indent\n', 2, 'YAML syntax error'),
     ('upstreams:\n  web:\n    servers: [127.0.0.1:80]\n    balance: fastest\n', 4,
      'upstreams.web.balance'),
     ('shutdown_timeout: true\n', 1, 'shutdown_timeout:'),

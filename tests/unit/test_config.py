@@ -151,11 +151,13 @@ def test_inline_upstreams(tmp_path):
             upstream: [127.0.0.1:9000, {address: "[::1]:9001"}]
         """)
     first, dns, udp = config.listeners
-    assert first.name == first.upstream == udp.upstream == '0.0.0.0:8000'
+    assert first.name == first.upstream == udp.name == '0.0.0.0:8000'
+    assert udp.upstream == '0.0.0.0:8000/udp'
     assert config.upstreams['0.0.0.0:8000'].servers == (
         Server(Address('127.0.0.1', 9000)), Server(Address('::1', 9001)))
-    assert dns.upstream == 'dns' and dns.listen == Address('::1', 53)
-    assert config.upstreams['dns'].servers == (Server(Address('ns.example.com', 53)),)
+    assert config.upstreams['0.0.0.0:8000/udp'].servers == config.upstreams['0.0.0.0:8000'].servers
+    assert dns.upstream == 'dns/udp' and dns.listen == Address('::1', 53)
+    assert config.upstreams['dns/udp'].servers == (Server(Address('ns.example.com', 53)),)
 
 
 def test_keepalive_forms(tmp_path):
