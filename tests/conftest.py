@@ -133,7 +133,7 @@ class Proxy:
         return self.log()
 
     def workers(self) -> list[int]:
-        pids = [p for p in children(self.pid) if 'worker' in cmdline(p)]
+        pids = [p for p in children(self.pid) if cmdline(p).startswith('mpproxy: worker')]
         self.known_pids.update(pids)
         return pids
 

@@ -202,8 +202,10 @@ def test_killed_worker_is_replaced_and_clients_keep_being_served(proxies, tcp_ec
     victim_title = cmdline(victim)
     os.kill(victim, signal.SIGKILL)
     start = time.monotonic()
-    wait_for(lambda: len(proxy.serving_workers()) == 2 and victim not in proxy.workers(), 3,
-             what='the worker to be replaced')
+    def replaced():
+        serving = proxy.serving_workers()      # one snapshot: the victim may still show briefly
+        return len(serving) == 2 and victim not in serving
+    wait_for(replaced, 3, what='the worker to be replaced')
     assert time.monotonic() - start < 1.5
     assert victim_title in {cmdline(p) for p in proxy.workers()}   # same slot, same generation
     for _ in range(50):
@@ -266,3 +268,79 @@ def test_hup_storm_bounds_draining_generations(proxies, tcp_echo):
     wait_for(lambda: len(proxy.workers()) == 1, 5, what='draining generations to finish')
     wait_for(lambda: fd_count(proxy.pid) <= base_fds, 5, what='master fds back to baseline')
     assert 'too many draining generations' in proxy.log()
+
+
+def test_stuck_worker_is_killed_and_replaced(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address, workers=1).replace(
+        'workers: 1', 'workers: 1\n        worker_timeout: 1s')).start(wait_workers=1)
+    stuck = proxy.workers()[0]
+    os.kill(stuck, signal.SIGSTOP)            # its event loop stops turning
+    try:
+        proxy.wait_log('gave no heartbeat', timeout=5)
+        wait_for(lambda: (lambda w: w and stuck not in w)(proxy.serving_workers()), 5,
+                 what='a replacement worker')
+    finally:
+        if alive(stuck):
+            os.kill(stuck, signal.SIGKILL)
+    assert echo_roundtrip(port, b'unstuck') == b'unstuck'
+
+
+def test_reload_adds_and_removes_listeners(proxies, tcp_echo):
+    kept, removed, added = free_port(), free_port(), free_port()
+
+    def listener(port):
+        return f"""
+          - listen: "127.0.0.1:{port}"
+            protocol: tcp
+            upstream: ["{tcp_echo.address}"]"""
+
+    base = '\n        workers: 2\n        listeners:'
+    proxy = proxies(base + listener(kept) + listener(removed)).start(wait_workers=2)
+    held = connect(removed)                    # a connection on the listener that goes away
+    held.sendall(b'x')
+    assert held.recv(1) == b'x'
+    proxy.write_config(base + listener(kept) + listener(added))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log('generation 2 active')
+    assert echo_roundtrip(added, b'new listener') == b'new listener'
+    assert echo_roundtrip(kept, b'kept listener') == b'kept listener'
+    try:                                       # the removed one refuses new connections at once
+        with socket.create_connection(('127.0.0.1', removed), timeout=2) as s:
+            s.sendall(b'y')
+            assert s.recv(1) == b''
+    except (ConnectionRefusedError, ConnectionResetError):
+        pass
+    held.sendall(b'still')                     # while its open connection is still served
+    assert held.recv(10) == b'still'
+    held.close()
+
+    def port_free():
+        try:
+            with socket.socket() as s:
+                s.bind(('127.0.0.1', removed))
+            return True
+        except OSError:
+            return False
+    wait_for(port_free, 5, what='the removed port to be released')
+
+
+def test_reload_changing_workers_warns_about_udp_rehash(proxies, udp_echo):
+    port = free_port()
+    config = f"""
+        workers: WORKERS
+        listeners:
+          - listen: "127.0.0.1:{port}"
+            protocol: udp
+            upstream: ["{udp_echo.address}"]
+    """
+    proxy = proxies(config.replace('WORKERS', '2')).start(wait_workers=2)
+    proxy.write_config(config.replace('WORKERS', '3'))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log('generation 2 active')
+    assert 'UDP flows re-hash' in proxy.log()
+    wait_for(lambda: len(proxy.workers()) == 3, 5, what='3 workers')
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(2)
+        c.sendto(b'after', ('127.0.0.1', port))
+        assert c.recvfrom(100)[0] == b'after'
