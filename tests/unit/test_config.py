@@ -491,3 +491,18 @@ def slots(node):
         yield node, key
         if isinstance(node[key], (dict, list)):
             yield from slots(node[key])
+
+
+def test_tcp_and_udp_on_one_address_need_no_names(tmp_path):
+    config = load_text(tmp_path, """\
+        listeners:
+          - listen: 127.0.0.1:53
+            upstream: [127.0.0.1:5353]
+          - listen: 127.0.0.1:53
+            protocol: udp
+            upstream: [127.0.0.2:5353]
+        """)
+    tcp, udp = config.listeners
+    assert tcp.name == udp.name == '127.0.0.1:53'
+    assert config.upstreams[tcp.upstream].servers[0].address.host == '127.0.0.1'
+    assert config.upstreams[udp.upstream].servers[0].address.host == '127.0.0.2'
