@@ -23,7 +23,8 @@ from mpproxy.errors import EXIT_FAILURE, EXIT_WORKER_BOOT, MpproxyError, Startup
 from mpproxy.master import daemon
 from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import SocketSet
-from mpproxy.master.workers import ACTIVE, DRAINING, STARTING, Generation, WorkerHandle, spawn
+from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
+                                    close_handoff, drain_with_handoff, spawn)
 from mpproxy.observe import log as logmod
 
 log = logmod.log
@@ -31,6 +32,7 @@ log = logmod.log
 SIGNALS = ('HUP', 'QUIT', 'TERM', 'INT', 'USR1', 'USR2', 'CHLD')
 TERM_GRACE = 1.0          # after TERM, SIGKILL what is still alive
 KILL_GRACE = 2.0          # after a drain deadline's TERM, SIGKILL
+CLOSE_SLACK = 1.5         # a worker closes by itself at shutdown_timeout; TERM only after this
 BACKOFF_MAX = 30.0        # a slot whose worker keeps dying waits at most this long
 STABLE_AFTER = 10.0       # a worker that lived this long resets its slot's back-off
 START_TIMEOUT = 10.0      # a new generation's workers must all be serving by then
@@ -208,11 +210,14 @@ class Arbiter:
         return generation
 
     def _promote(self, generation: Generation) -> None:
-        """All workers of a starting generation serve: it becomes active, the old one drains."""
+        """All workers of a starting generation serve: it becomes active, the old one drains
+        (handing its UDP sessions slot by slot to the new workers)."""
         generation.state = ACTIVE
         for other in self.generations:
             if other is not generation and other.state in (ACTIVE, STARTING):
-                self._drain(other, quiet=other.state == STARTING)
+                self._drain(other, quiet=other.state == STARTING, successors=generation)
+        for worker in generation.workers.values():
+            close_handoff(worker)
         self.sockets.shutdown_unused(generation.bound)
         if not self.started:
             self.started = True
@@ -223,15 +228,22 @@ class Arbiter:
         else:
             log.log(logmod.NOTICE, 'generation %d active', generation.number)
 
-    def _drain(self, generation: Generation, quiet: bool = False) -> None:
+    def _drain(self, generation: Generation, quiet: bool = False,
+               successors: Generation | None = None) -> None:
         if generation.state == DRAINING:
             return
         generation.state = DRAINING
-        generation.deadline = time.monotonic() + generation.config.shutdown_timeout
+        generation.deadline = time.monotonic() + generation.config.shutdown_timeout + CLOSE_SLACK
         if not quiet:
             log.info('generation %d draining (%d worker(s))', generation.number,
                      len(generation.workers))
-        generation.signal_all(signal.SIGQUIT)
+        for slot, worker in generation.workers.items():
+            close_handoff(worker)             # it never got sessions: nothing to wait for
+            new = successors.workers.get(slot) if successors else None
+            if new is not None and new.handoff_peer is not None:
+                drain_with_handoff(worker, new)
+            else:
+                worker.signal(signal.SIGQUIT)
 
     # -- children ---------------------------------------------------------------------------
     def reap(self) -> None:
@@ -258,6 +270,7 @@ class Arbiter:
                     return
 
     def _forget(self, worker: WorkerHandle) -> None:
+        close_handoff(worker)
         try:
             self.selector.unregister(worker.control)
         except (KeyError, ValueError):
@@ -342,10 +355,20 @@ class Arbiter:
                 failures, not_before = self.backoff.get(slot, (0, 0.0))
                 if now < not_before:
                     continue
-            worker = spawn(generation, slot)
+            worker = spawn(generation, slot, take_over=self._has_udp_to_take(generation, slot))
             generation.workers[slot] = worker
             self.selector.register(worker.control, selectors.EVENT_READ,
                                    lambda w=worker: self._on_control(w))
+
+    def _has_udp_to_take(self, generation: Generation, slot: int) -> bool:
+        """A starting worker takes over the UDP sessions of the active worker of its slot."""
+        if generation.state != STARTING:
+            return False
+        if not any(l.protocol == 'udp' for l in generation.config.listeners):
+            return False
+        return any(g.state == ACTIVE and slot in g.workers
+                   and any(l.protocol == 'udp' for l in g.config.listeners)
+                   for g in self.generations)
 
     def _watch_heartbeats(self, generation: Generation, now: float) -> None:
         timeout = generation.config.worker_timeout

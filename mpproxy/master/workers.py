@@ -32,7 +32,7 @@ class WorkerHandle:
     """The master's record of one worker process."""
 
     __slots__ = ('pid', 'slot', 'generation', 'control', 'started', 'last_beat', 'ready',
-                 'killed', 'signalled')
+                 'killed', 'signalled', 'handoff_peer')
 
     def __init__(self, pid: int, slot: int, generation: 'Generation', control: socket.socket):
         self.pid = pid
@@ -44,6 +44,7 @@ class WorkerHandle:
         self.ready = False
         self.killed = False             # SIGKILL sent
         self.signalled: int | None = None
+        self.handoff_peer: socket.socket | None = None   # goes to the predecessor on promotion
 
     def signal(self, sig: int) -> None:
         try:
@@ -76,12 +77,20 @@ class Generation:
                 and all(w.ready for w in self.workers.values()))
 
 
-def spawn(generation: Generation, slot: int) -> WorkerHandle:
-    """Fork one worker for `slot`; the child never returns from here."""
+def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerHandle:
+    """Fork one worker for `slot`; the child never returns from here.
+
+    With `take_over`, the worker waits for the UDP sessions of the slot's current
+    worker on a socketpair whose other end the master keeps in `handoff_peer`.
+    """
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer = successor = None
+    if take_over:
+        peer, successor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     spec = process.WorkerSpec(
         slot=slot, generation=generation.number, config=generation.config,
-        master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot))
+        master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
+        handoff=successor)
     for handler in log.handlers:
         handler.flush()
     pid = os.fork()
@@ -89,4 +98,25 @@ def spawn(generation: Generation, slot: int) -> WorkerHandle:
         process.run(spec)       # ends with os._exit
     worker_end.close()
     master_end.setblocking(False)
-    return WorkerHandle(pid, slot, generation, master_end)
+    handle = WorkerHandle(pid, slot, generation, master_end)
+    if successor is not None:
+        successor.close()
+        handle.handoff_peer = peer
+    return handle
+
+
+def close_handoff(worker: WorkerHandle) -> None:
+    """Give up a pending handoff: the worker sees EOF and starts serving UDP itself."""
+    if worker.handoff_peer is not None:
+        worker.handoff_peer.close()
+        worker.handoff_peer = None
+
+
+def drain_with_handoff(old: WorkerHandle, new: WorkerHandle) -> None:
+    """Tell `old` to drain and to hand its UDP sessions to `new` (one `Q` with an fd)."""
+    try:
+        socket.send_fds(old.control, [b'Q'], [new.handoff_peer.fileno()])
+    except OSError:               # the old worker is gone: `new` sees EOF and goes on
+        old.signal(signal.SIGQUIT)
+    close_handoff(new)
+    old.signalled = signal.SIGQUIT

@@ -292,10 +292,14 @@ class TcpService:
     def busy(self) -> bool:
         return bool(self.relays)
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
+        """Stop accepting and end every relay: with FIN after what is buffered, or at once."""
         self.drain()
         for relay in list(self.relays):
-            relay.abort()
+            if graceful:
+                relay.close()
+            else:
+                relay.abort()
 
 
 def _set_keepalive(transport, ka: Keepalive) -> None:

@@ -36,6 +36,7 @@ from collections import OrderedDict
 
 from mpproxy.proxy import pktinfo
 from mpproxy.proxy.ratelog import RateLimitedLog
+from mpproxy.upstream.pool import Target
 
 BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
 BATCH = 64               # datagrams read per reader callback, per socket
@@ -55,7 +56,7 @@ class UdpStats:
 
     __slots__ = ('datagrams_in', 'datagrams_out', 'sessions_created', 'sessions_expired',
                  'sessions_completed', 'sessions_failed', 'sessions_closed',
-                 'sessions_active', 'dropped')
+                 'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted')
 
     # datagrams_in       datagrams read from clients (including dropped ones)
     # datagrams_out      replies sent to clients
@@ -64,7 +65,9 @@ class UdpStats:
     # sessions_completed ended after udp.responses replies
     # sessions_failed    ended by an upstream error (ECONNREFUSED, unreachable)
     # sessions_closed    ended by close()
-    # sessions_active    open now (= created - the four above)
+    # sessions_handed_out  given to the next worker of this slot on reload
+    # sessions_adopted   taken over from the previous worker of this slot
+    # sessions_active    open now (= created + adopted - the five above)
     # dropped            datagrams lost either way: table full, no server,
     #                    send errors to an upstream or to a client
 
@@ -162,8 +165,11 @@ class UdpService:
         """True while any session is open."""
         return bool(self._sessions)
 
-    def close(self) -> None:
-        """End every session now and stop reading. The listener socket stays open."""
+    def close(self, graceful: bool = False) -> None:
+        """End every session now and stop reading. The listener socket stays open.
+
+        (`graceful` is for the interface shared with TcpService: a datagram has nothing to flush.)
+        """
         self._stop_reading()
         self._closed = True
         if self._timer is not None:
@@ -174,6 +180,81 @@ class UdpService:
             self._end(sess)
         self.stats.sessions_closed += len(sessions)
         self._rl.flush()
+
+    @property
+    def key(self) -> tuple:
+        """The listener's identity across reloads: (protocol, host, port)."""
+        return self._listener.key
+
+    # -- handing sessions over on reload (see handoff.py) ---------------------
+
+    def export_sessions(self) -> list[tuple[dict, socket.socket]]:
+        """Stop reading and take every session out of the table, oldest first.
+
+        Returns (description, upstream socket) pairs; the sockets are still open
+        and no longer watched: the caller sends them on, then closes them.
+        """
+        self._stop_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = self._time()
+        out = []
+        for sess in self._sessions.values():
+            try:
+                self._loop.remove_reader(sess.fd)
+            except Exception:
+                pass
+            dst = sess.key[1] if self._wildcard else None
+            target = sess.target
+            out.append(({'a': list(sess.addr), 'd': dst.hex() if dst else None,
+                         'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in sess.anc] if sess.anc else None,
+                         'f': target.family, 's': list(target.sockaddr), 'l': target.label,
+                         'g': max(0.0, now - sess.last), 'r': sess.replies}, sess.sock))
+            sess.sock = None
+        self._sessions.clear()
+        self.stats.sessions_active -= len(out)
+        self.stats.sessions_handed_out += len(out)
+        return out
+
+    def adopt_sessions(self, metas: list, fds: list[int]) -> int:
+        """Take over sessions a previous worker handed over; returns how many."""
+        now = self._time()
+        adopted = 0
+        for i, fd in enumerate(fds):
+            try:
+                meta = metas[i]
+                addr = tuple(meta['a'])
+                dst = bytes.fromhex(meta['d']) if meta['d'] else None
+                anc = [(lv, ty, bytes.fromhex(cd)) for lv, ty, cd in meta['n']] if meta['n'] else None
+                target = Target(int(meta['f']), tuple(meta['s']), str(meta['l']))
+                last = now - float(meta['g'])
+                replies = int(meta['r'])
+                sock = socket.socket(fileno=fd)
+            except (IndexError, KeyError, TypeError, ValueError, OSError):
+                socket.close(fd)
+                continue
+            sock.setblocking(False)
+            key = (addr, dst) if self._wildcard else addr
+            old = self._sessions.get(key)
+            if old is not None:
+                self._end(old)
+            sess = Session(key, addr, sock, anc, target, last)
+            sess.replies = replies
+            try:
+                self._loop.add_reader(sess.fd, self._on_upstream, sess)
+            except Exception as exc:
+                sock.close()
+                self._unexpected(exc, 'watching an adopted session socket')
+                continue
+            self._sessions[key] = sess
+            adopted += 1
+        stats = self.stats
+        stats.sessions_adopted += adopted
+        stats.sessions_active += adopted
+        if self._sessions and self._timer is None and not self._closed:
+            self._timer = self._loop.call_later(self._period, self._sweep)
+        return adopted
 
     # -- reader callbacks (the hot path) -------------------------------------
 

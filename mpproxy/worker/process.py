@@ -28,6 +28,7 @@ import uvloop
 from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT
 from mpproxy.observe import log as logmod
+from mpproxy.proxy import handoff
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
 from mpproxy.upstream.pool import UpstreamPool
@@ -36,6 +37,8 @@ log = logmod.log
 
 HEARTBEAT_INTERVAL = 1.0
 DRAIN_POLL = 0.1
+CLOSE_GRACE = 1.0         # at the drain deadline, how long closing connections may flush
+HANDOFF_WAIT = 20.0       # a safety net: the master closes the handoff socket when it gives up
 _PR_SET_PDEATHSIG = 1
 
 
@@ -48,6 +51,7 @@ class WorkerSpec:
     master_pid: int
     control: socket.socket                                # the worker's end
     sockets: tuple[tuple[Listener, socket.socket], ...]   # this slot's listening sockets
+    handoff: socket.socket | None = None                  # UDP sessions arrive here on reload
 
 
 def run(spec: WorkerSpec) -> None:
@@ -77,6 +81,9 @@ class Worker:
         self.services: list = []
         self.exit_code = EXIT_OK
         self.draining = False
+        self.receiver: handoff.Receiver | None = None
+        self.handoff_timer = None
+        self.handoff_adopted = self.handoff_lost = 0
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -100,6 +107,12 @@ class Worker:
         loop.add_reader(spec.control.fileno(), self._on_control)
         self._send(b'r')
         self._heartbeat()
+        if spec.handoff is None:
+            self._start_udp()
+        else:                     # serve UDP once the previous worker of this slot handed over
+            self.receiver = handoff.Receiver(spec.handoff)
+            loop.add_reader(spec.handoff.fileno(), self._on_handoff)
+            self.handoff_timer = loop.call_later(HANDOFF_WAIT, self._handoff_done)
         loop.run_forever()
         return self.exit_code
 
@@ -118,6 +131,8 @@ class Worker:
         if os.getppid() != self.spec.master_pid:
             os._exit(EXIT_OK)     # the master died before we got here
         keep = {0, 1, 2, self.spec.control.fileno()}
+        if self.spec.handoff is not None:
+            keep.add(self.spec.handoff.fileno())
         keep.update(sock.fileno() for _, sock in self.spec.sockets)
         for handler in log.handlers:
             stream = getattr(handler, 'stream', None)
@@ -158,8 +173,55 @@ class Worker:
                 await service.start()
             else:
                 service = UdpService(self.loop, listener, sock, pool, log)
-                service.start()
             self.services.append(service)
+
+    def _udp_services(self) -> list[UdpService]:
+        return [s for s in self.services if isinstance(s, UdpService)]
+
+    def _start_udp(self) -> None:
+        if not self.draining:
+            for service in self._udp_services():
+                service.start()
+
+    # -- UDP sessions handed over on reload -------------------------------------------------
+    def _on_handoff(self) -> None:
+        by_key = {s.key: s for s in self._udp_services()}
+        for key, metas, fds in self.receiver.read():
+            service = by_key.get(key)
+            if service is None:   # the listener is gone from the new config
+                for fd in fds:
+                    socket.close(fd)
+                self.handoff_lost += len(fds)
+                continue
+            self.handoff_adopted += service.adopt_sessions(metas, fds)
+        if self.receiver.done:
+            self._handoff_done()
+
+    def _handoff_done(self) -> None:
+        if self.receiver is None:
+            return
+        self.handoff_timer.cancel()
+        self.loop.remove_reader(self.spec.handoff.fileno())
+        self.spec.handoff.close()
+        self.receiver = None
+        if self.handoff_adopted or self.handoff_lost:
+            log.info('took over %d UDP session(s) from the previous worker%s', self.handoff_adopted,
+                     f', closed {self.handoff_lost} of removed listeners' if self.handoff_lost else '')
+        self._start_udp()
+
+    def _hand_over(self, sock: socket.socket) -> None:
+        """Draining on reload: give this worker's UDP sessions to the successor."""
+        batches = [(s.key, s.export_sessions()) for s in self._udp_services()]
+        try:
+            sent, failed = handoff.send_all(sock, batches)
+        finally:
+            for _, items in batches:
+                for _, session_sock in items:
+                    session_sock.close()
+            sock.close()
+        if sent or failed:
+            log.info('handed %d UDP session(s) to the new worker%s', sent,
+                     f'; {failed} could not be sent and were closed' if failed else '')
 
     # -- talking to the master --------------------------------------------------------------
     def _send(self, byte: bytes) -> None:
@@ -178,14 +240,23 @@ class Worker:
         self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _on_control(self) -> None:
+        """Messages from the master: `Q` = drain (with an fd: hand UDP sessions over on it)."""
         try:
-            data = self.spec.control.recv(4096)
+            data, fds, _flags, _addr = socket.recv_fds(self.spec.control, 4096, 1)
         except BlockingIOError:
             return
         except OSError:
-            data = b''
+            data, fds = b'', []
         if not data:
+            for fd in fds:
+                socket.close(fd)
             self._master_gone()
+            return
+        if b'Q' in data:
+            self.drain(socket.socket(fileno=fds[0]) if fds else None)
+        else:
+            for fd in fds:
+                socket.close(fd)
 
     def _master_gone(self) -> None:
         if self.loop.is_running():
@@ -193,13 +264,22 @@ class Worker:
         self.stop()
 
     # -- stopping ---------------------------------------------------------------------------
-    def drain(self) -> None:
-        """QUIT: stop taking new clients, let open ones finish until shutdown_timeout."""
+    def drain(self, successor: socket.socket | None = None) -> None:
+        """QUIT: stop taking new clients, let open ones finish until shutdown_timeout.
+
+        With `successor` (a reload), live UDP sessions are handed over on it first.
+        """
         if self.draining:
+            if successor is not None:
+                successor.close()
             return
         self.draining = True
         setproctitle.setproctitle(
             f'mpproxy: worker {self.spec.slot} (generation {self.spec.generation}) draining')
+        if self.receiver is not None:     # never got its own sessions: nothing to pass on
+            self._handoff_done()
+        if successor is not None:
+            self._hand_over(successor)
         for service in self.services:
             service.drain()
         deadline = self.loop.time() + self.config.shutdown_timeout
@@ -210,17 +290,27 @@ class Worker:
             self.stop()
         elif self.loop.time() >= deadline:
             log.info('shutdown_timeout reached, closing the remaining connections')
-            self.stop()
+            self._close_services(graceful=True)
+            self._check_closed(self.loop.time() + CLOSE_GRACE)
         else:
             self.loop.call_later(DRAIN_POLL, self._check_drained, deadline)
 
-    def stop(self) -> None:
-        """TERM, INT, or the end of a drain: close everything now and leave the loop."""
+    def _check_closed(self, deadline: float) -> None:
+        if not any(service.busy() for service in self.services) or self.loop.time() >= deadline:
+            self.stop()
+        else:
+            self.loop.call_later(DRAIN_POLL, self._check_closed, deadline)
+
+    def _close_services(self, graceful: bool) -> None:
         for service in self.services:
             try:
-                service.close()
+                service.close(graceful)
             except Exception:     # noqa: BLE001 - closing must reach every service
                 log.exception('error while closing a service')
+
+    def stop(self) -> None:
+        """TERM, INT, or the end of a drain: close everything now and leave the loop."""
+        self._close_services(graceful=False)
         self.loop.stop()
 
 

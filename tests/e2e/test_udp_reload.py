@@ -1,0 +1,164 @@
+"""UDP sessions survive a reload: handed from the old worker to the new one of each slot."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+from conftest import free_port, wait_for
+
+
+class PortEcho:
+    """UDP echo that prefixes each reply with the source port it saw: `port|data`."""
+
+    def __init__(self, host='127.0.0.1'):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.2)
+        self.address = f'{host}:{self.sock.getsockname()[1]}'
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(70000)
+                self.sock.sendto(b'%d|' % addr[1] + data, addr)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+class Pinger:
+    """A UDP client sending a numbered datagram every `interval`; records replies."""
+
+    def __init__(self, port: int, interval: float = 0.01, host='127.0.0.1'):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.connect((host, port))
+        self.sock.settimeout(0.05)
+        self.interval = interval
+        self.sent = 0
+        self.replies: dict[int, int] = {}           # seq -> upstream source port
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._recv, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _send(self):
+        deadline = time.monotonic() + 30
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.sock.send(b'%d' % self.sent)
+            self.sent += 1
+            time.sleep(self.interval)   # the sending cadence itself, not a wait for a condition
+
+    def _recv(self):
+        while True:
+            try:
+                data = self.sock.recv(100)
+            except socket.timeout:
+                if self.stop.is_set() and len(self.replies) >= self.sent:
+                    return
+                continue
+            except OSError:
+                return
+            port, seq = data.split(b'|')
+            self.replies[int(seq)] = int(port)
+
+    def finish(self, timeout=3.0):
+        self.stop.set()
+        self.threads[0].join(2)
+        wait_for(lambda: len(self.replies) >= self.sent, timeout,
+                 what=f'replies to all {self.sent} datagrams (got {len(self.replies)})')
+        self.sock.close()
+
+
+def udp_config(port: int, upstream: str, workers: int, extra: str = '') -> str:
+    return f"""
+        workers: {workers}
+        listeners:
+          - listen: "127.0.0.1:{port}"
+            protocol: udp
+            upstream: ["{upstream}"]
+{extra}
+    """
+
+
+def test_udp_sessions_survive_reload_with_same_upstream_source_port(proxies):
+    backend = PortEcho()
+    try:
+        port = free_port()
+        proxy = proxies(udp_config(port, backend.address, workers=2)).start(wait_workers=2)
+        pingers = [Pinger(port) for _ in range(6)]
+        wait_for(lambda: all(len(p.replies) >= 5 for p in pingers), 5, what='sessions up')
+        old_workers = set(proxy.workers())
+        proxy.write_config(udp_config(port, backend.address, workers=2, extra='''
+            idle_timeout: 45s'''))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log('generation 2 active')
+        sent_at_reload = [p.sent for p in pingers]
+        wait_for(lambda: all(len(p.replies) >= s + 20 for p, s in zip(pingers, sent_at_reload)), 5,
+                 what='replies after the reload')
+        for p in pingers:
+            p.finish()
+        for p in pingers:
+            assert len(p.replies) == p.sent, f'lost {p.sent - len(p.replies)} of {p.sent}'
+            assert len(set(p.replies.values())) == 1, 'the upstream saw a new source port'
+        log = proxy.log()
+        assert 'handed' in log and 'took over' in log, log
+        new_workers = set(proxy.serving_workers())
+        assert new_workers and not new_workers & old_workers
+        # the old workers had nothing left to finish: they exit at once
+        wait_for(lambda: not set(proxy.workers()) & old_workers, 5, what='old workers gone')
+    finally:
+        backend.close()
+
+
+def test_udp_sessions_survive_many_reloads(proxies):
+    backend = PortEcho()
+    try:
+        port = free_port()
+        proxy = proxies(udp_config(port, backend.address, workers=1)).start(wait_workers=1)
+        pinger = Pinger(port)
+        wait_for(lambda: len(pinger.replies) >= 5, 5, what='a session')
+        for gen in range(2, 7):
+            proxy.signal(signal.SIGHUP)
+            proxy.wait_log(f'generation {gen} active')
+        pinger.finish()
+        assert len(pinger.replies) == pinger.sent
+        assert len(set(pinger.replies.values())) == 1
+    finally:
+        backend.close()
+
+
+def test_sessions_of_a_removed_udp_listener_are_closed(proxies):
+    backend = PortEcho()
+    try:
+        kept, removed = free_port(), free_port()
+        both = udp_config(kept, backend.address, workers=1) + f"""
+          - listen: "127.0.0.1:{removed}"
+            protocol: udp
+            upstream: ["{backend.address}"]
+        """
+        proxy = proxies(both).start(wait_workers=1)
+        a, b = Pinger(kept), Pinger(removed)
+        wait_for(lambda: len(a.replies) >= 3 and len(b.replies) >= 3, 5, what='sessions')
+        proxy.write_config(udp_config(kept, backend.address, workers=1))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log('generation 2 active')
+        proxy.wait_log('closed 1 of removed listeners')
+        b.stop.set()
+        a.finish()
+        assert len(a.replies) == a.sent and len(set(a.replies.values())) == 1
+        b.sock.close()
+    finally:
+        backend.close()
