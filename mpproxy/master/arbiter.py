@@ -20,9 +20,9 @@ import setproctitle
 from mpproxy.config import ConfigError, load
 from mpproxy.config.schema import Config
 from mpproxy.errors import EXIT_FAILURE, EXIT_WORKER_BOOT, MpproxyError, StartupError
-from mpproxy.master import daemon
+from mpproxy.master import daemon, upgrade
 from mpproxy.master.pidfile import PidFile
-from mpproxy.master.sockets import SocketSet
+from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
                                     close_handoff, drain_with_handoff, spawn)
 from mpproxy.observe import log as logmod
@@ -54,6 +54,7 @@ class Arbiter:
         self.backoff: dict[int, tuple[int, float]] = {}   # slot -> (failures, not before)
         self.exit_code = 0
         self.started = False                        # the first generation became active
+        self.upgrade_pid: int | None = None         # the new master started by USR2
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -62,12 +63,19 @@ class Arbiter:
         if self.config.pid_file:
             self.pidfile = PidFile(self.config.pid_file)
             self.pidfile.acquire()
+        inherited = os.environ.pop(INHERIT_ENV, None)
+        if inherited:
+            self.sockets.adopt(inherited)
         try:
             bound = self.sockets.acquire(self.config)
         except BaseException:
             if self.pidfile:
                 self.pidfile.release()
             raise
+        if inherited:
+            self.sockets.release([bound])   # inherited sockets this config does not listen on
+            log.log(logmod.NOTICE, 'binary upgrade: listening sockets inherited from pid %d',
+                    os.getppid())
         self._install_signals()
         self._new_generation(self.config, bound)
         self.manage_workers()
@@ -165,7 +173,40 @@ class Arbiter:
             generation.signal_all(signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
-        log.warning('binary upgrade (USR2) is not supported yet; ignoring the signal')
+        """Binary upgrade: exec a new master from the installed program, sockets inherited."""
+        if self.stopping:
+            return
+        if self.upgrade_pid is not None:
+            log.warning('binary upgrade already in progress (new master pid %d); ignoring USR2',
+                        self.upgrade_pid)
+            return
+        if self.pidfile:
+            try:
+                os.rename(self.pidfile.path, upgrade.oldbin(self.pidfile.path))
+            except OSError as exc:
+                log.error('binary upgrade failed: cannot rename %s: %s', self.pidfile.path,
+                          exc.strerror)
+                return
+            self.pidfile.path = upgrade.oldbin(self.pidfile.path)
+        try:
+            self.upgrade_pid = upgrade.spawn_new_master(self.config.path, self.sockets)
+        except OSError as exc:
+            log.error('binary upgrade failed: cannot start a new master: %s', exc)
+            self._restore_pidfile()
+            return
+        log.log(logmod.NOTICE, 'binary upgrade: new master pid %d started; send QUIT to this '
+                'master (pid %d) once it serves', self.upgrade_pid, os.getpid())
+
+    def _restore_pidfile(self) -> None:
+        if self.pidfile and self.pidfile.path.endswith('.oldbin'):
+            path = self.pidfile.path[:-len('.oldbin')]
+            try:
+                os.rename(self.pidfile.path, path)
+            except OSError as exc:
+                log.error('cannot restore pid file %s: %s', path, exc.strerror)
+                return
+            self.pidfile.path = path
+            self.pidfile.write(os.getpid())
 
     def handle_chld(self) -> None:
         pass                      # reap() runs after every dispatch
@@ -261,6 +302,12 @@ class Arbiter:
             self._worker_exited(pid, status)
 
     def _worker_exited(self, pid: int, status: int) -> None:
+        if pid == self.upgrade_pid:
+            self.upgrade_pid = None
+            log.error('binary upgrade failed: the new master (pid %d) exited with code %d; '
+                      'this master goes on serving', pid, os.waitstatus_to_exitcode(status))
+            self._restore_pidfile()
+            return
         for generation in self.generations:
             for slot, worker in list(generation.workers.items()):
                 if worker.pid == pid:

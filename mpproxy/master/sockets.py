@@ -11,12 +11,15 @@ A socket is closed when no live generation refers to it any more (`release`).
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 
 from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import StartupError
 
 Key = tuple[str, str, int]
+INHERIT_ENV = 'MPPROXY_INHERIT'   # listening sockets passed to an upgraded master (USR2)
 IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)      # missing from Python 3.11's socket module
 
 
@@ -73,6 +76,34 @@ class SocketSet:
             held.extend(s for s in socks if s not in held)
             self._mode[key] = (per_slot, listener.ipv6only)
         return Bound(entries)
+
+    def export(self) -> str:
+        """The held sockets as the value of INHERIT_ENV, made inheritable for an exec."""
+        entries = []
+        for key, socks in self._held.items():
+            for sock in socks:
+                os.set_inheritable(sock.fileno(), True)
+            entries.append([*key, *self._mode[key], [s.fileno() for s in socks]])
+        return json.dumps(entries)
+
+    def adopt(self, value: str) -> None:
+        """Take the sockets an upgrading master passed in INHERIT_ENV; bad entries are skipped."""
+        try:
+            entries = json.loads(value)
+        except ValueError:
+            return
+        for entry in entries if isinstance(entries, list) else ():
+            try:
+                proto, host, port, per_slot, ipv6only, fds = entry
+                socks = [socket.socket(fileno=int(fd)) for fd in fds]
+            except (ValueError, TypeError, OSError):
+                continue
+            for sock in socks:
+                os.set_inheritable(sock.fileno(), False)
+                sock.setblocking(False)
+            key = (proto, host, int(port))
+            self._held[key] = socks
+            self._mode[key] = (bool(per_slot), bool(ipv6only))
 
     def shutdown_unused(self, active: Bound) -> None:
         """Stop accepting on TCP sockets the active generation no longer listens on.

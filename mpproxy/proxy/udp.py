@@ -42,6 +42,7 @@ BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
 BATCH = 64               # datagrams read per reader callback, per socket
 MIN_SWEEP = 0.05         # seconds; the expiry timer's period is
 MAX_SWEEP = 1.0          # min(idle_timeout / 4, MAX_SWEEP), at least MIN_SWEEP
+DRAIN_IDLE = 2.0         # seconds a draining worker's session waits for late replies
 
 # Errors on a session socket that mean the upstream is gone (ICMP unreachable
 # reported on the connected socket): they end the session. Others (EMSGSIZE,
@@ -158,8 +159,21 @@ class UdpService:
         self._reading = True
 
     def drain(self) -> None:
-        """Stop reading the listener; live sessions go on until they end."""
+        """Stop reading the listener; live sessions go on until they end.
+
+        No client datagram reaches a session any more, so a session now only
+        waits for late replies: it ends after DRAIN_IDLE of silence (or its own
+        shorter idle_timeout), not after a full idle_timeout.
+        """
         self._stop_reading()
+        if self._idle > DRAIN_IDLE:
+            self._idle = DRAIN_IDLE
+            self._period = max(MIN_SWEEP, DRAIN_IDLE / 4.0)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._sessions and not self._closed:
+                self._timer = self._loop.call_later(self._period, self._sweep)
 
     def busy(self) -> bool:
         """True while any session is open."""

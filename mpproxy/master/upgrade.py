@@ -1,0 +1,41 @@
+"""USR2, nginx's binary upgrade: start a new master from the installed program.
+
+The old master renames its pid file to `<pid_file>.oldbin`, forks, and the
+child execs `python -m mpproxy -c <config>` with every listening socket
+inherited (their fds named in MPPROXY_INHERIT). The new master adopts them
+instead of binding, starts its workers and writes the pid file; both
+generations of workers then accept until the operator sends QUIT to the old
+master. If the new master exits, the old one restores its pid file and goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from mpproxy.master.sockets import INHERIT_ENV, SocketSet
+
+
+def oldbin(path: str) -> str:
+    return path + '.oldbin'
+
+
+def spawn_new_master(config_path: str, sockets: SocketSet) -> int:
+    """Fork and exec the new master; returns its pid (the child never returns)."""
+    env = dict(os.environ)
+    env[INHERIT_ENV] = sockets.export()
+    argv = [sys.executable, '-m', 'mpproxy', '-c', config_path]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT,
+                        signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            os.execve(sys.executable, argv, env)
+        finally:
+            os._exit(127)
+    for fd in sockets.fds():
+        os.set_inheritable(fd, False)
+    return pid

@@ -1,0 +1,144 @@
+"""USR2, nginx's binary upgrade: a new master inherits every listening socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from conftest import alive, children, cmdline, free_port, wait_for
+from test_tcp import echo_roundtrip, tcp_config
+from test_udp_reload import PortEcho
+
+
+class Prober:
+    """Opens connection after connection in a thread and counts any failure."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.ok = 0
+        self.failures: list = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        n = 0
+        while not self.stop.is_set() and n < 200000:
+            payload = b'probe %d' % n
+            try:
+                got = echo_roundtrip(self.port, payload)
+                if got == payload:
+                    self.ok += 1
+                else:
+                    self.failures.append((payload, got))
+            except OSError as exc:
+                self.failures.append((payload, exc))
+            n += 1
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(10)
+
+
+def read_pid(path) -> int | None:
+    try:
+        text = open(path).read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def upgrade_config(tmp_path, port, upstream, extra='') -> str:
+    return tcp_config(port, upstream).replace(
+        'workers: 2', f'workers: 2\n        pid_file: {tmp_path}/mpproxy.pid') + extra
+
+
+def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp_path, tcp_echo):
+    port = free_port()
+    pid_file = tmp_path / 'mpproxy.pid'
+    proxy = proxies(upgrade_config(tmp_path, port, tcp_echo.address)).start(wait_workers=2)
+    old = proxy.pid
+    prober = Prober(port)
+    new = None
+    try:
+        wait_for(lambda: prober.ok >= 20, 5, what='traffic before the upgrade')
+        proxy.signal(signal.SIGUSR2)
+        new = wait_for(lambda: (lambda p: p if p not in (None, old) else None)(read_pid(pid_file)),
+                       10, what='the new master to write the pid file')
+        proxy.known_pids.add(new)
+        assert read_pid(f'{pid_file}.oldbin') == old
+        assert cmdline(new) == f'mpproxy: master -c {proxy.config_path}'
+        proxy.wait_log('mpproxy started', count=2, timeout=10)
+        assert 'listening sockets inherited' in proxy.log()
+        new_workers = wait_for(lambda: (lambda w: w if len(w) == 2 else None)(
+            [p for p in children(new) if cmdline(p).startswith('mpproxy: worker')]), 5,
+            what='the new master\'s workers')
+        proxy.known_pids.update(new_workers)
+        served = prober.ok
+        proxy.signal(signal.SIGQUIT)              # the operator retires the old master
+        assert proxy.wait_exit(15) == 0
+        wait_for(lambda: prober.ok >= served + 50, 10, what='traffic through the new master')
+        prober.finish()
+        assert not prober.failures, prober.failures[:5]
+        assert alive(new) and read_pid(pid_file) == new
+        assert not os.path.exists(f'{pid_file}.oldbin')
+        assert echo_roundtrip(port, b'new master') == b'new master'
+    finally:
+        prober.finish()
+        if new and alive(new):
+            os.kill(new, signal.SIGTERM)
+            wait_for(lambda: not alive(new), 5, what='the new master to stop')
+
+
+def test_usr2_udp_keeps_answering_across_the_upgrade(proxies, tmp_path):
+    backend = PortEcho()
+    port = free_port()
+    pid_file = tmp_path / 'mpproxy.pid'
+    text = f"""
+        workers: 1
+        pid_file: {pid_file}
+        listeners:
+          - listen: "127.0.0.1:{port}"
+            protocol: udp
+            upstream: ["{backend.address}"]
+    """
+    proxy = proxies(text).start(wait_workers=1)
+    new = None
+    import socket
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(2)
+    try:
+        client.sendto(b'1', ('127.0.0.1', port))
+        assert client.recvfrom(100)[0].endswith(b'|1')
+        proxy.signal(signal.SIGUSR2)
+        new = wait_for(lambda: (lambda p: p if p not in (None, proxy.pid) else None)(read_pid(pid_file)),
+                       10, what='the new master')
+        proxy.known_pids.add(new)
+        proxy.wait_log('mpproxy started', count=2, timeout=10)
+        proxy.signal(signal.SIGQUIT)
+        assert proxy.wait_exit(40) == 0
+        for i in range(5):
+            client.sendto(b'%d' % i, ('127.0.0.1', port))
+            assert client.recvfrom(100)[0].endswith(b'|%d' % i)
+    finally:
+        client.close()
+        backend.close()
+        if new and alive(new):
+            os.kill(new, signal.SIGTERM)
+            wait_for(lambda: not alive(new), 5, what='the new master to stop')
+
+
+def test_failed_upgrade_restores_pid_file_and_keeps_serving(proxies, tmp_path, tcp_echo):
+    port = free_port()
+    pid_file = tmp_path / 'mpproxy.pid'
+    proxy = proxies(upgrade_config(tmp_path, port, tcp_echo.address)).start(wait_workers=2)
+    proxy.config_path.write_text('workers: [broken\n')     # the new master cannot load it
+    proxy.signal(signal.SIGUSR2)
+    proxy.wait_log('binary upgrade failed', timeout=10)
+    wait_for(lambda: read_pid(pid_file) == proxy.pid, 5, what='the pid file restored')
+    assert not os.path.exists(f'{pid_file}.oldbin')
+    assert echo_roundtrip(port, b'still the old master') == b'still the old master'
+    proxy.signal(signal.SIGUSR2)                          # and it can try again later
+    proxy.wait_log('binary upgrade failed', count=2, timeout=10)
+    assert read_pid(pid_file) == proxy.pid
