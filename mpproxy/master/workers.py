@@ -93,9 +93,15 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
         handoff=successor)
     for handler in log.handlers:
         handler.flush()
-    pid = os.fork()
-    if pid == 0:
-        process.run(spec)       # ends with os._exit
+    # The child keeps these blocked until its loop handles them, so a QUIT or TERM sent
+    # while it boots waits for it instead of killing it (or reaching the master's handler).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, process.WORKER_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            process.run(spec)       # ends with os._exit
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     worker_end.close()
     master_end.setblocking(False)
     handle = WorkerHandle(pid, slot, generation, master_end)

@@ -40,6 +40,7 @@ DRAIN_POLL = 0.1
 CLOSE_GRACE = 1.0         # at the drain deadline, how long closing connections may flush
 HANDOFF_WAIT = 20.0       # a safety net: the master closes the handoff socket when it gives up
 _PR_SET_PDEATHSIG = 1
+WORKER_SIGNALS = (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Worker:
         for sig, handler in ((signal.SIGQUIT, self.drain), (signal.SIGTERM, self.stop),
                              (signal.SIGINT, self.stop), (signal.SIGUSR1, logmod.reopen)):
             loop.add_signal_handler(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)   # blocked since the fork
         spec.control.setblocking(False)
         loop.add_reader(spec.control.fileno(), self._on_control)
         self._send(b'r')
