@@ -75,6 +75,16 @@ def alive(pid: int) -> bool:
         return False
 
 
+def port_free(port: int, host: str = '127.0.0.1') -> bool:
+    """True when a TCP socket can bind `port` now (nothing holds it any more)."""
+    try:
+        with socket.socket() as s:
+            s.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f'/proc/{pid}/fd'))
 
@@ -259,15 +269,20 @@ def echo_handler(conn: socket.socket):
 
 
 class UdpEcho:
-    """A UDP echo server in a thread; records the source address of every datagram."""
+    """A UDP echo server in a thread; records the source address of every datagram.
 
-    def __init__(self, host='127.0.0.1', prefix=b''):
+    `tag_source`: each reply starts with `<source port>|`, so a client can tell which
+    upstream socket (session) carried its datagram.
+    """
+
+    def __init__(self, host='127.0.0.1', prefix=b'', port=0, tag_source=False):
         family = socket.AF_INET6 if ':' in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.sock.settimeout(0.2)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.prefix = prefix
+        self.tag_source = tag_source
         self.sources: list[tuple] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -286,8 +301,9 @@ class UdpEcho:
             except OSError:
                 return
             self.sources.append(addr)
+            tag = b'%d|' % addr[1] if self.tag_source else b''
             try:
-                self.sock.sendto(self.prefix + data, addr)
+                self.sock.sendto(tag + self.prefix + data, addr)
             except OSError:
                 pass
 

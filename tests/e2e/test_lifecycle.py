@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 
-from conftest import (TcpBackend, alive, cmdline, fd_count, free_port, wait_for)
+from conftest import TcpBackend, alive, cmdline, fd_count, free_port, port_free, wait_for
 from test_tcp import connect, echo_roundtrip, recv_all, tcp_config
 
 
@@ -238,15 +238,7 @@ def test_workers_exit_when_master_is_killed(proxies, tcp_echo):
     os.kill(proxy.pid, signal.SIGKILL)
     proxy.proc.wait(5)
     wait_for(lambda: not any(alive(p) for p in workers), 3, what='workers to exit')
-    # nothing keeps the port
-    def port_free():
-        try:
-            with socket.socket() as s:
-                s.bind(('127.0.0.1', port))
-            return True
-        except OSError:
-            return False
-    wait_for(port_free, 3, what='the port to be free')
+    wait_for(lambda: port_free(port), 3, what='the port to be free')   # nothing keeps it
 
 
 def test_hup_storm_bounds_draining_generations(proxies, tcp_echo):
@@ -314,15 +306,7 @@ def test_reload_adds_and_removes_listeners(proxies, tcp_echo):
     held.sendall(b'still')                     # while its open connection is still served
     assert held.recv(10) == b'still'
     held.close()
-
-    def port_free():
-        try:
-            with socket.socket() as s:
-                s.bind(('127.0.0.1', removed))
-            return True
-        except OSError:
-            return False
-    wait_for(port_free, 5, what='the removed port to be released')
+    wait_for(lambda: port_free(removed), 5, what='the removed port to be released')
 
 
 def test_reload_changing_workers_warns_about_udp_rehash(proxies, udp_echo):

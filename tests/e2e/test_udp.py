@@ -58,38 +58,6 @@ def proc_udp_sockets(port: int) -> set[str]:
     return inodes
 
 
-class PortEcho:
-    """A UDP echo server on a given port (UdpEcho always takes a random one)."""
-
-    def __init__(self, port: int, host: str = '127.0.0.1'):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, port))
-        self.sock.settimeout(0.2)
-        self.sources: list[tuple] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self.stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(70000)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.sources.append(addr)
-            try:
-                self.sock.sendto(data, addr)
-            except OSError:
-                pass
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
 def assert_clean(proxy) -> None:
     log = proxy.log()
     assert 'Traceback' not in log and 'unexpected error' not in log and 'crashed' not in log, log
@@ -341,7 +309,7 @@ def test_upstream_down_then_up(proxies):
         proxy.wait_log('Connection refused')    # the ICMP error was seen, the session ended
         assert sorted(proxy.workers()) == workers
         assert proxy.proc.poll() is None
-        backend = PortEcho(dead)
+        backend = UdpEcho(port=dead)
         try:
             sock.settimeout(RECV_TIMEOUT)
             assert roundtrip(sock, b'now up', dest) == (b'now up', dest)

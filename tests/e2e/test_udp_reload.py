@@ -7,35 +7,7 @@ import socket
 import threading
 import time
 
-from conftest import free_port, wait_for
-
-
-class PortEcho:
-    """UDP echo that prefixes each reply with the source port it saw: `port|data`."""
-
-    def __init__(self, host='127.0.0.1'):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.settimeout(0.2)
-        self.address = f'{host}:{self.sock.getsockname()[1]}'
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self.stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(70000)
-                self.sock.sendto(b'%d|' % addr[1] + data, addr)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
+from conftest import UdpEcho, free_port, wait_for
 
 
 class Pinger:
@@ -94,7 +66,7 @@ def udp_config(port: int, upstream: str, workers: int, extra: str = '') -> str:
 
 
 def test_udp_sessions_survive_reload_with_same_upstream_source_port(proxies):
-    backend = PortEcho()
+    backend = UdpEcho(tag_source=True)
     try:
         port = free_port()
         proxy = proxies(udp_config(port, backend.address, workers=2)).start(wait_workers=2)
@@ -124,7 +96,7 @@ def test_udp_sessions_survive_reload_with_same_upstream_source_port(proxies):
 
 
 def test_udp_sessions_survive_many_reloads(proxies):
-    backend = PortEcho()
+    backend = UdpEcho(tag_source=True)
     try:
         port = free_port()
         proxy = proxies(udp_config(port, backend.address, workers=1)).start(wait_workers=1)
@@ -141,7 +113,7 @@ def test_udp_sessions_survive_many_reloads(proxies):
 
 
 def test_sessions_of_a_removed_udp_listener_are_closed(proxies):
-    backend = PortEcho()
+    backend = UdpEcho(tag_source=True)
     try:
         kept, removed = free_port(), free_port()
         both = udp_config(kept, backend.address, workers=1) + f"""

@@ -6,9 +6,8 @@ import os
 import signal
 import threading
 
-from conftest import alive, children, cmdline, free_port, wait_for
+from conftest import UdpEcho, alive, children, cmdline, free_port, wait_for
 from test_tcp import echo_roundtrip, tcp_config
-from test_udp_reload import PortEcho
 
 
 class Prober:
@@ -92,7 +91,7 @@ def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp
 
 
 def test_usr2_udp_keeps_answering_across_the_upgrade(proxies, tmp_path):
-    backend = PortEcho()
+    backend = UdpEcho(tag_source=True)
     port = free_port()
     pid_file = tmp_path / 'mpproxy.pid'
     text = f"""
