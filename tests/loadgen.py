@@ -17,7 +17,9 @@ line on stdout when it ends::
 Load modes (any combination in one process):
 
 - TCP rate: N new connections per second, paced in 10 ms ticks. Each sends 16-4096
-  random bytes, half-closes, reads to EOF and compares. Outcomes: ok, connect_refused,
+  random bytes (with `--tcp-hold`, half of them, a random 0..HOLD pause, the rest: more
+  connections are open at any moment, each one mid-request), half-closes, reads to EOF
+  and compares. Outcomes: ok, connect_refused,
   connect_timeout, connect_error, reset, broken_pipe, empty (EOF before any byte: the
   proxy closed an accepted connection), truncated, corrupt, timeout (`--tcp-timeout` for
   the whole exchange). Concurrency is capped; a connection due while at the cap is
@@ -126,6 +128,8 @@ def parse_args(argv) -> argparse.Namespace:
     g.add_argument('--tcp-min', type=int, default=16, help='smallest request, bytes')
     g.add_argument('--tcp-max', type=int, default=4096, help='largest request, bytes')
     g.add_argument('--tcp-timeout', type=duration, default=5.0, help='per connection, all of it')
+    g.add_argument('--tcp-hold', type=duration, default=0.0,
+                   help='pause a random 0..HOLD in the middle of each request')
     g.add_argument('--tcp-concurrency', type=int, default=512)
     g = p.add_argument_group('long-lived TCP streams')
     g.add_argument('--streams', type=int, default=0)
@@ -196,6 +200,7 @@ class TcpRate:
         self.rate = args.tcp_rate
         self.min, self.max = args.tcp_min, args.tcp_max
         self.timeout = args.tcp_timeout
+        self.hold = args.tcp_hold
         self.cap = args.tcp_concurrency
         self.rng = rng
         self.counts = dict.fromkeys(self.OUTCOMES, 0)
@@ -226,10 +231,11 @@ class TcpRate:
         if self.inflight:                      # each one is bounded by its own timeout
             await asyncio.wait(set(self.inflight))
 
-    def _note(self, outcome: str, detail: str | None = None) -> None:
+    def _note(self, outcome: str, detail: str | None = None, port: int | None = None) -> None:
         self.counts[outcome] += 1
         if outcome != 'ok' and len(self.errors) < MAX_ERROR_SAMPLES:
-            self.errors.append(f'{outcome}: {detail}' if detail else outcome)
+            where = f' (local port {port})' if port else ''
+            self.errors.append(f'{outcome}: {detail}{where}' if detail else f'{outcome}{where}')
 
     async def _one(self) -> None:
         size = self.rng.randint(self.min, self.max)
@@ -245,10 +251,16 @@ class TcpRate:
         except OSError as exc:
             return self._note('connect_error', repr(exc))
         outcome, detail = 'ok', None
+        local_port = writer.get_extra_info('sockname')[1]
         got = bytearray()
         try:
             async with asyncio.timeout(max(0.001, self.timeout - (time.monotonic() - t0))):
-                writer.write(payload)
+                if self.hold:             # half the request, a pause, the rest
+                    writer.write(payload[:size // 2])
+                    await asyncio.sleep(self.rng.uniform(0, self.hold))
+                    writer.write(payload[size // 2:])
+                else:
+                    writer.write(payload)
                 writer.write_eof()
                 while len(got) <= size:
                     chunk = await reader.read(READ_SIZE)
@@ -276,7 +288,7 @@ class TcpRate:
                 writer.close()
             else:
                 writer.transport.abort()
-        self._note(outcome, detail)
+        self._note(outcome, detail, local_port)
 
     def failures(self) -> int:
         return sum(n for k, n in self.counts.items() if k != 'ok')
@@ -662,7 +674,7 @@ class Load:
             pass
         self.stop.set()
         self.phase = 'ending'
-        ends = [t for t in tasks]
+        ends = list(tasks)
         if self.streams:
             ends.append(asyncio.ensure_future(self.streams.finish()))
         if self.udp:

@@ -66,7 +66,7 @@ class Generation:
         self.state = STARTING
         self.workers: dict[int, WorkerHandle] = {}     # slot -> live worker
         self.deadline: float | None = None             # DRAINING: when to TERM what is left
-        self.loaded_at = time.time()
+        self.loaded_at = time.monotonic()
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers.values():

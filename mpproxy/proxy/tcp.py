@@ -107,11 +107,33 @@ class UpstreamSide(Side):
         self.relay._opened(self)  # at once: data may follow before the connecting task resumes
 
 
+class _Discard:
+    """Stands in for a peer once a relay is finishing: what is read is dropped."""
+
+    __slots__ = ('transport', 'lost')
+
+    def __init__(self):
+        self.transport = self
+        self.lost = False
+
+    def write(self, data) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
 class Relay:
     """One client connection and its upstream connection."""
 
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target',
-                 'last_active', 'timer', 'half_closed', 'closing', 'connect_task')
+                 'last_active', 'timer', 'half_closed', 'closing', 'connect_task', 'finishing')
 
     def __init__(self, service: 'TcpService'):
         self.service = service
@@ -125,6 +147,7 @@ class Relay:
         self.half_closed = False
         self.closing = False
         self.connect_task: asyncio.Task | None = None
+        self.finishing = False
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
@@ -187,6 +210,10 @@ class Relay:
         client.transport.resume_reading()
 
     def on_eof(self, side: Side) -> None:
+        if self.finishing:
+            if self.client.eof and self.upstream.eof:
+                self.close()
+            return
         peer = side.peer
         if peer is None or self.closing:
             return
@@ -248,6 +275,31 @@ class Relay:
                 side.transport.close()
         self._maybe_forget()
 
+    def finish(self) -> None:
+        """The drain deadline: FIN both ways now and drop what still arrives.
+
+        A plain close() with unread input would make the kernel send RST; this
+        lingering close lets each peer read to EOF first. The relay closes when
+        both peers answered with FIN; the worker aborts what is left later.
+        """
+        if self.closing or self.finishing:
+            return
+        upstream = self.upstream
+        if upstream is None:       # still connecting: nothing to flush
+            self.close()
+            return
+        self.finishing = True
+        for side in (self.client, upstream):
+            side.peer = _DISCARD
+            transport = side.transport
+            if side.lost or transport.is_closing():
+                continue
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()
+        if self.client.eof and upstream.eof:
+            self.close()
+
     def abort(self) -> None:
         """Close both transports now, dropping buffered data (fast stop)."""
         self.close()
@@ -297,7 +349,7 @@ class TcpService:
         self.drain()
         for relay in list(self.relays):
             if graceful:
-                relay.close()
+                relay.finish()
             else:
                 relay.abort()
 

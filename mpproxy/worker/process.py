@@ -104,7 +104,8 @@ class Worker:
         for sig, handler in ((signal.SIGQUIT, self.drain), (signal.SIGTERM, self.stop),
                              (signal.SIGINT, self.stop), (signal.SIGUSR1, logmod.reopen)):
             loop.add_signal_handler(sig, handler)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)   # blocked since the fork
+        # Blocked since the fork; uvloop sees a pending signal only once its loop runs.
+        loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, WORKER_SIGNALS)
         spec.control.setblocking(False)
         loop.add_reader(spec.control.fileno(), self._on_control)
         self._send(b'r')

@@ -4,8 +4,8 @@ crash while real clients keep connecting.
 The clients and the echo backends run in their own processes (`tests/loadgen.py`, on
 uvloop), so they never compete with this test for the GIL; each one writes its counters
 to a status file the test polls and prints a JSON summary when it ends. Which worker holds
-which client connection is read from /proc (the inode of the accepted socket in the
-worker's fd table), never guessed.
+which client connection is looked up (the inode of the accepted socket, from `ss`, in the
+worker's fd table in /proc), never guessed.
 
 `LOAD_SECONDS` (env `MPPROXY_LOAD_SECONDS`, default 30) is how long the reload test sends
 a HUP every second; `scripts/soak` runs the same kind of load for longer.
@@ -14,6 +14,7 @@ a HUP every second; `scripts/soak` runs the same kind of load for longer.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -26,7 +27,7 @@ import pytest
 
 from conftest import ROOT, alive, children, cmdline, fd_count, free_port, wait_for
 from test_lifecycle import socket_inodes
-from test_tcp import connect
+from test_tcp import connect, echo_roundtrip
 
 LOADGEN = ROOT / 'tests' / 'loadgen.py'
 LOAD_SECONDS = int(os.environ.get('MPPROXY_LOAD_SECONDS', '30'))
@@ -110,19 +111,20 @@ def spawn(tmp_path):
 
 
 def tcp_sockets(port: int) -> list[tuple[int, int, str, str]]:
-    """(local port, remote port, state, inode) of every TCP socket with `port` on one end."""
+    """(local port, remote port, state, inode) of every connection with `port` at one end.
+
+    From `ss` (the kernel filters by port): /proc/net/tcp lists every TIME_WAIT socket of
+    the session and takes long enough to parse that the picture would be stale.
+    """
+    out = subprocess.run(['ss', '-tanHe', f'( sport = :{port} or dport = :{port} )'],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
     rows = []
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
-        try:
-            with open(table) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
+    for line in out.splitlines():
+        f = line.split()
+        if f[0] == 'LISTEN':                   # its peer is '*:*'
             continue
-        for line in lines:
-            r = line.split()
-            local, remote = int(r[1].rsplit(':', 1)[1], 16), int(r[2].rsplit(':', 1)[1], 16)
-            if port in (local, remote):
-                rows.append((local, remote, r[3], r[9]))
+        inode = next((t[4:] for t in f[5:] if t.startswith('ino:')), '0')
+        rows.append((int(f[3].rsplit(':', 1)[1]), int(f[4].rsplit(':', 1)[1]), f[0], inode))
     return rows
 
 
@@ -136,7 +138,7 @@ def client_owners(port: int, pids) -> dict[int, int]:
         except OSError:
             continue
     return {remote: owner[inode] for local, remote, state, inode in tcp_sockets(port)
-            if local == port and state != '0A' and inode in owner}
+            if local == port and inode in owner}
 
 
 def titles(proxy) -> dict[int, tuple[int, int, bool]]:
@@ -172,6 +174,17 @@ def tcp_config(port: int, upstream: str, workers: int = 2, **settings) -> str:
     """
 
 
+def last_reload_active(proxy) -> int | None:
+    """The newest generation if the last reload so far is active, else None.
+
+    HUPs that come while the master is still busy with the previous one coalesce (as
+    signals do: one reload then reads the newest file), so count the reloads done.
+    """
+    log = proxy.log()
+    newest = log.count('reloading configuration') + 1
+    return newest if f'generation {newest} active' in log else None
+
+
 def assert_clean_log(proxy, *allowed: str) -> None:
     log = proxy.log()
     for bad in ('Traceback', 'crashed', 'unexpected error', 'reload failed', 'unexpectedly',
@@ -192,6 +205,7 @@ def brief(summary: dict) -> dict:
 
 # -- item 1: reload every second under load ----------------------------------------------
 
+@pytest.mark.timeout(LOAD_SECONDS + 90)
 def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
     a_port, b_port, port = free_port(), free_port(), free_port()
     backends = spawn('backends', a_port, b_port)
@@ -201,7 +215,7 @@ def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
     first = set(proxy.workers())
     target = f'127.0.0.1:{port}'
     load = spawn('load', '--duration', LOAD_SECONDS + 60, '--tcp-rate', 500, '--tcp-target', target,
-                 '--streams', 20, '--stream-target', target)
+                 '--tcp-hold', '100ms', '--streams', 20, '--stream-target', target)
     load.wait(lambda s: s['ready'] and s['tcp']['ok'] >= 200, 10, 'the load to run')
     streams = {r['local_port'] for r in load.status()['streams']['results']}
     owners = client_owners(port, first)
@@ -234,6 +248,7 @@ def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
         time.sleep(max(0.0, start + i + 1 - time.monotonic()))   # the next HUP is due then
 
     summary = load.stop(timeout=40)
+    print(json.dumps(brief(summary)))
     tcp, streams = summary['tcp'], summary['streams']
     assert tcp['failed'] == 0 and tcp['skipped'] == 0, brief(summary)
     assert tcp['ok'] >= 0.9 * 500 * LOAD_SECONDS, brief(summary)
@@ -245,7 +260,11 @@ def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
     assert_clean_log(proxy)
 
 
-def test_streams_outliving_shutdown_timeout_are_closed_cleanly(proxies, spawn):
+@pytest.mark.parametrize('rate', [1 << 20, 0], ids=['paced', 'saturating'])
+def test_streams_outliving_shutdown_timeout_are_closed_cleanly(proxies, spawn, rate):
+    """`paced`: a 16 KiB chunk every 16 ms, the proxy has usually read everything when the
+    deadline comes. `saturating`: the client sends as fast as its window allows, so there are
+    always unread bytes at the proxy when it closes: a plain close() would answer with RST."""
     backend_port, port = free_port(), free_port()
     backends = spawn('backends', backend_port)
     proxy = proxies(tcp_config(port, backends.addresses[0], workers=1,
@@ -253,7 +272,7 @@ def test_streams_outliving_shutdown_timeout_are_closed_cleanly(proxies, spawn):
     old = proxy.workers()
     target = f'127.0.0.1:{port}'
     load = spawn('load', '--duration', 30, '--streams', 4, '--stream-target', target,
-                 '--stream-rate', 1 << 20)          # a chunk every 16 ms: bytes always in flight
+                 '--stream-rate', rate)
     load.wait(lambda s: s['ready'] and s['streams']['bytes_received'] > 0, 10, 'streams running')
     hup = time.time()
     proxy.signal(signal.SIGHUP)
@@ -261,9 +280,11 @@ def test_streams_outliving_shutdown_timeout_are_closed_cleanly(proxies, spawn):
     load.wait(lambda s: all(r['outcome'] for r in s['streams']['results']), 8,
               'the streams to be closed at shutdown_timeout')
     summary = load.stop()
+    print(json.dumps(brief(summary)))
     results = summary['streams']['results']
     # closed by the proxy with a FIN (EOF after bytes that were all correct), not a reset
-    assert [r['outcome'] for r in results] == ['eof_early'] * 4, results
+    assert [r['outcome'] for r in results] == ['eof_early'] * 4, \
+        [f"{r['outcome']}: {r['detail']}" for r in results]
     for r in results:
         assert 0.8 <= r['ended_at'] - hup <= 4, (r, hup)
     wait_for(lambda: not any(alive(p) for p in old), 5, what='the old worker to exit')
@@ -289,7 +310,9 @@ def test_hup_storm_bounds_generations_and_leaks_nothing(proxies, spawn):
             assert owner, 'the accepted side of a held connection is in no worker'
             held.append((sock, owner, titles(proxy).get(owner)))
         proxy.signal(signal.SIGHUP)
-        due = storm_start + (i + 1) * 0.2      # 50 HUPs in 10 s; sample until the next one
+        # 50 HUPs in 10 s, in pairs 5 ms apart: the second one of a pair supersedes a
+        # generation that is still starting. Sample until the next one is due.
+        due = storm_start + (i + 1) // 2 * 0.4 + (i + 1) % 2 * 0.005
         while time.monotonic() < due:
             table = titles(proxy)
             most_workers = max(most_workers, len(table))
@@ -299,14 +322,20 @@ def test_hup_storm_bounds_generations_and_leaks_nothing(proxies, spawn):
                 zombie_seen.setdefault(z, [now, now])[1] = now
             time.sleep(0.02)
     # 1 active + `limit` draining + 1 starting generation at most, at every sample
+    print(f'at most {most_workers} workers of {most_generations} generations at once')
     assert most_generations <= limit + 2, most_generations
     assert most_workers <= workers * (limit + 2), most_workers
     # a dead worker is reaped at once: no zombie outlived one sampling period by much
     lingering = {z: round(t[1] - t[0], 2) for z, t in zombie_seen.items() if t[1] - t[0] > 0.5}
     assert not lingering, f'zombies that were not reaped: {lingering}'
-    proxy.wait_log('generation 51 active', timeout=10)
-    wait_for(lambda: sorted(g for _, g, d in titles(proxy).values() if not d) == [51] * workers,
-             5, what=f'exactly {workers} workers of generation 51 serving')
+    # HUPs of a pair may coalesce: at least one reload per pair, and the last one serves
+    last = wait_for(lambda: last_reload_active(proxy), 10, what='the last reload to be active')
+    assert last - 1 >= 25, f'only {last - 1} reloads for 50 HUPs'
+    try:
+        wait_for(lambda: sorted(g for _, g, d in titles(proxy).values() if not d) == [last] * workers,
+                 5, what=f'exactly {workers} workers of generation {last} serving')
+    except AssertionError as exc:
+        raise AssertionError(f'{exc}: workers (slot, generation, draining): {titles(proxy)}') from None
 
     # connections of the generations forced to finish were closed; the others still work
     forced = 0
@@ -335,6 +364,37 @@ def test_hup_storm_bounds_generations_and_leaks_nothing(proxies, spawn):
     assert_clean_log(proxy, 'did not stop')
 
 
+def test_generation_superseded_while_starting_stops_serving(proxies, spawn):
+    """Two HUPs 5 ms apart, the first with upstream B, the second with A: the B generation is
+    superseded while its workers boot. Every one of its workers must drain: afterwards no new
+    connection may reach B (issue 3, item 2), and only the last generation serves."""
+    a_port, b_port, port = free_port(), free_port(), free_port()
+    backends = spawn('backends', a_port, b_port)
+    a, b = backends.addresses
+    settings = dict(shutdown_timeout='60s')
+    proxy = proxies(tcp_config(port, a, **settings)).start(wait_workers=2)
+    for _ in range(10):
+        proxy.write_config(tcp_config(port, b, **settings))
+        proxy.signal(signal.SIGHUP)
+        time.sleep(0.005)
+        proxy.write_config(tcp_config(port, a, **settings))
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: last_reload_active(proxy), 5, what='the last reload to be active')
+        time.sleep(0.2)
+    last = wait_for(lambda: last_reload_active(proxy), 5, what='the last reload to be active')
+    a_before, b_before = backends.accepted(a), backends.accepted(b)
+    for i in range(200):
+        assert echo_roundtrip(port, b'%d' % i) == b'%d' % i
+    wait_for(lambda: backends.accepted(a) + backends.accepted(b) >= a_before + b_before + 200, 3,
+             what='the backends to count 200 connections')
+    stale = {p: t for p, t in titles(proxy).items() if not t[2] and t[1] != last}
+    assert backends.accepted(b) == b_before, \
+        (f'{backends.accepted(b) - b_before} of 200 new connections went to the superseded '
+         f'upstream B; workers still serving an older generation: {stale}')
+    assert not stale, f'workers of superseded generations still serving: {stale}'
+    wait_for(lambda: len(proxy.workers()) == 2, 5, what='the idle old generations to exit')
+
+
 # -- item 6: a worker killed under load --------------------------------------------------
 
 def test_worker_killed_under_load_is_replaced_and_only_its_connections_break(proxies, spawn):
@@ -343,7 +403,7 @@ def test_worker_killed_under_load_is_replaced_and_only_its_connections_break(pro
     proxy = proxies(tcp_config(port, backends.addresses[0])).start(wait_workers=2)
     target = f'127.0.0.1:{port}'
     load = spawn('load', '--duration', 60, '--tcp-rate', 300, '--tcp-target', target,
-                 '--streams', 10, '--stream-target', target)
+                 '--tcp-hold', '100ms', '--streams', 10, '--stream-target', target)
     status = load.wait(lambda s: s['ready'] and s['tcp']['ok'] >= 300, 10, 'the load to run')
     streams = {r['local_port'] for r in status['streams']['results']}
     workers = proxy.workers()
@@ -353,9 +413,12 @@ def test_worker_killed_under_load_is_replaced_and_only_its_connections_break(pro
     victim = min(workers, key=lambda w: (per_worker[w] == 0, per_worker[w]))
     victim_streams = {p for p in streams if owners.get(p) == victim}
     victim_title = cmdline(victim)
-    victim_short = sum(1 for p, w in client_owners(port, [victim]).items() if p not in streams)
+    snapshot = time.monotonic()
+    victim_short = len([p for p in client_owners(port, [victim]) if p not in streams])
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
+    # connections begun between the snapshot and the kill may be the victim's too
+    slack = 2 + math.ceil(300 * (killed - snapshot))
 
     def replaced():
         serving = proxy.serving_workers()      # one snapshot: the victim may still show briefly
@@ -367,11 +430,12 @@ def test_worker_killed_under_load_is_replaced_and_only_its_connections_break(pro
     ok_at_kill = load.status()['tcp']['ok']
     load.wait(lambda s: s['tcp']['ok'] >= ok_at_kill + 600, 10, '2 s of load after the kill')
     summary = load.stop()
+    print(json.dumps(brief(summary)))
     tcp, results = summary['tcp'], summary['streams']['results']
     assert tcp['connect_refused'] == tcp['connect_timeout'] == tcp['connect_error'] == 0, brief(summary)
-    # short connections that broke were the victim's (it held `victim_short` at the kill;
-    # it could accept a few more in the microseconds before the signal landed)
-    assert tcp['failed'] <= victim_short + 3, (victim_short, brief(summary))
+    # the short connections that broke were the victim's: it held `victim_short`, each one
+    # mid-request, a few milliseconds before the kill (and may have taken a few more since)
+    assert tcp['failed'] <= victim_short + slack, (victim_short, slack, brief(summary))
     for r in results:
         if r['local_port'] in victim_streams:
             assert r['outcome'] in ('reset', 'eof_early'), r    # lost with the worker, not hung
@@ -379,5 +443,5 @@ def test_worker_killed_under_load_is_replaced_and_only_its_connections_break(pro
             assert r['outcome'] == 'clean', r                    # the survivor's are untouched
     assert 'unexpectedly' in proxy.log()
     assert_clean_log(proxy, 'unexpectedly')
-    print(f'victim held {len(victim_streams)} streams and {victim_short} short connections; '
-          f'replaced in {took:.3f}s; short connections broken: {tcp["failed"]}')
+    print(f'victim held {len(victim_streams)} streams and {victim_short} short connections '
+          f'(+{slack} slack); replaced in {took:.3f}s; short connections broken: {tcp["failed"]}')
