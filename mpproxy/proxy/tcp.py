@@ -28,6 +28,9 @@ from mpproxy.config.schema import Keepalive, Listener
 from mpproxy.upstream.pool import UpstreamPool
 
 
+IDLE_TICKS = 4
+
+
 class Side(asyncio.Protocol):
     """One end of a relay: forwards what it reads to `peer`, and mirrors its flow control."""
 
@@ -43,7 +46,6 @@ class Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        self.relay.last_active = self.relay.loop.time()
         self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
@@ -132,8 +134,9 @@ _DISCARD = _Discard()
 class Relay:
     """One client connection and its upstream connection."""
 
-    __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target',
-                 'last_active', 'timer', 'half_closed', 'closing', 'connect_task', 'finishing')
+    __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
+                 'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
+                 'connect_task', 'finishing')
 
     def __init__(self, service: 'TcpService'):
         self.service = service
@@ -141,8 +144,12 @@ class Relay:
         self.client = ClientSide(self)
         self.upstream: UpstreamSide | None = None
         self.client_addr = None
-        self.target = None
-        self.last_active = 0.0
+        self.target = None                          # the server connected to
+        self.candidates = None                      # iterator over the servers to try
+        self.trying = None                          # the server being connected to
+        self.seen = 0                               # bytes relayed when the idle timer last ran
+        self.quiet = 0                              # idle ticks in a row without a byte
+        self.half_timer: asyncio.TimerHandle | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.half_closed = False
         self.closing = False
@@ -151,34 +158,54 @@ class Relay:
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
-        self.client_addr = transport.get_extra_info('peername')
-        self.service.relays.add(self)
-        self.connect_task = self.loop.create_task(self._connect())
-
-    async def _connect(self) -> None:
         svc = self.service
-        cfg = svc.listener
-        for target in svc.pool.candidates(self.client_addr, cfg.next_upstream_tries):
-            if self.closing:
-                return
-            side = UpstreamSide(self, target)
-            try:
-                await asyncio.wait_for(
-                    self.loop.create_connection(lambda: side, *target.sockaddr[:2]),
-                    cfg.connect_timeout)
-            except asyncio.CancelledError:
-                raise
-            except (OSError, asyncio.TimeoutError) as exc:
-                reason = 'timed out' if isinstance(exc, asyncio.TimeoutError) else _oserror_text(exc)
-                svc.log.warning('connect() to %s failed (%s) while connecting to upstream, '
-                                'client: %s, listener: %s', target.label, reason,
-                                _fmt_addr(self.client_addr), cfg.name)
-                continue
-            return                # connected: `UpstreamSide.connection_made` opened the relay
-        if not self.closing:
-            svc.log.error('no upstream could be connected for client %s, listener: %s; '
-                          'closing the client connection', _fmt_addr(self.client_addr), cfg.name)
+        svc.relays.add(self)
+        pool = svc.pool
+        self.candidates = iter(pool.candidates(
+            self.client_address() if pool.needs_client else None,
+            svc.listener.next_upstream_tries))
+        self._try_next()
+
+    def client_address(self):
+        """The client's (host, port), looked up once and only when something needs it."""
+        if self.client_addr is None and self.client.transport is not None:
+            self.client_addr = self.client.transport.get_extra_info('peername')
+        return self.client_addr
+
+    def _try_next(self) -> None:
+        """Connect to the next candidate server: one task, one timer, no wrapping coroutine."""
+        target = next(self.candidates, None)
+        if target is None:
+            self.service.log.error('no upstream could be connected for client %s, listener: %s; '
+                                   'closing the client connection',
+                                   _fmt_addr(self.client_address()), self.service.listener.name)
             self.close()
+            return
+        self.trying = target
+        side = UpstreamSide(self, target)
+        loop = self.loop
+        task = self.connect_task = loop.create_task(
+            loop.create_connection(lambda: side, target.sockaddr[0], target.sockaddr[1]))
+        task.add_done_callback(self._connect_done)
+        self.timer = loop.call_later(self.service.listener.connect_timeout, task.cancel)
+
+    def _connect_done(self, task: asyncio.Task) -> None:
+        if self.connect_task is task:
+            self.connect_task = None
+        if self.closing:
+            if not task.cancelled() and task.exception() is None:
+                task.result()[0].close()
+            return
+        if not task.cancelled() and task.exception() is None:
+            return                # `UpstreamSide.connection_made` opened the relay
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+        reason = 'timed out' if task.cancelled() else _oserror_text(task.exception())
+        self.service.log.warning('connect() to %s failed (%s) while connecting to upstream, '
+                                 'client: %s, listener: %s', self.trying.label, reason,
+                                 _fmt_addr(self.client_address()), self.service.listener.name)
+        self._try_next()
 
     # -- OPEN ---------------------------------------------------------------------------
     def _opened(self, upstream: UpstreamSide) -> None:
@@ -201,8 +228,7 @@ class Relay:
         if client.lost:           # the client went away while we were connecting
             self.close()
             return
-        self.last_active = self.loop.time()
-        self._arm(self.service.listener.idle_timeout)
+        self._arm_idle()
         if client.eof:            # its FIN came while we were connecting
             self.on_eof(client)
         if self.closing:
@@ -225,9 +251,10 @@ class Relay:
             self.close()
             return
         transport.write_eof()     # pass the FIN on; the other direction goes on
-        if not self.half_closed:
+        if not self.half_closed:  # half_close_timeout is not extended by traffic
             self.half_closed = True
-            self._arm(min(self.service.listener.half_close_timeout, self._idle_left()))
+            self.half_timer = self.loop.call_later(self.service.listener.half_close_timeout,
+                                                   self._on_half_close_timeout)
 
     def on_lost(self, side: Side, exc) -> None:
         if not self.closing:
@@ -235,27 +262,40 @@ class Relay:
         self._maybe_forget()
 
     # -- timers -------------------------------------------------------------------------
-    def _idle_left(self) -> float:
-        return self.last_active + self.service.listener.idle_timeout - self.loop.time()
-
-    def _arm(self, delay: float) -> None:
+    # Idle time is checked by a timer that ticks every idle_timeout / IDLE_TICKS and compares
+    # the byte counters, so the data path never reads the clock: a pair is closed after
+    # between idle_timeout and (1 + 1/IDLE_TICKS) x idle_timeout without a byte either way.
+    def _arm_idle(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_later(max(delay, 0.0), self._on_timer)
+        self.seen = self.client.received + self.upstream.received
+        self.quiet = 0
+        self.timer = self.loop.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+                                          self._on_idle_tick)
 
-    def _on_timer(self) -> None:
+    def _on_idle_tick(self) -> None:
         self.timer = None
         if self.closing:
             return
-        if self.half_closed:      # half_close_timeout is not extended by traffic
-            self.service.log.info('half-close timeout, closing client %s', _fmt_addr(self.client_addr))
-            self.close()
-            return
-        left = self._idle_left()
-        if left > 0:
-            self._arm(left)
+        total = self.client.received + self.upstream.received
+        if total != self.seen:
+            self.seen = total
+            self.quiet = 0
         else:
-            self.service.log.info('idle timeout, closing client %s', _fmt_addr(self.client_addr))
+            self.quiet += 1
+            if self.quiet > IDLE_TICKS:
+                self.service.log.info('idle timeout, closing client %s',
+                                      _fmt_addr(self.client_address()))
+                self.close()
+                return
+        self.timer = self.loop.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+                                          self._on_idle_tick)
+
+    def _on_half_close_timeout(self) -> None:
+        self.half_timer = None
+        if not self.closing:
+            self.service.log.info('half-close timeout, closing client %s',
+                                  _fmt_addr(self.client_address()))
             self.close()
 
     # -- CLOSED -------------------------------------------------------------------------
@@ -264,9 +304,10 @@ class Relay:
         if self.closing:
             return
         self.closing = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.half_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.half_timer = None
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -314,9 +355,10 @@ class Relay:
             if side is not None and side.transport is not None and not side.lost:
                 return
         self.service.relays.discard(self)
-        self.client.peer = None
-        if self.upstream is not None:
-            self.upstream.peer = None
+        self.client.peer = self.client.relay = None     # break the cycles: freed by refcount,
+        if self.upstream is not None:                    # not by the cyclic GC
+            self.upstream.peer = self.upstream.relay = None
+        self.candidates = self.connect_task = None
 
 
 class TcpService:

@@ -44,6 +44,7 @@ class UpstreamPool:
     """Round robin over the resolved servers of one upstream."""
 
     __slots__ = ('name', 'targets', '_next')
+    needs_client = False          # round robin ignores the client address: do not look it up
 
     def __init__(self, upstream: Upstream):
         self.name = upstream.name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import os
 import resource
 import signal
@@ -106,6 +107,7 @@ class Worker:
             loop.add_signal_handler(sig, handler)
         # Blocked since the fork; uvloop sees a pending signal only once its loop runs.
         loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        gc.freeze()               # what booting made lives as long as the worker: never rescan it
         spec.control.setblocking(False)
         loop.add_reader(spec.control.fileno(), self._on_control)
         self._send(b'r')
