@@ -34,6 +34,8 @@ import logging
 import socket
 from collections import OrderedDict
 
+import _socket
+
 from mpproxy.proxy import pktinfo
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.upstream.pool import Target
@@ -50,6 +52,9 @@ DRAIN_IDLE = 2.0         # seconds a draining worker's session waits for late re
 _UPSTREAM_DEAD = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH,
                             errno.ENETUNREACH, errno.EHOSTDOWN))
 _AGAIN = (BlockingIOError, InterruptedError)
+# Session sockets are the C-level socket type: socket.socket's Python __init__ and close()
+# cost more per session than the rest of opening one.
+_DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 
 
 class UdpStats:
@@ -143,6 +148,9 @@ class UdpService:
         self._reading = False
         self._closed = False
         self._timer = None
+        self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
+        self._view = memoryview(self._buf)
+        self._now = loop.time()                 # the clock of the last listener read or sweep
 
     # -- the interface the worker uses ---------------------------------------
 
@@ -278,19 +286,20 @@ class UdpService:
         sessions = self._sessions
         get = sessions.get
         touch = sessions.move_to_end
+        buf, view = self._buf, self._view
         wildcard = self._wildcard
         if wildcard:
             pk_level, pk_type, pk_slice = self._pk
             ancsize = pktinfo.ANCBUFSIZE
-        now = self._time()
+        now = self._now = self._time()
         n = dropped = 0
         try:
             while n < BATCH:
                 try:
                     if wildcard:
-                        data, anc, _flags, addr = lsock.recvmsg(BUFSIZE, ancsize)
+                        size, anc, _flags, addr = lsock.recvmsg_into((buf,), ancsize)
                     else:
-                        data, addr = lsock.recvfrom(BUFSIZE)
+                        size, addr = lsock.recvfrom_into(buf)
                 except _AGAIN:
                     break
                 n += 1
@@ -310,11 +319,11 @@ class UdpService:
                     if sess is None:
                         dropped += 1
                         continue
-                else:
+                elif sess.last != now:
                     touch(key)
                     sess.last = now
-                try:
-                    sess.sock.send(data)
+                try:                # the buffer is sent before it is reused: no copy
+                    sess.sock.send(view[:size])
                 except OSError as exc:
                     dropped += 1
                     self._upstream_error(sess, exc, 'send to')
@@ -326,48 +335,44 @@ class UdpService:
             stats.dropped += dropped
 
     def _on_upstream(self, sess):
-        """Upstream replies on one session socket → the client."""
+        """One upstream reply → the client.
+
+        One datagram per callback: request/response traffic has one reply
+        waiting, and reading on to EAGAIN would cost a syscall and an
+        exception per reply; the loop calls again while more are queued.
+        """
         sock = sess.sock
         if sock is None:            # ended earlier in this loop iteration
             return
-        lsock = self._lsock
-        addr = sess.addr
-        anc = sess.anc
-        responses = self._responses
-        limit = BATCH if not responses else min(BATCH, responses - sess.replies)
-        got = sent = 0
+        stats = self.stats
         try:
-            while got < limit:
-                try:
-                    data = sock.recv(BUFSIZE)
-                except _AGAIN:
-                    break
-                except OSError as exc:
-                    self._upstream_error(sess, exc, 'reply from')
-                    break
-                got += 1
-                try:
-                    if anc is None:
-                        lsock.sendto(data, addr)
-                    else:
-                        lsock.sendmsg((data,), anc, 0, addr)
-                    sent += 1
-                except OSError as exc:
-                    self._client_error(addr, exc)
-            if got and sess.sock is not None:
-                sess.replies += got
-                if responses and sess.replies >= responses:
-                    self._end(sess)
-                    self.stats.sessions_completed += 1
+            try:
+                size = sock.recv_into(self._buf)
+            except _AGAIN:
+                return
+            except OSError as exc:
+                self._upstream_error(sess, exc, 'reply from')
+                return
+            try:
+                anc = sess.anc
+                if anc is None:
+                    self._lsock.sendto(self._view[:size], sess.addr)
                 else:
-                    sess.last = self._time()
-                    self._sessions.move_to_end(sess.key)
+                    self._lsock.sendmsg((self._view[:size],), anc, 0, sess.addr)
+                stats.datagrams_out += 1
+            except OSError as exc:
+                stats.dropped += 1
+                self._client_error(sess.addr, exc)
+            sess.replies += 1
+            responses = self._responses
+            if responses and sess.replies >= responses:
+                self._end(sess)
+                stats.sessions_completed += 1
+            elif sess.last != self._now:
+                sess.last = self._now
+                self._sessions.move_to_end(sess.key)
         except Exception as exc:
             self._unexpected(exc, 'relaying replies')
-        stats = self.stats
-        stats.datagrams_out += sent
-        if got != sent:
-            stats.dropped += got - sent
 
     # -- session life ---------------------------------------------------------
 
@@ -389,12 +394,11 @@ class UdpService:
         sock = None
         for target in targets:          # next_upstream_tries: a local failure tries the next
             try:
-                sock = socket.socket(target.family, socket.SOCK_DGRAM)
+                sock = _socket.socket(target.family, _DGRAM_NONBLOCK)
             except OSError as exc:      # EMFILE, ENFILE: no other server would help
                 self._rl.error('socket', 'udp %s: cannot create a socket: %s', self._name, exc)
                 return None
             try:
-                sock.setblocking(False)
                 sock.connect(target.sockaddr)
                 break
             except OSError as exc:
@@ -442,7 +446,8 @@ class UdpService:
         self._timer = None
         sessions = self._sessions
         try:
-            cutoff = self._time() - self._idle
+            self._now = now = self._time()
+            cutoff = now - self._idle
             expired = 0
             while sessions:
                 sess = next(iter(sessions.values()))
