@@ -23,6 +23,9 @@ import json
 import socket
 import time
 
+from mpproxy.proxy.udp_session import Session
+from mpproxy.upstream.pool import Target
+
 BATCH = 64                # fds per message (SCM_RIGHTS allows 253)
 MAX_MESSAGE = 1 << 17     # bytes; 64 sessions' metadata is far below this
 SEND_TIMEOUT = 2.0        # seconds the old worker may spend handing over
@@ -111,3 +114,28 @@ def _close_fd(fd: int) -> None:
         socket.close(fd)
     except OSError:
         pass
+
+
+def describe(sess: Session, wildcard: bool, now: float) -> dict:
+    """A session as JSON-able data; its socket travels beside it as an fd."""
+    dst = sess.key[1] if wildcard else None
+    target = sess.target
+    return {'a': list(sess.addr), 'd': dst.hex() if dst else None,
+            'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in sess.anc] if sess.anc else None,
+            'f': target.family, 's': list(target.sockaddr), 'l': target.label,
+            'g': max(0.0, now - sess.last), 'r': sess.replies}
+
+
+def rebuild(meta: dict, fd: int, wildcard: bool, now: float) -> Session:
+    """The session `describe` made, around the received fd (raises on bad data)."""
+    addr = tuple(meta['a'])
+    dst = bytes.fromhex(meta['d']) if meta['d'] else None
+    anc = [(lv, ty, bytes.fromhex(cd)) for lv, ty, cd in meta['n']] if meta['n'] else None
+    target = Target(int(meta['f']), tuple(meta['s']), str(meta['l']))
+    last = now - float(meta['g'])
+    replies = int(meta['r'])
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    sess = Session((addr, dst) if wildcard else addr, addr, sock, anc, target, last)
+    sess.replies = replies
+    return sess

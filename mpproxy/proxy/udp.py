@@ -36,9 +36,9 @@ from collections import OrderedDict
 
 import _socket
 
-from mpproxy.proxy import pktinfo
+from mpproxy.proxy import handoff, pktinfo
 from mpproxy.proxy.ratelog import RateLimitedLog
-from mpproxy.upstream.pool import Target
+from mpproxy.proxy.udp_session import Session, UdpStats
 
 BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
 BATCH = 64               # datagrams read per reader callback, per socket
@@ -55,72 +55,6 @@ _AGAIN = (BlockingIOError, InterruptedError)
 # Session sockets are the C-level socket type: socket.socket's Python __init__ and close()
 # cost more per session than the rest of opening one.
 _DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-
-
-class UdpStats:
-    """Counters of one UdpService. Read them as attributes or with `as_dict()`."""
-
-    __slots__ = ('datagrams_in', 'datagrams_out', 'sessions_created', 'sessions_expired',
-                 'sessions_completed', 'sessions_failed', 'sessions_closed',
-                 'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted')
-
-    # datagrams_in       datagrams read from clients (including dropped ones)
-    # datagrams_out      replies sent to clients
-    # sessions_created   sessions opened
-    # sessions_expired   ended by idle_timeout
-    # sessions_completed ended after udp.responses replies
-    # sessions_failed    ended by an upstream error (ECONNREFUSED, unreachable)
-    # sessions_closed    ended by close()
-    # sessions_handed_out  given to the next worker of this slot on reload
-    # sessions_adopted   taken over from the previous worker of this slot
-    # sessions_active    open now (= created + adopted - the five above)
-    # dropped            datagrams lost either way: table full, no server,
-    #                    send errors to an upstream or to a client
-
-    def __init__(self):
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        return 'UdpStats(%s)' % ', '.join('%s=%d' % kv for kv in self.as_dict().items())
-
-
-class Session:
-    """One client flow: a connected socket to one upstream server.
-
-    ::
-
-        client datagram, no session ──(table full / no server)──▶ dropped
-                    │ socket(); connect(server); add_reader
-                    ▼
-                  OPEN ◀── a datagram either way: last = now, move to table end
-                    │
-                    ├─ idle_timeout without datagrams ──▶ expired  ┐
-                    ├─ reply number udp.responses sent ─▶ completed │
-                    ├─ ECONNREFUSED / unreachable ──────▶ failed   ├─▶ CLOSED
-                    └─ UdpService.close() ──────────────▶ closed   ┘   (remove_reader,
-                                                                       close socket,
-                                                                       out of table,
-                                                                       sock = None)
-
-    A CLOSED session is never reopened; the client's next datagram creates a
-    new session (new socket, new source port, next server in balancing order).
-    """
-
-    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last')
-
-    def __init__(self, key, addr, sock, anc, target, now):
-        self.key = key              # table key: addr, or (addr, local dst) for wildcards
-        self.addr = addr            # client address, as recvfrom() gave it
-        self.sock = sock            # connected upstream socket; None once CLOSED
-        self.fd = sock.fileno()
-        self.anc = anc              # sendmsg() pktinfo for wildcard listeners, else None
-        self.target = target        # upstream.pool.Target
-        self.replies = 0            # replies received from the upstream
-        self.last = now             # loop.time() of the last datagram either way
 
 
 class UdpService:
@@ -227,12 +161,7 @@ class UdpService:
                 self._loop.remove_reader(sess.fd)
             except Exception:
                 pass
-            dst = sess.key[1] if self._wildcard else None
-            target = sess.target
-            out.append(({'a': list(sess.addr), 'd': dst.hex() if dst else None,
-                         'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in sess.anc] if sess.anc else None,
-                         'f': target.family, 's': list(target.sockaddr), 'l': target.label,
-                         'g': max(0.0, now - sess.last), 'r': sess.replies}, sess.sock))
+            out.append((handoff.describe(sess, self._wildcard, now), sess.sock))
             sess.sock = None
         self._sessions.clear()
         self.stats.sessions_active -= len(out)
@@ -245,31 +174,20 @@ class UdpService:
         adopted = 0
         for i, fd in enumerate(fds):
             try:
-                meta = metas[i]
-                addr = tuple(meta['a'])
-                dst = bytes.fromhex(meta['d']) if meta['d'] else None
-                anc = [(lv, ty, bytes.fromhex(cd)) for lv, ty, cd in meta['n']] if meta['n'] else None
-                target = Target(int(meta['f']), tuple(meta['s']), str(meta['l']))
-                last = now - float(meta['g'])
-                replies = int(meta['r'])
-                sock = socket.socket(fileno=fd)
+                sess = handoff.rebuild(metas[i], fd, self._wildcard, now)
             except (IndexError, KeyError, TypeError, ValueError, OSError):
                 socket.close(fd)
                 continue
-            sock.setblocking(False)
-            key = (addr, dst) if self._wildcard else addr
-            old = self._sessions.get(key)
+            old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
-            sess = Session(key, addr, sock, anc, target, last)
-            sess.replies = replies
             try:
                 self._loop.add_reader(sess.fd, self._on_upstream, sess)
             except Exception as exc:
-                sock.close()
+                sess.sock.close()
                 self._unexpected(exc, 'watching an adopted session socket')
                 continue
-            self._sessions[key] = sess
+            self._sessions[sess.key] = sess
             adopted += 1
         stats = self.stats
         stats.sessions_adopted += adopted
