@@ -79,13 +79,7 @@ def mem_tcp(proxy: Proxy, procs: Procs, workdir: Path, n: int, cpu: str | None) 
         time.sleep(SETTLE)
         after = rss_kib(pid)
     finally:
-        if holder.stdin:
-            holder.stdin.close()
-        try:
-            holder.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        procs.stop(holder)
+        _release(holder, procs)
     _wait_hold(workdir, 0, 30)
     return Sample((after - before) / n, False, f'RSS {before} -> {after} KiB')
 
@@ -109,14 +103,19 @@ def mem_udp(proxy: Proxy, procs: Procs, udpload: str, n: int, cpu: str | None) -
         time.sleep(SETTLE)
         after = rss_kib(pid)
     finally:
-        if holder.stdin:
-            holder.stdin.close()
-        try:
-            holder.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        procs.stop(holder)
+        _release(holder, procs)
     note = f'RSS {before} -> {after} KiB; {replies} replies'
     if bad or missing:
         note += f', {bad} wrong, {missing} missing'
     return Sample((after - before) / n, bool(bad or missing), note)
+
+
+def _release(holder, procs: Procs) -> None:
+    """Tell a holder to let go (EOF on its stdin), give it time, then stop it for sure."""
+    if holder.stdin:
+        holder.stdin.close()
+    try:
+        holder.wait(15)
+    except subprocess.TimeoutExpired:
+        pass
+    procs.stop(holder)
