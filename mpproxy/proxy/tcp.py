@@ -195,9 +195,12 @@ class Relay:
         if self.closing:
             if not task.cancelled() and task.exception() is None:
                 task.result()[0].close()
+            if self.target is None:               # never opened: the try is over
+                self.service.pool.release(self.trying)
             return
         if not task.cancelled() and task.exception() is None:
             return                # `UpstreamSide.connection_made` opened the relay
+        self.service.pool.release(self.trying)
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
@@ -354,7 +357,11 @@ class Relay:
         for side in (self.client, self.upstream):
             if side is not None and side.transport is not None and not side.lost:
                 return
+        if self.client.relay is None:
+            return                                       # forgotten already
         self.service.relays.discard(self)
+        if self.target is not None:
+            self.service.pool.release(self.target)
         self.client.peer = self.client.relay = None     # break the cycles: freed by refcount,
         if self.upstream is not None:                    # not by the cyclic GC
             self.upstream.peer = self.upstream.relay = None

@@ -304,27 +304,29 @@ class UdpService:
             self._rl.warning('full', 'udp %s: %d sessions (udp.max_sessions per worker), '
                              'new client %s dropped', self._name, len(sessions), addr)
             return None
-        targets = self._pool.candidates(addr, self._tries)
-        if not targets:
-            self._rl.warning('no servers', 'udp %s: upstream %s has no servers, datagram '
-                             'from %s dropped', self._name, self._listener.upstream, addr)
-            return None
-        sock = None
-        for target in targets:          # next_upstream_tries: a local failure tries the next
+        pool = self._pool
+        sock = target = None
+        for target in pool.candidates(addr if pool.needs_client else None, self._tries):
+            # next_upstream_tries: a local failure tries the next server
             try:
                 sock = _socket.socket(target.family, _DGRAM_NONBLOCK)
             except OSError as exc:      # EMFILE, ENFILE: no other server would help
+                pool.release(target)
                 self._rl.error('socket', 'udp %s: cannot create a socket: %s', self._name, exc)
                 return None
             try:
                 sock.connect(target.sockaddr)
                 break
             except OSError as exc:
+                pool.release(target)
                 sock.close()
                 sock = None
                 self._rl.warning(('connect', target.label), 'udp %s: cannot connect to %s: %s',
                                  self._name, target.label, exc)
         if sock is None:
+            if target is None:
+                self._rl.warning('no servers', 'udp %s: upstream %s has no servers, datagram '
+                                 'from %s dropped', self._name, self._listener.upstream, addr)
             return None
         anc = None
         if cdata is not None:
@@ -334,6 +336,7 @@ class UdpService:
             self._loop.add_reader(sess.fd, self._on_upstream, sess)
         except Exception as exc:
             sock.close()
+            pool.release(target)
             self._unexpected(exc, 'watching a session socket')
             return None
         sessions[key] = sess
@@ -357,6 +360,7 @@ class UdpService:
         except Exception:           # the loop is closing; the socket still gets closed
             pass
         sock.close()
+        self._pool.release(sess.target)
         self.stats.sessions_active -= 1
 
     def _sweep(self):

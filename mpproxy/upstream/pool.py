@@ -2,8 +2,8 @@
 
 Built in the worker after the fork (names are resolved here, with the blocking
 resolver, once at start; re-resolution belongs to a later resolver module).
-The core balancer is plain round robin; `candidates()` is the one interface the
-data path uses, so the weighted balancers slot in behind it.
+The balancer (one module each: round_robin, least_conn, hash, random_two) sits
+behind `candidates()` and `release()`, the one interface the data path uses.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from mpproxy.config.schema import Upstream
+from mpproxy.upstream.balancer import make_balancer
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,7 @@ class Target:
     family: int
     sockaddr: tuple
     label: str          # 'host:port' as written in the config, for logs
+    index: int = -1     # its entry in the pool's balancer; -1: not counted by this pool
 
 
 def _resolve(host: str, port: int) -> list[tuple[int, tuple]]:
@@ -41,14 +43,17 @@ def _resolve(host: str, port: int) -> list[tuple[int, tuple]]:
 
 
 class UpstreamPool:
-    """Round robin over the resolved servers of one upstream."""
+    """The servers of one upstream as addresses, chosen by the configured balancer.
 
-    __slots__ = ('name', 'targets', '_next')
-    needs_client = False          # round robin ignores the client address: do not look it up
+    Every resolved address of a server is an entry of its own with the server's
+    weight (all A/AAAA records of a name become servers).
+    """
+
+    __slots__ = ('name', 'targets', 'balancer', 'needs_client')
 
     def __init__(self, upstream: Upstream):
         self.name = upstream.name
-        targets = []
+        entries, weights, labels = [], [], []
         for server in upstream.servers:
             label = str(server.address)
             try:
@@ -56,16 +61,29 @@ class UpstreamPool:
             except OSError:
                 resolved = []
             for family, sockaddr in resolved:
-                targets.append(Target(family, sockaddr, label))
-        self.targets: tuple[Target, ...] = tuple(targets)
-        self._next = 0
+                entries.append(Target(family, sockaddr, label, len(entries)))
+                weights.append(server.weight)
+                labels.append(f'{label}/{sockaddr[0]}')
+        self.targets: tuple[Target, ...] = tuple(entries)
+        self.balancer = make_balancer(upstream.balance, weights, upstream.hash_key, labels) \
+            if entries else None
+        self.needs_client = bool(self.balancer and self.balancer.needs_client)
 
-    def candidates(self, client_addr, tries: int) -> list[Target]:
-        """Up to `tries` distinct servers to try in order for a new client."""
-        targets = self.targets
-        n = len(targets)
-        if n == 0:
-            return []
-        start = self._next
-        self._next = (start + 1) % n
-        return [targets[(start + i) % n] for i in range(min(tries, n))]
+    def candidates(self, client_addr, tries: int):
+        """Servers to try in turn for a new client (at most `tries`), picked lazily:
+        a balancer that counts connections counts one per server actually tried."""
+        balancer = self.balancer
+        if balancer is None:
+            return
+        tried: set[int] = set()
+        for _ in range(tries):
+            index = balancer.pick(client_addr, tried)
+            if index is None:
+                return
+            tried.add(index)
+            yield self.targets[index]
+
+    def release(self, target: Target) -> None:
+        """A connection or session to `target` ended (or its connect failed)."""
+        if 0 <= target.index < len(self.targets) and self.targets[target.index] is target:
+            self.balancer.release(target.index)

@@ -248,9 +248,9 @@ BROKEN = {
                            '(same protocol and address as listeners[0])'),
     'bad protocol': (MINIMAL + '    protocol: sctp\n',
                      "7: listeners[0].protocol: must be one of tcp, udp, got 'sctp'"),
-    'not supported yet': (MINIMAL.replace('    servers:', '    balance: least_conn\n    servers:'),
-                          '3: upstreams.web.balance: not supported yet '
-                          '(only the default, round_robin, is accepted)'),
+    'not supported yet': (MINIMAL.replace('    servers:', '    resolve: 30s\n    servers:'),
+                          '3: upstreams.web.resolve: not supported yet '
+                          '(only the default, null, is accepted)'),
     'not supported server key': (
         MINIMAL.replace('[127.0.0.1:9000]', '[{address: 127.0.0.1:9000, fail_timeout: 30s}]'),
         '3: upstreams.web.servers[0].fail_timeout: not supported yet '

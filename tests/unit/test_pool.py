@@ -12,11 +12,11 @@ def pool(*addrs):
 
 def test_round_robin_rotates_start_and_bounds_tries():
     p = pool(('127.0.0.1', 1), ('127.0.0.2', 2), ('127.0.0.3', 3))
-    firsts = [p.candidates(None, 3)[0].sockaddr[0] for _ in range(6)]
+    firsts = [next(p.candidates(None, 3)).sockaddr[0] for _ in range(6)]   # lazily: one pick each
     assert firsts == ['127.0.0.1', '127.0.0.2', '127.0.0.3'] * 2
-    tries = p.candidates(None, 2)
+    tries = list(p.candidates(None, 2))
     assert len(tries) == 2 and tries[0] != tries[1]
-    assert len(p.candidates(None, 10)) == 3
+    assert len(list(p.candidates(None, 10))) == 3
 
 
 def test_ipv6_literal_and_name_resolve():
@@ -29,4 +29,15 @@ def test_ipv6_literal_and_name_resolve():
 
 def test_unresolvable_name_gives_no_target():
     p = pool(('no-such-host.invalid', 80))
-    assert p.targets == () and p.candidates(None, 3) == []
+    assert p.targets == () and list(p.candidates(None, 3)) == []
+
+
+def test_weights_and_least_conn_release_through_the_pool():
+    up = Upstream('u', (Server(Address('127.0.0.1', 1), weight=3), Server(Address('127.0.0.2', 2))),
+                  balance='least_conn')
+    p = UpstreamPool(up)
+    held = [next(p.candidates(None, 1)) for _ in range(8)]
+    assert sum(t.sockaddr[0] == '127.0.0.1' for t in held) == 6
+    for t in held:
+        p.release(t)
+    assert p.balancer.conns == [0, 0]

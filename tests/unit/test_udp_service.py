@@ -289,6 +289,8 @@ def test_dead_upstream_ends_session_and_logs_once(env):
 
 def test_errors_in_callbacks_do_not_escape(env):
     class BrokenPool:
+        needs_client = False
+
         def candidates(self, client_addr, tries):
             raise RuntimeError('boom')
     svc, port = service(env, ('127.0.0.1', 9), pool=BrokenPool())

@@ -1,0 +1,119 @@
+"""Balancing across several real backends, through the real `mpproxy` command."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+from conftest import UdpEcho, free_port, wait_for
+from test_lifecycle import tagged_backend, first_bytes
+
+
+def upstream_config(port: int, servers: str, balance: str, workers: int = 1, extra: str = '',
+                    protocol: str = 'tcp') -> str:
+    return f"""
+        workers: {workers}
+        upstreams:
+          pool:
+            balance: {balance}
+{extra}
+            servers:
+{servers}
+        listeners:
+          - listen: "127.0.0.1:{port}"
+            protocol: {protocol}
+            upstream: pool
+    """
+
+
+def server_lines(*entries) -> str:
+    return ''.join(f'              - {{address: "{addr}", weight: {w}}}\n' for addr, w in entries)
+
+
+def test_weighted_round_robin_matches_weights(proxies):
+    backends = [tagged_backend(b'A'), tagged_backend(b'B'), tagged_backend(b'C')]
+    try:
+        port = free_port()
+        servers = server_lines((backends[0].address, 5), (backends[1].address, 3),
+                               (backends[2].address, 2))
+        proxies(upstream_config(port, servers, 'round_robin')).start(wait_workers=1)
+        counts = {b'A': 0, b'B': 0, b'C': 0}
+        for _ in range(1000):
+            counts[first_bytes(port, 1)] += 1
+        assert counts == {b'A': 500, b'B': 300, b'C': 200}, counts   # smooth WRR is exact
+    finally:
+        for b in backends:
+            b.close()
+
+
+def established_to(port: int) -> int:
+    out = subprocess.run(['ss', '-tnH', 'state', 'established', f'( dport = :{port} )'],
+                         capture_output=True, text=True).stdout
+    return len(out.splitlines())
+
+
+def test_least_conn_sends_new_connections_to_the_least_busy_server(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    held = []
+    try:
+        port = free_port()
+        servers = server_lines((a.address, 1), (b.address, 1))
+        proxies(upstream_config(port, servers, 'least_conn')).start(wait_workers=1)
+        for _ in range(4):                     # 2 + 2, held open
+            sock = socket.create_connection(('127.0.0.1', port), timeout=5)
+            held.append((sock, sock.recv(1)))
+        assert sorted(tag for _, tag in held) == [b'A', b'A', b'B', b'B']
+        for sock, tag in held:                 # A's connections end: A is now idle
+            if tag == b'A':
+                sock.close()
+        wait_for(lambda: established_to(a.port) == 0, 5, what="A's connections to close")
+        fresh = []
+        for _ in range(2):                     # round robin would give one to each
+            sock = socket.create_connection(('127.0.0.1', port), timeout=5)
+            fresh.append(sock.recv(1))
+            held.append((sock, None))
+        assert fresh == [b'A', b'A']
+    finally:
+        for sock, _ in held:
+            sock.close()
+        a.close()
+        b.close()
+
+
+def test_hash_keeps_a_client_on_one_server_across_reloads(proxies):
+    backends = [tagged_backend(t) for t in (b'A', b'B', b'C', b'D')]
+    try:
+        port = free_port()
+        servers = server_lines(*((bk.address, 1) for bk in backends))
+        proxy = proxies(upstream_config(port, servers, 'hash', workers=2,
+                                        extra='            hash_key: client_ip')).start(wait_workers=2)
+        seen = {first_bytes(port, 1) for _ in range(30)}
+        assert len(seen) == 1                   # every connection of 127.0.0.1: one server
+        proxy.write_config(upstream_config(port, servers, 'hash', workers=2,
+                                           extra='            hash_key: client_ip\n'
+                                                 '            # reloaded'))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log('generation 2 active')
+        assert {first_bytes(port, 1) for _ in range(30)} == seen
+    finally:
+        for b in backends:
+            b.close()
+
+
+def test_udp_sessions_follow_the_weights(proxies):
+    a, b = UdpEcho(prefix=b'A'), UdpEcho(prefix=b'B')
+    try:
+        port = free_port(socket.SOCK_DGRAM)
+        servers = server_lines((a.address, 3), (b.address, 1))
+        proxies(upstream_config(port, servers, 'round_robin', protocol='udp')).start(wait_workers=1)
+        counts = {b'A': 0, b'B': 0}
+        for _ in range(40):                     # 40 clients: 40 sessions
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.settimeout(2)
+                c.sendto(b'x', ('127.0.0.1', port))
+                counts[c.recv(10)[:1]] += 1
+        assert counts == {b'A': 30, b'B': 10}, counts
+    finally:
+        a.close()
+        b.close()
