@@ -201,6 +201,7 @@ class Relay:
         if not task.cancelled() and task.exception() is None:
             return                # `UpstreamSide.connection_made` opened the relay
         self.service.pool.release(self.trying)
+        self.service.pool.failed(self.trying)
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
@@ -217,6 +218,7 @@ class Relay:
             return
         self.connect_task = None
         self.target = upstream.target
+        self.service.pool.succeeded(upstream.target)
         client = self.client
         self.upstream = upstream
         client.peer = upstream

@@ -399,6 +399,7 @@ class UdpService:
             return
         label = sess.target.label
         if exc.errno in _UPSTREAM_DEAD:
+            self._pool.failed(sess.target)
             self._end(sess)
             self.stats.sessions_failed += 1
             self._rl.warning((exc.errno, label), 'udp %s: %s upstream %s: %s; session of %s ended',

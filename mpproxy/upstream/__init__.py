@@ -1,5 +1,6 @@
 """Upstream server pools: which server a new connection or UDP session goes to.
 
 Owns: resolving server addresses into socket addresses (in the worker, never in the
-master) and the balancing order. May import: config.
+master), the balancers (one module each), passive health, backup and max_conns.
+May import: config (and takes a logger from its caller).
 """

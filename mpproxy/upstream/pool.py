@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 
 from mpproxy.config.schema import Upstream
@@ -46,14 +47,25 @@ class UpstreamPool:
     """The servers of one upstream as addresses, chosen by the configured balancer.
 
     Every resolved address of a server is an entry of its own with the server's
-    weight (all A/AAAA records of a name become servers).
+    weight (all A/AAAA records of a name become servers). Passive health, as
+    nginx's `max_fails`/`fail_timeout`: `max_fails` failed connects within
+    `fail_timeout` mark an entry down for `fail_timeout`. Backup entries are
+    used only when no primary can be picked; `max_conns` caps an entry's
+    connections in this worker. When every entry is down they are tried anyway.
+
+    An entry's states::
+
+        UP --max_fails failures within fail_timeout--> DOWN --fail_timeout passed--> UP
     """
 
-    __slots__ = ('name', 'targets', 'balancer', 'needs_client')
+    __slots__ = ('name', 'targets', 'balancer', 'needs_client', 'active', 'fails',
+                 'window', 'down_until', 'max_fails', 'fail_timeout', 'max_conns',
+                 'primary', 'backup', 'log')
 
-    def __init__(self, upstream: Upstream):
+    def __init__(self, upstream: Upstream, log=None):
         self.name = upstream.name
-        entries, weights, labels = [], [], []
+        self.log = log
+        entries, weights, labels, servers = [], [], [], []
         for server in upstream.servers:
             label = str(server.address)
             try:
@@ -64,10 +76,21 @@ class UpstreamPool:
                 entries.append(Target(family, sockaddr, label, len(entries)))
                 weights.append(server.weight)
                 labels.append(f'{label}/{sockaddr[0]}')
+                servers.append(server)
         self.targets: tuple[Target, ...] = tuple(entries)
         self.balancer = make_balancer(upstream.balance, weights, upstream.hash_key, labels) \
             if entries else None
         self.needs_client = bool(self.balancer and self.balancer.needs_client)
+        n = len(entries)
+        self.active = [0] * n                 # connections or sessions open now
+        self.fails = [0] * n                  # failures in the current window
+        self.window = [0.0] * n               # when the current window started
+        self.down_until = [0.0] * n
+        self.max_fails = [s.max_fails for s in servers]
+        self.fail_timeout = [s.fail_timeout for s in servers]
+        self.max_conns = [s.max_conns for s in servers]
+        self.backup = frozenset(i for i, s in enumerate(servers) if s.backup)
+        self.primary = frozenset(range(n)) - self.backup
 
     def candidates(self, client_addr, tries: int):
         """Servers to try in turn for a new client (at most `tries`), picked lazily:
@@ -77,13 +100,56 @@ class UpstreamPool:
             return
         tried: set[int] = set()
         for _ in range(tries):
-            index = balancer.pick(client_addr, tried)
+            index = self._pick(balancer, client_addr, tried)
             if index is None:
                 return
             tried.add(index)
+            self.active[index] += 1
             yield self.targets[index]
+
+    def _pick(self, balancer, client_addr, tried: set[int]) -> int | None:
+        unavailable = set(tried)
+        now = time.monotonic()
+        for i, until in enumerate(self.down_until):
+            if until > now or (self.max_conns[i] and self.active[i] >= self.max_conns[i]):
+                unavailable.add(i)
+        index = balancer.pick(client_addr, unavailable | self.backup)
+        if index is None and self.backup:
+            index = balancer.pick(client_addr, unavailable | self.primary)
+        if index is None and not tried and len(unavailable) == len(self.targets):
+            full = {i for i in range(len(self.targets))
+                    if self.max_conns[i] and self.active[i] >= self.max_conns[i]}
+            index = balancer.pick(client_addr, full | self.backup)   # all down: try anyway
+            if index is None and self.backup:
+                index = balancer.pick(client_addr, full | self.primary)
+        return index
 
     def release(self, target: Target) -> None:
         """A connection or session to `target` ended (or its connect failed)."""
-        if 0 <= target.index < len(self.targets) and self.targets[target.index] is target:
-            self.balancer.release(target.index)
+        i = target.index
+        if 0 <= i < len(self.targets) and self.targets[i] is target:
+            self.balancer.release(i)
+            if self.active[i] > 0:
+                self.active[i] -= 1
+
+    def failed(self, target: Target) -> None:
+        """A connect to `target` failed or timed out (or its UDP peer is unreachable)."""
+        i = target.index
+        if not (0 <= i < len(self.targets) and self.targets[i] is target) or not self.max_fails[i]:
+            return
+        now = time.monotonic()
+        if now - self.window[i] > self.fail_timeout[i]:
+            self.window[i] = now
+            self.fails[i] = 0
+        self.fails[i] += 1
+        if self.fails[i] >= self.max_fails[i] and self.down_until[i] <= now:
+            self.down_until[i] = now + self.fail_timeout[i]
+            self.fails[i] = 0
+            if self.log is not None:
+                self.log.warning('upstream %s: server %s is down for %gs after %d failure(s)',
+                                 self.name, target.label, self.fail_timeout[i], self.max_fails[i])
+
+    def succeeded(self, target: Target) -> None:
+        i = target.index
+        if 0 <= i < len(self.targets) and self.targets[i] is target:
+            self.fails[i] = 0

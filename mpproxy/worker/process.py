@@ -170,7 +170,8 @@ class Worker:
         for listener, sock in self.spec.sockets:
             pool = pools.get(listener.upstream)
             if pool is None:
-                pool = pools[listener.upstream] = UpstreamPool(self.config.upstreams[listener.upstream])
+                pool = pools[listener.upstream] = UpstreamPool(
+                    self.config.upstreams[listener.upstream], log)
                 if not pool.targets:
                     log.warning('upstream %s has no usable server address', pool.name)
             if listener.protocol == 'tcp':

@@ -117,3 +117,55 @@ def test_udp_sessions_follow_the_weights(proxies):
     finally:
         a.close()
         b.close()
+
+
+def test_dead_server_is_marked_down_and_clients_notice_nothing(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        servers = (f'              - {{address: "{a.address}", max_fails: 1, fail_timeout: 30s}}\n'
+                   f'              - {{address: "{b.address}", max_fails: 1, fail_timeout: 30s}}\n')
+        proxy = proxies(upstream_config(port, servers, 'round_robin', workers=2)).start(wait_workers=2)
+        assert {first_bytes(port, 1) for _ in range(10)} == {b'A', b'B'}
+        a.close()                              # A dies: its port now refuses connections
+        replies = [first_bytes(port, 1) for _ in range(100)]
+        assert replies == [b'B'] * 100        # every connection opened after it died works
+        log = proxy.wait_log('is down for 30s')
+        assert f'server {a.address} is down' in log
+        assert log.count('Connection refused') <= 2   # once per worker, then it is skipped
+    finally:
+        b.close()
+
+
+def test_backup_is_used_only_when_every_primary_is_down(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        servers = (f'              - {{address: "{a.address}"}}\n'
+                   f'              - {{address: "{b.address}", backup: true}}\n')
+        proxies(upstream_config(port, servers, 'round_robin')).start(wait_workers=1)
+        assert [first_bytes(port, 1) for _ in range(20)] == [b'A'] * 20
+        a.close()
+        assert [first_bytes(port, 1) for _ in range(20)] == [b'B'] * 20
+    finally:
+        b.close()
+
+
+def test_max_conns_caps_a_server(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    held = []
+    try:
+        port = free_port()
+        servers = (f'              - {{address: "{a.address}", max_conns: 1}}\n'
+                   f'              - {{address: "{b.address}"}}\n')
+        proxies(upstream_config(port, servers, 'round_robin')).start(wait_workers=1)
+        for _ in range(6):
+            sock = socket.create_connection(('127.0.0.1', port), timeout=5)
+            held.append(sock)
+        tags = [sock.recv(1) for sock in held]
+        assert tags.count(b'A') == 1 and tags.count(b'B') == 5, tags
+    finally:
+        for sock in held:
+            sock.close()
+        a.close()
+        b.close()

@@ -251,10 +251,9 @@ BROKEN = {
     'not supported yet': (MINIMAL.replace('    servers:', '    resolve: 30s\n    servers:'),
                           '3: upstreams.web.resolve: not supported yet '
                           '(only the default, null, is accepted)'),
-    'not supported server key': (
-        MINIMAL.replace('[127.0.0.1:9000]', '[{address: 127.0.0.1:9000, fail_timeout: 30s}]'),
-        '3: upstreams.web.servers[0].fail_timeout: not supported yet '
-        '(only the default, 10s, is accepted)'),
+    'not supported listener key': (
+        MINIMAL + '    upload_rate: 1000\n',
+        '7: listeners[0].upload_rate: not supported yet (only the default, 0, is accepted)'),
     'server weight 0': (
         MINIMAL.replace('[127.0.0.1:9000]', '[{address: 127.0.0.1:9000, weight: 0}]'),
         '3: upstreams.web.servers[0].weight: must be an integer >= 1'),
