@@ -21,6 +21,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def client_hello(server_name=None) -> bytes:
+    """The ClientHello Python's ssl module sends for `server_name` (a real TLS client's)."""
+    import ssl
+    ctx = ssl.create_default_context()
+    if server_name is None:
+        ctx.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = 'condition'):
     """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout

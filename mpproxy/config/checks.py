@@ -264,6 +264,8 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
     name = s.get('name', optional(text)) or (str(listen) if listen else s.path)
     upstream = _listener_upstream(s, name if protocol == 'tcp' else f'{name}/udp', declared, inline)
     reuseport = s.get('reuseport', boolean, False)
+    if protocol == 'udp' and s.value('sni_routes') is not None:
+        s.report('sni_routes', 'routing by TLS SNI needs a tcp listener')
     if reuseport and protocol == 'udp':
         s.report('reuseport', 'udp listeners always use one SO_REUSEPORT socket per worker')
     listener = Listener(

@@ -26,13 +26,10 @@ from mpproxy.errors import ConfigError
 NOT_SUPPORTED_YET = {
     'user': None,
     'group': None,
-    'resolver': (),
     'access_log': None,
     'admin': None,
     'watch_config': False,
     'upstream.health_check': None,
-    'upstream.resolve': None,
-    'listener.sni_routes': None,
     'listener.proxy_protocol.accept': False,
     'listener.proxy_protocol.trusted': (),
     'listener.proxy_protocol.send': 'none',

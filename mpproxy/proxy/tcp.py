@@ -25,10 +25,12 @@ import asyncio
 import socket
 
 from mpproxy.config.schema import Keepalive, Listener
+from mpproxy.proxy import sni
 from mpproxy.upstream.pool import UpstreamPool
 
 
 IDLE_TICKS = 4
+SNI_TIMEOUT = 5.0         # a client must send its whole ClientHello within this
 
 
 class Side(asyncio.Protocol):
@@ -87,6 +89,8 @@ class ClientSide(Side):
         if early is not None:     # uvloop may deliver data after pause_reading()
             early.append(data)
             self.received += len(data)
+            if self.relay.peeking:
+                self.relay.peek()
             return
         Side.data_received(self, data)
 
@@ -94,6 +98,8 @@ class ClientSide(Side):
         self.eof = True
         if self.early is None:
             self.relay.on_eof(self)
+        elif self.relay.peeking:
+            self.relay.peek(eof=True)
         return True
 
 
@@ -136,7 +142,7 @@ class Relay:
 
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
-                 'connect_task', 'finishing')
+                 'connect_task', 'finishing', 'pool', 'peeking')
 
     def __init__(self, service: 'TcpService'):
         self.service = service
@@ -155,16 +161,55 @@ class Relay:
         self.closing = False
         self.connect_task: asyncio.Task | None = None
         self.finishing = False
+        self.pool = service.pool
+        self.peeking = service.sni is not None      # reading the ClientHello first
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
         svc = self.service
         svc.relays.add(self)
-        pool = svc.pool
+        if svc.sni is None:
+            self._route(svc.pool)
+            return
+        self.timer = self.loop.call_later(SNI_TIMEOUT, self._peek_timed_out)
+        transport.resume_reading()            # read the ClientHello before choosing a server
+
+    def _route(self, pool) -> None:
+        self.pool = pool
         self.candidates = iter(pool.candidates(
             self.client_address() if pool.needs_client else None,
-            svc.listener.next_upstream_tries))
+            self.service.listener.next_upstream_tries))
         self._try_next()
+
+    # -- PEEKING (sni_routes only) --------------------------------------------------------
+    def peek(self, eof: bool = False) -> None:
+        """Client bytes arrived while choosing a server by SNI: route once the name is known."""
+        early = self.client.early
+        state, name = sni.parse_sni(b''.join(early))
+        if state == sni.MORE and not eof:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.client.transport.pause_reading()
+        router = self.service.sni
+        pool = router.route(name) if state == sni.FOUND else router.default
+        if pool is None:
+            self.service.log.info('client %s: %s, and no default route; closing',
+                                  _fmt_addr(self.client_address()),
+                                  f'no route for server name {name!r}' if state == sni.FOUND
+                                  else 'not a TLS ClientHello')
+            self.close()
+            return
+        self.peeking = False
+        self._route(pool)
+
+    def _peek_timed_out(self) -> None:
+        self.timer = None
+        if not self.closing and self.peeking:
+            self.service.log.info('client %s sent no complete ClientHello in %gs; closing',
+                                  _fmt_addr(self.client_address()), SNI_TIMEOUT)
+            self.close()
 
     def client_address(self):
         """The client's (host, port), looked up once and only when something needs it."""
@@ -196,12 +241,12 @@ class Relay:
             if not task.cancelled() and task.exception() is None:
                 task.result()[0].close()
             if self.target is None:               # never opened: the try is over
-                self.service.pool.release(self.trying)
+                self.pool.release(self.trying)
             return
         if not task.cancelled() and task.exception() is None:
             return                # `UpstreamSide.connection_made` opened the relay
-        self.service.pool.release(self.trying)
-        self.service.pool.failed(self.trying)
+        self.pool.release(self.trying)
+        self.pool.failed(self.trying)
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
@@ -218,7 +263,7 @@ class Relay:
             return
         self.connect_task = None
         self.target = upstream.target
-        self.service.pool.succeeded(upstream.target)
+        self.pool.succeeded(upstream.target)
         client = self.client
         self.upstream = upstream
         client.peer = upstream
@@ -363,7 +408,7 @@ class Relay:
             return                                       # forgotten already
         self.service.relays.discard(self)
         if self.target is not None:
-            self.service.pool.release(self.target)
+            self.pool.release(self.target)
         self.client.peer = self.client.relay = None     # break the cycles: freed by refcount,
         if self.upstream is not None:                    # not by the cyclic GC
             self.upstream.peer = self.upstream.relay = None
@@ -373,12 +418,14 @@ class Relay:
 class TcpService:
     """One TCP listener in one worker: accepts on the (shared) socket, runs the relays."""
 
-    def __init__(self, loop, listener: Listener, sock: socket.socket, pool: UpstreamPool, log):
+    def __init__(self, loop, listener: Listener, sock: socket.socket, pool: UpstreamPool, log,
+                 sni_router: 'sni.SniRouter | None' = None):
         self.loop = loop
         self.listener = listener
         self.sock = sock
         self.pool = pool
         self.log = log
+        self.sni = sni_router             # with sni_routes: server name -> pool
         self.relays: set[Relay] = set()
         self.server = None
 

@@ -30,8 +30,10 @@ from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT
 from mpproxy.observe import log as logmod
 from mpproxy.proxy import handoff
+from mpproxy.proxy.sni import SniRouter
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
+from mpproxy.upstream import discovery
 from mpproxy.upstream.pool import UpstreamPool
 
 log = logmod.log
@@ -81,6 +83,7 @@ class Worker:
         self.config = spec.config
         self.loop: asyncio.AbstractEventLoop | None = None
         self.services: list = []
+        self.pools: dict[str, UpstreamPool] = {}
         self.exit_code = EXIT_OK
         self.draining = False
         self.receiver: handoff.Receiver | None = None
@@ -165,17 +168,26 @@ class Worker:
         except (ValueError, OSError) as exc:
             log.warning('cannot set worker_rlimit_nofile to %d: %s', want, exc)
 
+    def _pool(self, name: str) -> UpstreamPool:
+        pool = self.pools.get(name)
+        if pool is None:
+            pool = self.pools[name] = UpstreamPool(self.config.upstreams[name], log)
+            if not pool.targets:
+                log.warning('upstream %s has no usable server address', pool.name)
+        return pool
+
     async def _start_services(self) -> None:
-        pools: dict[str, UpstreamPool] = {}
         for listener, sock in self.spec.sockets:
-            pool = pools.get(listener.upstream)
-            if pool is None:
-                pool = pools[listener.upstream] = UpstreamPool(
-                    self.config.upstreams[listener.upstream], log)
-                if not pool.targets:
-                    log.warning('upstream %s has no usable server address', pool.name)
+            pool = self._pool(listener.upstream)
             if listener.protocol == 'tcp':
-                service = TcpService(self.loop, listener, sock, pool, log)
+                router = None
+                if listener.sni_routes is not None:
+                    routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
+                              if pattern != 'default']
+                    default = next((self._pool(name) for pattern, name in listener.sni_routes
+                                    if pattern == 'default'), pool)
+                    router = SniRouter(routes, default)
+                service = TcpService(self.loop, listener, sock, pool, log, router)
                 await service.start()
             else:
                 service = UdpService(self.loop, listener, sock, pool, log)

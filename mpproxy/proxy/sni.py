@@ -1,0 +1,110 @@
+"""Routing by TLS SNI without terminating TLS (nginx `ssl_preread`, HAProxy `req.ssl_sni`).
+
+`parse_sni()` is a pure function over the first bytes a client sent: it reads
+the TLS records that carry the ClientHello (fragmented over several records or
+not) and returns the server_name, or says it needs more bytes, or that the
+bytes are not a TLS ClientHello. The bytes are never altered: the relay
+forwards them whole to the server the name routes to.
+
+    record    = type(1)=22 version(2) length(2) fragment
+    handshake = type(1)=1 length(3) version(2) random(32) session_id(<1>)
+                cipher_suites(<2>) compression(<1>) extensions(<2>)
+    extension server_name(0) = list(<2>) [name_type(1)=0 host_name(<2>)]
+"""
+
+from __future__ import annotations
+
+MAX_HELLO = 16384 + 5 * 4     # bytes of records we read at most before giving up
+MORE, FOUND, NOT_TLS = 'more', 'found', 'not-tls'
+
+
+def parse_sni(data: bytes) -> tuple[str, str | None]:
+    """(MORE, None) | (FOUND, server name or None if the hello has none) | (NOT_TLS, None)."""
+    hs = bytearray()
+    pos = 0
+    while True:
+        if len(data) - pos < 5:
+            return (MORE, None) if len(data) < MAX_HELLO else (NOT_TLS, None)
+        if data[pos] != 22 or data[pos + 1] != 3:
+            return NOT_TLS, None
+        length = int.from_bytes(data[pos + 3:pos + 5], 'big')
+        if length == 0 or length > 16384 + 2048:
+            return NOT_TLS, None
+        if len(data) - pos - 5 < length:
+            return (MORE, None) if pos + 5 + length <= MAX_HELLO else (NOT_TLS, None)
+        hs += data[pos + 5:pos + 5 + length]
+        pos += 5 + length
+        if len(hs) >= 4:
+            if hs[0] != 1:
+                return NOT_TLS, None
+            need = 4 + int.from_bytes(hs[1:4], 'big')
+            if need > MAX_HELLO:
+                return NOT_TLS, None
+            if len(hs) >= need:
+                return _hello_sni(bytes(hs[4:need]))
+
+
+def _hello_sni(body: bytes) -> tuple[str, str | None]:
+    try:
+        p = 2 + 32                                         # version, random
+        p += 1 + body[p]                                   # session id
+        p += 2 + int.from_bytes(body[p:p + 2], 'big')      # cipher suites
+        p += 1 + body[p]                                   # compression methods
+        if p >= len(body):
+            return FOUND, None                             # no extensions at all
+        end = p + 2 + int.from_bytes(body[p:p + 2], 'big')
+        if end > len(body):
+            return NOT_TLS, None
+        p += 2
+        while p + 4 <= end:
+            ext_type = int.from_bytes(body[p:p + 2], 'big')
+            ext_len = int.from_bytes(body[p + 2:p + 4], 'big')
+            p += 4
+            if p + ext_len > end:
+                return NOT_TLS, None
+            if ext_type == 0:
+                return FOUND, _server_name(body[p:p + ext_len])
+            p += ext_len
+        return FOUND, None
+    except IndexError:
+        return NOT_TLS, None
+
+
+def _server_name(ext: bytes) -> str | None:
+    p, end = 2, 2 + int.from_bytes(ext[0:2], 'big')
+    while p + 3 <= min(end, len(ext)):
+        kind, n = ext[p], int.from_bytes(ext[p + 1:p + 3], 'big')
+        name = ext[p + 3:p + 3 + n]
+        if kind == 0 and len(name) == n:
+            try:
+                return name.decode('ascii').rstrip('.').lower() or None
+            except UnicodeDecodeError:
+                return None
+        p += 3 + n
+    return None
+
+
+class SniRouter:
+    """Maps a server name to a value (a pool): exact names, then `*.suffix`, then default."""
+
+    def __init__(self, routes, default=None):
+        self.exact: dict[str, object] = {}
+        self.wildcards: list[tuple[str, object]] = []
+        for pattern, value in routes:
+            pattern = pattern.lower().rstrip('.')
+            if pattern.startswith('*.'):
+                self.wildcards.append((pattern[1:], value))      # '.example.com'
+            else:
+                self.exact[pattern] = value
+        self.wildcards.sort(key=lambda w: -len(w[0]))           # the longest suffix wins
+        self.default = default
+
+    def route(self, name: str | None):
+        if name:
+            value = self.exact.get(name)
+            if value is not None:
+                return value
+            for suffix, value in self.wildcards:
+                if name.endswith(suffix):
+                    return value
+        return self.default

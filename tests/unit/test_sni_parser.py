@@ -1,0 +1,59 @@
+"""parse_sni on real ClientHellos from Python's ssl module, on fragments and on garbage."""
+
+from hypothesis import given, settings, strategies as st
+
+from conftest import client_hello
+from mpproxy.proxy.sni import FOUND, MORE, NOT_TLS, SniRouter, parse_sni
+
+
+def test_real_client_hello_gives_the_name():
+    assert parse_sni(client_hello('www.Example.com')) == (FOUND, 'www.example.com')
+
+
+def test_hello_without_sni():
+    assert parse_sni(client_hello(None)) == (FOUND, None)
+
+
+def test_every_prefix_asks_for_more():
+    hello = client_hello('a.example.org')
+    for cut in range(len(hello)):
+        assert parse_sni(hello[:cut]) == (MORE, None), cut
+
+
+def test_hello_split_over_two_records():
+    hello = client_hello('split.example.net')
+    body = hello[5:]
+    half = len(body) // 2
+    two = (b'\x16\x03\x01' + half.to_bytes(2, 'big') + body[:half]
+           + b'\x16\x03\x01' + (len(body) - half).to_bytes(2, 'big') + body[half:])
+    assert parse_sni(two) == (FOUND, 'split.example.net')
+
+
+def test_not_tls():
+    assert parse_sni(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')[0] == NOT_TLS
+    assert parse_sni(b'\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00')[0] == NOT_TLS   # not a ClientHello
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=600))
+def test_garbage_never_raises(data):
+    state, name = parse_sni(data)
+    assert state in (MORE, FOUND, NOT_TLS)
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=0, max_value=4000), st.integers(min_value=0, max_value=255))
+def test_corrupted_hello_never_raises(pos, byte):
+    hello = bytearray(client_hello('fuzz.example.com'))
+    hello[pos % len(hello)] = byte
+    assert parse_sni(bytes(hello))[0] in (MORE, FOUND, NOT_TLS)
+
+
+def test_router_exact_then_longest_wildcard_then_default():
+    r = SniRouter([('*.example.com', 'wild'), ('*.api.example.com', 'api'),
+                   ('www.example.com', 'www')], default='dflt')
+    assert r.route('www.example.com') == 'www'
+    assert r.route('x.api.example.com') == 'api'
+    assert r.route('shop.example.com') == 'wild'
+    assert r.route('example.com') == 'dflt'
+    assert r.route(None) == 'dflt'
