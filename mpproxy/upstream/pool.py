@@ -1,7 +1,9 @@
 """A worker's view of one upstream: its servers as socket addresses, in balancing order.
 
-Built in the worker after the fork (names are resolved here, with the blocking
-resolver, once at start; re-resolution belongs to a later resolver module).
+Built in the worker after the fork. The worker resolves names with
+`upstream.resolver` and passes the addresses in (`resolved`); without them the
+pool resolves with the blocking system resolver (tests, tools). With `resolve:`
+set, `upstream.discovery` calls `replace_targets` when the addresses change.
 The balancer (one module each: round_robin, least_conn, hash, random_two) sits
 behind `candidates()` and `release()`, the one interface the data path uses.
 """
@@ -24,6 +26,7 @@ class Target:
     sockaddr: tuple
     label: str          # 'host:port' as written in the config, for logs
     index: int = -1     # its entry in the pool's balancer; -1: not counted by this pool
+    generation: int = 0  # the pool's entry set it belongs to (replace_targets makes a new one)
 
 
 def _resolve(host: str, port: int) -> list[tuple[int, tuple]]:
@@ -58,39 +61,88 @@ class UpstreamPool:
         UP --max_fails failures within fail_timeout--> DOWN --fail_timeout passed--> UP
     """
 
-    __slots__ = ('name', 'targets', 'balancer', 'needs_client', 'active', 'fails',
+    __slots__ = ('name', 'upstream', 'targets', 'balancer', 'needs_client', 'active', 'fails',
                  'window', 'down_until', 'max_fails', 'fail_timeout', 'max_conns',
-                 'primary', 'backup', 'log')
+                 'primary', 'backup', 'log', 'generation', 'by_key', 'since')
 
-    def __init__(self, upstream: Upstream, log=None):
+    def __init__(self, upstream: Upstream, log=None, resolved=None):
+        """`resolved`: per server of `upstream`, its [(family, sockaddr), ...]; None: resolve here."""
         self.name = upstream.name
+        self.upstream = upstream
         self.log = log
+        self.generation = 0
+        if resolved is None:
+            resolved = []
+            for server in upstream.servers:
+                try:
+                    resolved.append(_resolve(server.address.host, server.address.port))
+                except OSError:
+                    resolved.append([])
+        self._build(resolved, {})
+
+    def _build(self, resolved, keep: dict) -> None:
+        """Make the entries and balancer for `resolved`; `keep`: key -> old state to carry."""
         entries, weights, labels, servers = [], [], [], []
-        for server in upstream.servers:
+        for server, addresses in zip(self.upstream.servers, resolved):
             label = str(server.address)
-            try:
-                resolved = _resolve(server.address.host, server.address.port)
-            except OSError:
-                resolved = []
-            for family, sockaddr in resolved:
-                entries.append(Target(family, sockaddr, label, len(entries)))
+            for family, sockaddr in addresses:
+                entries.append(Target(family, sockaddr, label, len(entries), self.generation))
                 weights.append(server.weight)
                 labels.append(f'{label}/{sockaddr[0]}')
                 servers.append(server)
-        self.targets: tuple[Target, ...] = tuple(entries)
-        self.balancer = make_balancer(upstream.balance, weights, upstream.hash_key, labels) \
+        upstream = self.upstream
+        balancer = make_balancer(upstream.balance, weights, upstream.hash_key, labels) \
             if entries else None
-        self.needs_client = bool(self.balancer and self.balancer.needs_client)
         n = len(entries)
+        self.targets: tuple[Target, ...] = tuple(entries)
+        self.by_key = {_key(t): t.index for t in entries}
         self.active = [0] * n                 # connections or sessions open now
         self.fails = [0] * n                  # failures in the current window
         self.window = [0.0] * n               # when the current window started
         self.down_until = [0.0] * n
+        self.since = [self.generation] * n    # the first generation this address was in
+        for i, target in enumerate(entries):
+            old = keep.get(_key(target))
+            if old is not None:
+                self.active[i], self.fails[i], self.window[i], self.down_until[i], \
+                    self.since[i] = old
+                if hasattr(balancer, 'conns'):
+                    balancer.conns[i] = self.active[i]
         self.max_fails = [s.max_fails for s in servers]
         self.fail_timeout = [s.fail_timeout for s in servers]
         self.max_conns = [s.max_conns for s in servers]
         self.backup = frozenset(i for i, s in enumerate(servers) if s.backup)
         self.primary = frozenset(range(n)) - self.backup
+        self.needs_client = bool(balancer and balancer.needs_client)
+        self.balancer = balancer              # last: candidates() notices the swap by this
+
+    def replace_targets(self, resolved) -> bool:
+        """New addresses per server (as for __init__); False when nothing changed.
+
+        Addresses that stay keep their health and connection counts; Targets of
+        removed addresses are no longer picked, and releasing them is harmless.
+        """
+        if [_key(t) for t in self.targets] == [
+                (f, a[:2], str(s.address)) for s, addrs in zip(self.upstream.servers, resolved)
+                for f, a in addrs]:
+            return False
+        keep = {_key(t): (self.active[i], self.fails[i], self.window[i], self.down_until[i],
+                          self.since[i]) for i, t in enumerate(self.targets)}
+        self.generation += 1
+        self._build(resolved, keep)
+        return True
+
+    def _index(self, target: Target) -> int | None:
+        """The entry `target` counts on now, or None (removed, or never counted here)."""
+        i = target.index
+        if 0 <= i < len(self.targets) and self.targets[i] is target:
+            return i
+        if i < 0:
+            return None
+        j = self.by_key.get(_key(target))
+        if j is not None and self.since[j] <= target.generation <= self.generation:
+            return j
+        return None
 
     def candidates(self, client_addr, tries: int):
         """Servers to try in turn for a new client (at most `tries`), picked lazily:
@@ -99,13 +151,21 @@ class UpstreamPool:
         if balancer is None:
             return
         tried: set[int] = set()
+        given: list[Target] = []
         for _ in range(tries):
+            if self.balancer is not balancer:      # DNS changed the entries between two picks
+                balancer = self.balancer
+                if balancer is None:
+                    return
+                tried = {j for j in map(self._index, given) if j is not None}
             index = self._pick(balancer, client_addr, tried)
             if index is None:
                 return
             tried.add(index)
             self.active[index] += 1
-            yield self.targets[index]
+            target = self.targets[index]
+            given.append(target)
+            yield target
 
     def _pick(self, balancer, client_addr, tried: set[int]) -> int | None:
         unavailable = set(tried)
@@ -126,16 +186,16 @@ class UpstreamPool:
 
     def release(self, target: Target) -> None:
         """A connection or session to `target` ended (or its connect failed)."""
-        i = target.index
-        if 0 <= i < len(self.targets) and self.targets[i] is target:
+        i = self._index(target)
+        if i is not None:
             self.balancer.release(i)
             if self.active[i] > 0:
                 self.active[i] -= 1
 
     def failed(self, target: Target) -> None:
         """A connect to `target` failed or timed out (or its UDP peer is unreachable)."""
-        i = target.index
-        if not (0 <= i < len(self.targets) and self.targets[i] is target) or not self.max_fails[i]:
+        i = self._index(target)
+        if i is None or not self.max_fails[i]:
             return
         now = time.monotonic()
         if now - self.window[i] > self.fail_timeout[i]:
@@ -150,6 +210,10 @@ class UpstreamPool:
                                  self.name, target.label, self.fail_timeout[i], self.max_fails[i])
 
     def succeeded(self, target: Target) -> None:
-        i = target.index
-        if 0 <= i < len(self.targets) and self.targets[i] is target:
+        i = self._index(target)
+        if i is not None:
             self.fails[i] = 0
+
+
+def _key(target: Target) -> tuple:
+    return target.family, target.sockaddr[:2], target.label

@@ -177,6 +177,8 @@ class Worker:
         return pool
 
     async def _start_services(self) -> None:
+        self.pools.update(await discovery.open_pools(   # DNS: resolve, start re-resolution
+            self.config, [listener for listener, _ in self.spec.sockets], log))
         for listener, sock in self.spec.sockets:
             pool = self._pool(listener.upstream)
             if listener.protocol == 'tcp':

@@ -248,9 +248,10 @@ BROKEN = {
                            '(same protocol and address as listeners[0])'),
     'bad protocol': (MINIMAL + '    protocol: sctp\n',
                      "7: listeners[0].protocol: must be one of tcp, udp, got 'sctp'"),
-    'not supported yet': (MINIMAL.replace('    servers:', '    resolve: 30s\n    servers:'),
-                          '3: upstreams.web.resolve: not supported yet '
-                          '(only the default, null, is accepted)'),
+    'resolver by name': ('resolver: [dns.example:53]\n' + MINIMAL,
+                         '1: resolver[0]: must be an IP address and port, like 1.1.1.1:53'),
+    'resolve zero': (MINIMAL.replace('    servers:', '    resolve: 0s\n    servers:'),
+                     '3: upstreams.web.resolve: must be greater than 0'),
     'not supported listener key': (
         MINIMAL + '    upload_rate: 1000\n',
         '7: listeners[0].upload_rate: not supported yet (only the default, 0, is accepted)'),

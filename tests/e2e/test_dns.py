@@ -1,0 +1,187 @@
+"""Upstream names served by the test's own DNS server (a tiny UDP responder in a thread)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import free_port, run_cli, wait_for
+from test_lifecycle import first_bytes
+
+
+class DnsServer:
+    """Answers A queries from `records` (name -> [ipv4, ...]); AAAA gets no data; unknown
+    names get NXDOMAIN. `silent = True` makes it stop answering."""
+
+    def __init__(self, records: dict[str, list[str]]):
+        self.records = records
+        self.silent = False
+        self.queries = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.queries += 1
+            if self.silent or len(data) < 17:
+                continue
+            labels, i = [], 12
+            while data[i]:
+                labels.append(data[i + 1:i + 1 + data[i]].decode().lower())
+                i += 1 + data[i]
+            qtype, = struct.unpack_from('!H', data, i + 1)
+            question = data[12:i + 5]
+            name = '.'.join(labels)
+            ips = self.records.get(name)
+            rcode = 3 if ips is None else 0
+            answers = [socket.inet_aton(ip) for ip in ips or ()] if qtype == 1 else []
+            out = data[:2] + struct.pack('!HHHHH', 0x8180 | rcode, 1, len(answers), 0, 0) + question
+            for rdata in answers:
+                out += b'\xc0\x0c' + struct.pack('!HHIH', 1, 1, 1, 4) + rdata
+            try:
+                self.sock.sendto(out, addr)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+class Tagged:
+    """A TCP backend on host:port that sends `tag` on every connection, then closes."""
+
+    def __init__(self, host: str, port: int, tag: bytes):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.tag = tag
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(self.tag)
+                except OSError:
+                    pass
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@pytest.fixture
+def dns():
+    server = DnsServer({})
+    yield server
+    server.close()
+
+
+def dns_config(port: int, dns_port: int, server: str, resolve: str | None = '500ms') -> str:
+    return f"""
+        workers: 1
+        resolver: ["127.0.0.1:{dns_port}"]
+        upstreams:
+          web:
+            {f'resolve: {resolve}' if resolve else ''}
+            servers: ["{server}"]
+        listeners:
+          - listen: "127.0.0.1:{port}"
+            upstream: web
+    """
+
+
+def test_new_connections_follow_dns_and_a_silent_dns_keeps_the_last_set(proxies, dns):
+    backend_port = free_port(host='127.0.0.2')
+    a = Tagged('127.0.0.1', backend_port, b'A')
+    b = Tagged('127.0.0.2', backend_port, b'B')
+    try:
+        dns.records['backend.test'] = ['127.0.0.1']
+        port = free_port()
+        proxy = proxies(dns_config(port, dns.port, f'backend.test:{backend_port}'))
+        proxy.start(wait_workers=1)
+        assert first_bytes(port, 1) == b'A'
+        dns.records['backend.test'] = ['127.0.0.2']
+        wait_for(lambda: first_bytes(port, 1) == b'B', 5, what='connections to follow DNS')
+        proxy.wait_log(f'upstream web: servers now 127.0.0.2:{backend_port}')
+        dns.silent = True
+        proxy.wait_log('cannot resolve backend.test', timeout=10)
+        assert all(first_bytes(port, 1) == b'B' for _ in range(20))
+        dns.silent = False
+        dns.records['backend.test'] = ['127.0.0.1', '127.0.0.2']
+        proxy.wait_log(f'servers now 127.0.0.1:{backend_port}, 127.0.0.2:{backend_port}',
+                       timeout=10)
+        assert {first_bytes(port, 1) for _ in range(6)} == {b'A', b'B'}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_with_resolve_an_unresolvable_name_starts_empty_until_dns_answers(proxies, dns):
+    backend_port = free_port()
+    a = Tagged('127.0.0.1', backend_port, b'A')
+    try:
+        port = free_port()
+        proxy = proxies(dns_config(port, dns.port, f'later.test:{backend_port}'))
+        proxy.start(wait_workers=1)
+        assert first_bytes(port, 1) == b''           # closed: no server yet
+        proxy.wait_log('no upstream could be connected')
+        dns.records['later.test'] = ['127.0.0.1']
+        wait_for(lambda: first_bytes(port, 1) == b'A', 5, what='the name to resolve')
+    finally:
+        a.close()
+
+
+def test_unresolvable_name_without_resolve_stops_the_start(tmp_path, dns):
+    path = tmp_path / 'mpproxy.yaml'
+    path.write_text(dns_config(free_port(), dns.port, 'missing.test:80', resolve=None))
+    started = time.monotonic()
+    result = run_cli('-c', str(path), timeout=30)
+    assert result.returncode == 1, result
+    assert 'upstream web: cannot resolve missing.test: DNS error NXDOMAIN' in result.stderr
+    assert 'cannot start' in result.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_reload_with_an_unresolvable_name_keeps_the_running_generation(proxies, dns):
+    backend_port = free_port()
+    a = Tagged('127.0.0.1', backend_port, b'A')
+    try:
+        dns.records['backend.test'] = ['127.0.0.1']
+        port = free_port()
+        proxy = proxies(dns_config(port, dns.port, f'backend.test:{backend_port}', resolve=None))
+        proxy.start(wait_workers=1)
+        assert first_bytes(port, 1) == b'A'
+        del dns.records['backend.test']
+        proxy.signal(signal.SIGHUP)
+        log = proxy.wait_log('reload failed', timeout=15)
+        assert 'upstream web: cannot resolve backend.test' in log
+        assert first_bytes(port, 1) == b'A'
+    finally:
+        a.close()
