@@ -283,22 +283,15 @@ def echo_handler(conn: socket.socket):
     conn.shutdown(socket.SHUT_WR)
 
 
-class UdpEcho:
-    """A UDP echo server in a thread; records the source address of every datagram.
+class UdpServer:
+    """A UDP server in a thread: `answer(data, addr)` returns the reply, or None for none."""
 
-    `tag_source`: each reply starts with `<source port>|`, so a client can tell which
-    upstream socket (session) carried its datagram.
-    """
-
-    def __init__(self, host='127.0.0.1', prefix=b'', port=0, tag_source=False):
+    def __init__(self, host='127.0.0.1', port=0):
         family = socket.AF_INET6 if ':' in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.bind((host, port))
         self.sock.settimeout(0.2)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.prefix = prefix
-        self.tag_source = tag_source
-        self.sources: list[tuple] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -306,6 +299,9 @@ class UdpEcho:
     @property
     def address(self) -> str:
         return f'[{self.host}]:{self.port}' if ':' in self.host else f'{self.host}:{self.port}'
+
+    def answer(self, data: bytes, addr) -> bytes | None:
+        raise NotImplementedError
 
     def _run(self):
         while not self.stop.is_set():
@@ -315,17 +311,36 @@ class UdpEcho:
                 continue
             except OSError:
                 return
-            self.sources.append(addr)
-            tag = b'%d|' % addr[1] if self.tag_source else b''
-            try:
-                self.sock.sendto(tag + self.prefix + data, addr)
-            except OSError:
-                pass
+            reply = self.answer(data, addr)
+            if reply is not None:
+                try:
+                    self.sock.sendto(reply, addr)
+                except OSError:
+                    pass
 
     def close(self):
         self.stop.set()
         self.thread.join(2)
         self.sock.close()
+
+
+class UdpEcho(UdpServer):
+    """A UDP echo server; records the source address of every datagram.
+
+    `tag_source`: each reply starts with `<source port>|`, so a client can tell which
+    upstream socket (session) carried its datagram.
+    """
+
+    def __init__(self, host='127.0.0.1', prefix=b'', port=0, tag_source=False):
+        self.prefix = prefix
+        self.tag_source = tag_source
+        self.sources: list[tuple] = []
+        super().__init__(host, port)
+
+    def answer(self, data: bytes, addr) -> bytes:
+        self.sources.append(addr)
+        tag = b'%d|' % addr[1] if self.tag_source else b''
+        return tag + self.prefix + data
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from conftest import free_port, run_cli, wait_for
+from conftest import UdpServer, free_port, run_cli, wait_for
 from test_lifecycle import first_bytes
 
 
-class DnsServer:
+class DnsServer(UdpServer):
     """Answers A queries from `records` (name -> [ipv4, ...]); AAAA gets no data; unknown
     names get NXDOMAIN. `silent = True` makes it stop answering."""
 
@@ -22,47 +22,25 @@ class DnsServer:
         self.records = records
         self.silent = False
         self.queries = 0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(('127.0.0.1', 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self):
-        while not self.stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(2048)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.queries += 1
-            if self.silent or len(data) < 17:
-                continue
-            labels, i = [], 12
-            while data[i]:
-                labels.append(data[i + 1:i + 1 + data[i]].decode().lower())
-                i += 1 + data[i]
-            qtype, = struct.unpack_from('!H', data, i + 1)
-            question = data[12:i + 5]
-            name = '.'.join(labels)
-            ips = self.records.get(name)
-            rcode = 3 if ips is None else 0
-            answers = [socket.inet_aton(ip) for ip in ips or ()] if qtype == 1 else []
-            out = data[:2] + struct.pack('!HHHHH', 0x8180 | rcode, 1, len(answers), 0, 0) + question
-            for rdata in answers:
-                out += b'\xc0\x0c' + struct.pack('!HHIH', 1, 1, 1, 4) + rdata
-            try:
-                self.sock.sendto(out, addr)
-            except OSError:
-                pass
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(2)
-        self.sock.close()
+    def answer(self, data: bytes, addr) -> bytes | None:
+        self.queries += 1
+        if self.silent or len(data) < 17:
+            return None
+        labels, i = [], 12
+        while data[i]:
+            labels.append(data[i + 1:i + 1 + data[i]].decode().lower())
+            i += 1 + data[i]
+        qtype, = struct.unpack_from('!H', data, i + 1)
+        question = data[12:i + 5]
+        ips = self.records.get('.'.join(labels))
+        rcode = 3 if ips is None else 0
+        answers = [socket.inet_aton(ip) for ip in ips or ()] if qtype == 1 else []
+        out = data[:2] + struct.pack('!HHHHH', 0x8180 | rcode, 1, len(answers), 0, 0) + question
+        for rdata in answers:
+            out += b'\xc0\x0c' + struct.pack('!HHIH', 1, 1, 1, 4) + rdata
+        return out
 
 
 class Tagged:
