@@ -223,11 +223,11 @@ def run_cli(*args, timeout: float = 20.0, env=None) -> subprocess.CompletedProce
 class TcpBackend:
     """A threaded TCP server on loopback; `handler(conn)` runs per connection in a thread."""
 
-    def __init__(self, handler, host='127.0.0.1'):
+    def __init__(self, handler, host='127.0.0.1', port=0):
         family = socket.AF_INET6 if ':' in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.sock.listen(512)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.handler = handler

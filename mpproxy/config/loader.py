@@ -29,7 +29,6 @@ NOT_SUPPORTED_YET = {
     'access_log': None,
     'admin': None,
     'watch_config': False,
-    'upstream.health_check': None,
     'listener.proxy_protocol.accept': False,
     'listener.proxy_protocol.trusted': (),
     'listener.proxy_protocol.send': 'none',

@@ -21,6 +21,7 @@ import time
 from mpproxy.config.schema import Config
 from mpproxy.master.sockets import Bound
 from mpproxy.observe import log as logmod
+from mpproxy.upstream import health
 from mpproxy.worker import process
 
 log = logmod.log
@@ -57,7 +58,8 @@ class WorkerHandle:
 
 
 class Generation:
-    __slots__ = ('number', 'config', 'bound', 'state', 'workers', 'deadline', 'loaded_at')
+    __slots__ = ('number', 'config', 'bound', 'state', 'workers', 'deadline', 'loaded_at',
+                 'health')
 
     def __init__(self, number: int, config: Config, bound: Bound):
         self.number = number
@@ -67,6 +69,7 @@ class Generation:
         self.workers: dict[int, WorkerHandle] = {}     # slot -> live worker
         self.deadline: float | None = None             # DRAINING: when to TERM what is left
         self.loaded_at = time.monotonic()
+        self.health = health.allocate(config)          # shared with its workers, or None
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers.values():
@@ -90,7 +93,7 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     spec = process.WorkerSpec(
         slot=slot, generation=generation.number, config=generation.config,
         master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
-        handoff=successor)
+        handoff=successor, health=generation.health)
     for handler in log.handlers:
         handler.flush()
     # The child keeps these blocked until its loop handles them, so a QUIT or TERM sent

@@ -63,7 +63,8 @@ class UpstreamPool:
 
     __slots__ = ('name', 'upstream', 'targets', 'balancer', 'needs_client', 'active', 'fails',
                  'window', 'down_until', 'max_fails', 'fail_timeout', 'max_conns',
-                 'primary', 'backup', 'log', 'generation', 'by_key', 'since')
+                 'primary', 'backup', 'log', 'generation', 'by_key', 'since', 'position',
+                 'health')
 
     def __init__(self, upstream: Upstream, log=None, resolved=None):
         """`resolved`: per server of `upstream`, its [(family, sockaddr), ...]; None: resolve here."""
@@ -71,6 +72,7 @@ class UpstreamPool:
         self.upstream = upstream
         self.log = log
         self.generation = 0
+        self.health = None                    # set by the worker when the upstream is checked
         if resolved is None:
             resolved = []
             for server in upstream.servers:
@@ -82,11 +84,12 @@ class UpstreamPool:
 
     def _build(self, resolved, keep: dict) -> None:
         """Make the entries and balancer for `resolved`; `keep`: key -> old state to carry."""
-        entries, weights, labels, servers = [], [], [], []
-        for server, addresses in zip(self.upstream.servers, resolved):
+        entries, weights, labels, servers, positions = [], [], [], [], []
+        for position, (server, addresses) in enumerate(zip(self.upstream.servers, resolved)):
             label = str(server.address)
             for family, sockaddr in addresses:
                 entries.append(Target(family, sockaddr, label, len(entries), self.generation))
+                positions.append(position)
                 weights.append(server.weight)
                 labels.append(f'{label}/{sockaddr[0]}')
                 servers.append(server)
@@ -108,6 +111,7 @@ class UpstreamPool:
                     self.since[i] = old
                 if hasattr(balancer, 'conns'):
                     balancer.conns[i] = self.active[i]
+        self.position = positions             # entry -> index of its server in the config
         self.max_fails = [s.max_fails for s in servers]
         self.fail_timeout = [s.fail_timeout for s in servers]
         self.max_conns = [s.max_conns for s in servers]
@@ -170,8 +174,10 @@ class UpstreamPool:
     def _pick(self, balancer, client_addr, tried: set[int]) -> int | None:
         unavailable = set(tried)
         now = time.monotonic()
+        health = self.health                 # (shared block, offset) with active checks
         for i, until in enumerate(self.down_until):
-            if until > now or (self.max_conns[i] and self.active[i] >= self.max_conns[i]):
+            if until > now or (self.max_conns[i] and self.active[i] >= self.max_conns[i]) \
+                    or (health is not None and health[0][health[1] + self.position[i]]):
                 unavailable.add(i)
         index = balancer.pick(client_addr, unavailable | self.backup)
         if index is None and self.backup:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import mmap
 import os
 import resource
 import signal
@@ -34,6 +35,7 @@ from mpproxy.proxy.sni import SniRouter
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
 from mpproxy.upstream import discovery
+from mpproxy.upstream import health
 from mpproxy.upstream.pool import UpstreamPool
 
 log = logmod.log
@@ -56,6 +58,7 @@ class WorkerSpec:
     control: socket.socket                                # the worker's end
     sockets: tuple[tuple[Listener, socket.socket], ...]   # this slot's listening sockets
     handoff: socket.socket | None = None                  # UDP sessions arrive here on reload
+    health: mmap.mmap | None = None                       # active health state, shared
 
 
 def run(spec: WorkerSpec) -> None:
@@ -84,6 +87,7 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.services: list = []
         self.pools: dict[str, UpstreamPool] = {}
+        self.checker: health.Checker | None = None
         self.exit_code = EXIT_OK
         self.draining = False
         self.receiver: handoff.Receiver | None = None
@@ -194,6 +198,15 @@ class Worker:
             else:
                 service = UdpService(self.loop, listener, sock, pool, log)
             self.services.append(service)
+        if self.spec.health is not None:
+            offsets, _ = health.layout(self.config)
+            for name, offset in offsets.items():
+                if name in self.pools:
+                    self.pools[name].health = (self.spec.health, offset)
+            if self.spec.slot == 0:       # one checker per host: worker 0 of the generation
+                self.checker = health.Checker(self.loop, self.config, self.spec.health,
+                                              self.pools, log)
+                self.checker.start()
 
     def _udp_services(self) -> list[UdpService]:
         return [s for s in self.services if isinstance(s, UdpService)]
@@ -294,6 +307,8 @@ class Worker:
                 successor.close()
             return
         self.draining = True
+        if self.checker is not None:      # the new generation's worker 0 checks from now on
+            self.checker.stop()
         setproctitle.setproctitle(
             f'mpproxy: worker {self.spec.slot} (generation {self.spec.generation}) draining')
         if self.receiver is not None:     # never got its own sessions: nothing to pass on
