@@ -295,6 +295,10 @@ def _listener_upstream(s: Section, name: str, declared: dict, inline: dict) -> s
     (`<name>/udp` for a udp listener, so `listen: 53` over tcp and udp need no names)."""
     value = s.value('upstream')
     if 'upstream' not in s:
+        routes = s.value('sni_routes')
+        if isinstance(routes, dict) and routes:      # routed by SNI: no upstream of its own
+            first = routes.get('default', next(iter(routes.values())))
+            return first if isinstance(first, str) and first in declared else None
         s.report('upstream', 'missing (the name of an upstream or a list of servers)')
     elif isinstance(value, str):
         if value in declared:

@@ -191,7 +191,7 @@ class Worker:
                     routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
                               if pattern != 'default']
                     default = next((self._pool(name) for pattern, name in listener.sni_routes
-                                    if pattern == 'default'), pool)
+                                    if pattern == 'default'), None)   # None: close the rest
                     router = SniRouter(routes, default)
                 service = TcpService(self.loop, listener, sock, pool, log, router)
                 await service.start()

@@ -38,8 +38,9 @@ class Recorder:
 def sni_config(port, routes: dict, default_upstream: str, extra_upstreams: dict) -> str:
     ups = ''.join(f'  {name}:\n    servers: ["{addr}"]\n' for name, addr in extra_upstreams.items())
     route_lines = ''.join(f'      "{k}": {v}\n' for k, v in routes.items())
+    upstream = f'    upstream: {default_upstream}\n' if default_upstream else ''
     return (f'workers: 1\nupstreams:\n{ups}listeners:\n  - listen: "127.0.0.1:{port}"\n'
-            f'    upstream: {default_upstream}\n    sni_routes:\n{route_lines}')
+            f'{upstream}    sni_routes:\n{route_lines}')
 
 
 def send_and_close(port: int, data: bytes) -> None:
@@ -76,12 +77,12 @@ def test_sni_routes_to_the_right_upstream_with_hello_unaltered(proxies):
             r.close()
 
 
-def test_slow_or_partial_hello_is_closed_and_fragmented_hello_routed(proxies):
+def test_fragmented_hello_routed_and_slow_unknown_or_non_tls_clients_closed(proxies):
     www, other = Recorder(), Recorder()
     try:
         port = free_port()
-        proxies(sni_config(port, {'www.example.com': 'www'}, 'other',
-                           {'www': www.address, 'other': other.address})).start(wait_workers=1)
+        proxy = proxies(sni_config(port, {'www.example.com': 'www'}, None,
+                                   {'www': www.address, 'other': other.address})).start(wait_workers=1)
         hello = client_hello('www.example.com')
         with socket.create_connection(('127.0.0.1', port), timeout=5) as s:   # byte by byte
             for i in range(0, len(hello), 100):
@@ -97,6 +98,11 @@ def test_slow_or_partial_hello_is_closed_and_fragmented_hello_routed(proxies):
             start = time.monotonic()
             assert s.recv(10) == b''
             assert 4 < time.monotonic() - start < 8
+        for first in (b'GET / HTTP/1.0\r\n\r\n', client_hello('unknown.example.org')):
+            with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+                s.sendall(first)                  # no `default` route: closed, not forwarded
+                assert s.recv(10) == b''
+        proxy.wait_log('no default route')
         assert not other.received and not www.received
     finally:
         www.close()

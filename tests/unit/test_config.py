@@ -506,3 +506,17 @@ def test_tcp_and_udp_on_one_address_need_no_names(tmp_path):
     assert tcp.name == udp.name == '127.0.0.1:53'
     assert config.upstreams[tcp.upstream].servers[0].address.host == '127.0.0.1'
     assert config.upstreams[udp.upstream].servers[0].address.host == '127.0.0.2'
+
+
+def test_sni_listener_needs_no_upstream_of_its_own(tmp_path):
+    config = load_text(tmp_path, """\
+        upstreams:
+          www: {servers: [127.0.0.1:9000]}
+          rest: {servers: [127.0.0.1:9001]}
+        listeners:
+          - listen: 127.0.0.1:443
+            sni_routes: {"www.example.com": www, default: rest}
+        """)
+    listener = config.listeners[0]
+    assert listener.sni_routes == (('www.example.com', 'www'), ('default', 'rest'))
+    assert listener.upstream == 'rest'
