@@ -46,6 +46,11 @@ def main(argv=None) -> int:
             print(problem, file=sys.stderr)
         return EXIT_FAILURE
     if args.test or args.dump:
+        problems = _check_names(config)      # -t runs in its own process: DNS is fine here
+        if problems:
+            for problem in problems:
+                print(f'{config.path}: {problem}', file=sys.stderr)
+            return EXIT_FAILURE
         if args.dump:
             sys.stdout.write(dump(config))
         print('configuration ok', file=sys.stderr if args.dump else sys.stdout)
@@ -53,6 +58,13 @@ def main(argv=None) -> int:
     if args.signal:
         return _send_signal(config, args.signal)
     return _serve(config, args)
+
+
+def _check_names(config) -> list[str]:
+    import asyncio
+
+    from mpproxy.upstream.discovery import unresolvable
+    return asyncio.run(unresolvable(config))
 
 
 def _send_signal(config, name: str) -> int:

@@ -134,3 +134,17 @@ def _stable(addresses: list) -> list:
 def _text(sockaddr: tuple) -> str:
     host, port = sockaddr[:2]
     return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+
+
+async def unresolvable(config) -> list[str]:
+    """`-t`: one line per server name that does not resolve, for upstreams without `resolve`."""
+    resolver = Resolver(config.resolver)
+    checks = [(name, i, server) for name, upstream in config.upstreams.items()
+              if upstream.resolve is None
+              for i, server in enumerate(upstream.servers) if _is_name(server.address)]
+    answers = await asyncio.gather(*(resolver.resolve(s.address.host, s.address.port)
+                                     for _, _, s in checks), return_exceptions=True)
+    return [f'upstreams.{name}.servers[{i}]: cannot resolve {server.address.host}: {answer} '
+            f'(set `resolve` to start without it)'
+            for (name, i, server), answer in zip(checks, answers)
+            if isinstance(answer, ResolveError)]

@@ -173,3 +173,15 @@ def test_stop_signal_by_name(tmp_path, tcp_echo):
     finally:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_check_reports_a_server_name_that_does_not_resolve(tmp_path):
+    path = tmp_path / 'dns.yaml'
+    path.write_text('upstreams:\n  web: {servers: [missing.invalid:80, localhost:81]}\n'
+                    'listeners:\n  - listen: 127.0.0.1:8000\n    upstream: web\n')
+    result = run_cli('-t', '-c', str(path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'upstreams.web.servers[0]: cannot resolve missing.invalid' in lines[0]
+    path.write_text(path.read_text().replace('{servers:', '{resolve: 30s, servers:'))
+    assert run_cli('-t', '-c', str(path)).returncode == 0      # with resolve it may start empty
