@@ -169,3 +169,41 @@ def test_max_conns_caps_a_server(proxies):
             sock.close()
         a.close()
         b.close()
+
+
+def test_backend_killed_during_load_fails_no_connection_opened_after(proxies):
+    import threading
+    import time
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    results, stop = [], threading.Event()
+
+    def client():
+        n = 0
+        while not stop.is_set() and n < 5000:
+            started = time.monotonic()
+            try:
+                ok = first_bytes(port, 1) in (b'A', b'B')
+            except OSError:
+                ok = False
+            results.append((started, ok))
+            n += 1
+
+    try:
+        port = free_port()
+        servers = server_lines((a.address, 1), (b.address, 1))
+        proxies(upstream_config(port, servers, 'round_robin', workers=2)).start(wait_workers=2)
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(results) > 200, 10, what='load before the kill')
+        a.close()
+        died = time.monotonic()
+        wait_for(lambda: sum(1 for s, _ in results if s > died) > 400, 15, what='load after the kill')
+        stop.set()
+        for t in threads:
+            t.join(10)
+        after = [ok for started, ok in results if started > died]
+        assert all(after), f'{after.count(False)} of {len(after)} connections opened after the kill failed'
+    finally:
+        stop.set()
+        b.close()
