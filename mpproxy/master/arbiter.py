@@ -180,33 +180,13 @@ class Arbiter:
             log.warning('binary upgrade already in progress (new master pid %d); ignoring USR2',
                         self.upgrade_pid)
             return
-        if self.pidfile:
-            try:
-                os.rename(self.pidfile.path, upgrade.oldbin(self.pidfile.path))
-            except OSError as exc:
-                log.error('binary upgrade failed: cannot rename %s: %s', self.pidfile.path,
-                          exc.strerror)
-                return
-            self.pidfile.path = upgrade.oldbin(self.pidfile.path)
         try:
-            self.upgrade_pid = upgrade.spawn_new_master(self.config.path, self.sockets)
+            self.upgrade_pid = upgrade.begin(self.pidfile, self.config.path, self.sockets)
         except OSError as exc:
-            log.error('binary upgrade failed: cannot start a new master: %s', exc)
-            self._restore_pidfile()
+            log.error('binary upgrade failed: %s', exc.strerror or exc)
             return
         log.log(logmod.NOTICE, 'binary upgrade: new master pid %d started; send QUIT to this '
                 'master (pid %d) once it serves', self.upgrade_pid, os.getpid())
-
-    def _restore_pidfile(self) -> None:
-        if self.pidfile and self.pidfile.path.endswith('.oldbin'):
-            path = self.pidfile.path[:-len('.oldbin')]
-            try:
-                os.rename(self.pidfile.path, path)
-            except OSError as exc:
-                log.error('cannot restore pid file %s: %s', path, exc.strerror)
-                return
-            self.pidfile.path = path
-            self.pidfile.write(os.getpid())
 
     def handle_chld(self) -> None:
         pass                      # reap() runs after every dispatch
@@ -306,7 +286,7 @@ class Arbiter:
             self.upgrade_pid = None
             log.error('binary upgrade failed: the new master (pid %d) exited with code %d; '
                       'this master goes on serving', pid, os.waitstatus_to_exitcode(status))
-            self._restore_pidfile()
+            upgrade.restore_pidfile(self.pidfile)
             return
         for generation in self.generations:
             for slot, worker in list(generation.workers.items()):

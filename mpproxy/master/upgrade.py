@@ -14,7 +14,11 @@ import os
 import signal
 import sys
 
+from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
+from mpproxy.observe import log as logmod
+
+log = logmod.log
 
 
 def oldbin(path: str) -> str:
@@ -39,3 +43,34 @@ def spawn_new_master(config_path: str, sockets: SocketSet) -> int:
     for fd in sockets.fds():
         os.set_inheritable(fd, False)
     return pid
+
+
+def begin(pidfile: PidFile | None, config_path: str, sockets: SocketSet) -> int:
+    """Rename the pid file to .oldbin and start the new master; its pid.
+
+    Raises OSError (with the pid file put back) when either step fails.
+    """
+    if pidfile:
+        try:
+            os.rename(pidfile.path, oldbin(pidfile.path))
+        except OSError as exc:
+            raise OSError(exc.errno, f'cannot rename {pidfile.path}: {exc.strerror}') from None
+        pidfile.path = oldbin(pidfile.path)
+    try:
+        return spawn_new_master(config_path, sockets)
+    except OSError as exc:
+        restore_pidfile(pidfile)
+        raise OSError(exc.errno, f'cannot start a new master: {exc.strerror or exc}') from None
+
+
+def restore_pidfile(pidfile: PidFile | None) -> None:
+    """The new master is gone: take the pid file back from .oldbin."""
+    if pidfile and pidfile.path.endswith('.oldbin'):
+        path = pidfile.path[:-len('.oldbin')]
+        try:
+            os.rename(pidfile.path, path)
+        except OSError as exc:
+            log.error('cannot restore pid file %s: %s', path, exc.strerror)
+            return
+        pidfile.path = path
+        pidfile.write(os.getpid())
