@@ -32,8 +32,6 @@ NOT_SUPPORTED_YET = {
     'listener.proxy_protocol.accept': False,
     'listener.proxy_protocol.trusted': (),
     'listener.proxy_protocol.send': 'none',
-    'listener.allow': (),
-    'listener.deny': (),
     'listener.max_connections': 0,
     'listener.max_connections_per_ip': 0,
     'listener.upload_rate': 0,

@@ -25,7 +25,8 @@ import asyncio
 import socket
 
 from mpproxy.config.schema import Keepalive, Listener
-from mpproxy.proxy import sni
+from mpproxy.proxy import acl, sni
+from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.upstream.pool import UpstreamPool
 
 
@@ -168,6 +169,12 @@ class Relay:
     def start(self, transport) -> None:
         svc = self.service
         svc.relays.add(self)
+        if svc.acl is not None and not svc.acl.permits(self.client_address()[0]):
+            svc.denied += 1
+            svc.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
+                             svc.listener.name, _fmt_addr(self.client_address()))
+            self.abort()
+            return
         if svc.sni is None:
             self._route(svc.pool)
             return
@@ -426,6 +433,9 @@ class TcpService:
         self.pool = pool
         self.log = log
         self.sni = sni_router             # with sni_routes: server name -> pool
+        self.acl = acl.for_listener(listener)
+        self.denied = 0
+        self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
         self.server = None
 

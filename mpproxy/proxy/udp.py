@@ -36,7 +36,7 @@ from collections import OrderedDict
 
 import _socket
 
-from mpproxy.proxy import handoff, pktinfo
+from mpproxy.proxy import acl, handoff, pktinfo
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.proxy.udp_session import Session, UdpStats
 
@@ -82,6 +82,7 @@ class UdpService:
         self._reading = False
         self._closed = False
         self._timer = None
+        self._acl = acl.for_listener(listener)  # None: no lists, nothing checked
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
         self._now = loop.time()                 # the clock of the last listener read or sweep
@@ -233,6 +234,11 @@ class UdpService:
                     cdata = None
                 sess = get(key)
                 if sess is None:
+                    if self._acl is not None and not self._acl.permits(addr[0]):
+                        self.stats.denied += 1
+                        self._rl.info('denied', 'udp %s: client %s denied by allow/deny',
+                                      self._name, addr)
+                        continue
                     sess = self._open(key, addr, cdata, now)
                     if sess is None:
                         dropped += 1

@@ -8,7 +8,7 @@ class UdpStats:
 
     __slots__ = ('datagrams_in', 'datagrams_out', 'sessions_created', 'sessions_expired',
                  'sessions_completed', 'sessions_failed', 'sessions_closed',
-                 'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted')
+                 'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted', 'denied')
 
     # datagrams_in       datagrams read from clients (including dropped ones)
     # datagrams_out      replies sent to clients
@@ -19,6 +19,7 @@ class UdpStats:
     # sessions_closed    ended by close()
     # sessions_handed_out  given to the next worker of this slot on reload
     # sessions_adopted   taken over from the previous worker of this slot
+    # denied             datagrams from clients that allow/deny refuse
     # sessions_active    open now (= created + adopted - the five above)
     # dropped            datagrams lost either way: table full, no server,
     #                    send errors to an upstream or to a client
