@@ -4,7 +4,6 @@ reaches the upstream its server name routes to, whole and unaltered."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 from conftest import TcpBackend, client_hello, free_port, wait_for

@@ -9,21 +9,26 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from conftest import TcpBackend, echo_handler, fd_count, free_port, rss_kib, wait_for
 
 
-def tcp_config(port: int, upstream: str, workers: int = 2, extra: str = '', host='127.0.0.1') -> str:
+def listener_config(protocol: str, port: int, upstream: str, workers: int = 2, extra: str = '',
+                    host='127.0.0.1') -> str:
+    """A config with one listener on host:port in front of one upstream server."""
     listen = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
     return f"""
         workers: {workers}
         listeners:
           - listen: "{listen}"
-            protocol: tcp
+            protocol: {protocol}
             upstream: ["{upstream}"]
 {extra}
     """
+
+
+def tcp_config(port: int, upstream: str, workers: int = 2, extra: str = '', host='127.0.0.1') -> str:
+    return listener_config('tcp', port, upstream, workers, extra, host)
 
 
 def connect(port: int, host='127.0.0.1', timeout: float = 5.0) -> socket.socket:

@@ -15,22 +15,14 @@ import time
 
 from conftest import TcpBackend, UdpEcho, echo_handler, free_port, wait_for
 from test_lifecycle import socket_inodes
-from test_tcp import echo_roundtrip
+from test_tcp import echo_roundtrip, listener_config
 
 RECV_TIMEOUT = 2.0
 
 
 def udp_config(port: int, upstream: str, workers: int = 2, extra: str = '',
                host: str = '127.0.0.1') -> str:
-    listen = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
-    return f"""
-        workers: {workers}
-        listeners:
-          - listen: "{listen}"
-            protocol: udp
-            upstream: ["{upstream}"]
-{extra}
-    """
+    return listener_config('udp', port, upstream, workers, extra, host)
 
 
 def client(family: int = socket.AF_INET, timeout: float = RECV_TIMEOUT) -> socket.socket:

@@ -8,6 +8,7 @@ import threading
 import time
 
 from conftest import UdpEcho, free_port, wait_for
+from test_udp import udp_config
 
 
 class Pinger:
@@ -54,15 +55,6 @@ class Pinger:
         self.sock.close()
 
 
-def udp_config(port: int, upstream: str, workers: int, extra: str = '') -> str:
-    return f"""
-        workers: {workers}
-        listeners:
-          - listen: "127.0.0.1:{port}"
-            protocol: udp
-            upstream: ["{upstream}"]
-{extra}
-    """
 
 
 def test_udp_sessions_survive_reload_with_same_upstream_source_port(proxies):

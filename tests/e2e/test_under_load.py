@@ -320,7 +320,7 @@ def test_hup_storm_bounds_generations_and_leaks_nothing(proxies, spawn):
             now = time.monotonic()
             for z in zombies(proxy.pid):
                 zombie_seen.setdefault(z, [now, now])[1] = now
-            time.sleep(0.02)
+            time.sleep(0.02)   # the sampling period of this watch
     # 1 active + `limit` draining + 1 starting generation at most, at every sample
     print(f'at most {most_workers} workers of {most_generations} generations at once')
     assert most_generations <= limit + 2, most_generations
@@ -380,7 +380,7 @@ def test_generation_superseded_while_starting_stops_serving(proxies, spawn):
         proxy.write_config(tcp_config(port, a, **settings))
         proxy.signal(signal.SIGHUP)
         wait_for(lambda: last_reload_active(proxy), 5, what='the last reload to be active')
-        time.sleep(0.2)
+        time.sleep(0.2)   # the storm's cadence: pairs of HUPs a little apart, not a wait
     last = wait_for(lambda: last_reload_active(proxy), 5, what='the last reload to be active')
     a_before, b_before = backends.accepted(a), backends.accepted(b)
     for i in range(200):
