@@ -1,7 +1,8 @@
 """The TCP relay: two protocols that know each other, one per side of a connection pair.
 
-A client connection is accepted by the worker's server on the shared listening
-socket; `ClientSide.connection_made` pauses its reading and starts connecting
+A client connection is accepted by the service's `Acceptor` (accept.py) on the
+shared listening socket, checked against allow/deny, and wrapped in a uvloop
+transport; `ClientSide.connection_made` pauses its reading and starts connecting
 to an upstream. Once connected, bytes flow by one routine, `Side.data_received`,
 whichever the direction: what one side reads is written to its peer's transport,
 and the peer's `pause_writing` (its write buffer over the high-water mark)
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 from mpproxy.config.schema import Keepalive, Listener
-from mpproxy.proxy import acl, sni
+from mpproxy.proxy import accept, acl, sni
+from mpproxy.proxy.accept import Acceptor
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.upstream.pool import UpstreamPool
 
@@ -143,14 +146,14 @@ class Relay:
 
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
-                 'connect_task', 'finishing', 'pool', 'peeking')
+                 'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline')
 
-    def __init__(self, service: 'TcpService'):
+    def __init__(self, service: 'TcpService', client_addr):
         self.service = service
         self.loop = service.loop
         self.client = ClientSide(self)
         self.upstream: UpstreamSide | None = None
-        self.client_addr = None
+        self.client_addr = client_addr              # (host, port, ...) as accept() gave it
         self.target = None                          # the server connected to
         self.candidates = None                      # iterator over the servers to try
         self.trying = None                          # the server being connected to
@@ -164,17 +167,12 @@ class Relay:
         self.finishing = False
         self.pool = service.pool
         self.peeking = service.sni is not None      # reading the ClientHello first
+        self.files_deadline = None                  # out of files: retry connecting until then
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
         svc = self.service
         svc.relays.add(self)
-        if svc.acl is not None and not svc.acl.permits(self.client_address()[0]):
-            svc.denied += 1
-            svc.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
-                             svc.listener.name, _fmt_addr(self.client_address()))
-            self.abort()
-            return
         if svc.sni is None:
             self._route(svc.pool)
             return
@@ -219,13 +217,11 @@ class Relay:
             self.close()
 
     def client_address(self):
-        """The client's (host, port), looked up once and only when something needs it."""
-        if self.client_addr is None and self.client.transport is not None:
-            self.client_addr = self.client.transport.get_extra_info('peername')
+        """The client's (host, port)."""
         return self.client_addr
 
     def _try_next(self) -> None:
-        """Connect to the next candidate server: one task, one timer, no wrapping coroutine."""
+        """Connect to the next candidate server, or close the client when none is left."""
         target = next(self.candidates, None)
         if target is None:
             self.service.log.error('no upstream could be connected for client %s, listener: %s; '
@@ -234,6 +230,11 @@ class Relay:
             self.close()
             return
         self.trying = target
+        self._connect()
+
+    def _connect(self) -> None:
+        """One connect to `self.trying`: one task and one timer, no wrapping coroutine."""
+        target = self.trying
         side = UpstreamSide(self, target)
         loop = self.loop
         task = self.connect_task = loop.create_task(
@@ -250,18 +251,38 @@ class Relay:
             if self.target is None:               # never opened: the try is over
                 self.pool.release(self.trying)
             return
-        if not task.cancelled() and task.exception() is None:
+        exc = None if task.cancelled() else task.exception()
+        if not task.cancelled() and exc is None:
             return                # `UpstreamSide.connection_made` opened the relay
-        self.pool.release(self.trying)
-        self.pool.failed(self.trying)
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
-        reason = 'timed out' if task.cancelled() else _oserror_text(task.exception())
+        if isinstance(exc, OSError) and exc.errno in accept.EXHAUSTED and self._wait_for_files(exc):
+            return                # not the server's fault: the same server, once a file is free
+        self.pool.release(self.trying)
+        self.pool.failed(self.trying)
+        reason = 'timed out' if task.cancelled() else _oserror_text(exc)
         self.service.log.warning('connect() to %s failed (%s) while connecting to upstream, '
                                  'client: %s, listener: %s', self.trying.label, reason,
                                  _fmt_addr(self.client_address()), self.service.listener.name)
         self._try_next()
+
+    def _wait_for_files(self, exc: OSError) -> bool:
+        """Out of files for the upstream socket: stop accepting and retry this server soon,
+        for at most connect_timeout; False when that time is up."""
+        now = self.loop.time()
+        if self.files_deadline is None:
+            self.files_deadline = now + self.service.listener.connect_timeout
+        elif now >= self.files_deadline:
+            return False
+        self.service.acceptor.out_of_files('socket() for an upstream connection', exc)
+        self.timer = self.loop.call_later(accept.PAUSE_MIN, self._retry_connect)
+        return True
+
+    def _retry_connect(self) -> None:
+        self.timer = None
+        if not self.closing:
+            self._connect()
 
     # -- OPEN ---------------------------------------------------------------------------
     def _opened(self, upstream: UpstreamSide) -> None:
@@ -413,7 +434,7 @@ class Relay:
                 return
         if self.client.relay is None:
             return                                       # forgotten already
-        self.service.relays.discard(self)
+        self.service.forget(self)
         if self.target is not None:
             self.pool.release(self.target)
         self.client.peer = self.client.relay = None     # break the cycles: freed by refcount,
@@ -437,17 +458,36 @@ class TcpService:
         self.denied = 0
         self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
-        self.server = None
+        self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name)
 
     async def start(self) -> None:
-        self.server = await self.loop.create_server(
-            lambda: Relay(self).client, sock=self.sock, backlog=self.listener.backlog)
+        await _open_emfile_reserve(self.loop)
+        self.acceptor.start()
+
+    def _accepted(self, fd: int, address) -> None:
+        """A new client (an accepted fd): check it, then wrap it in a transport."""
+        if self.acl is not None and not self.acl.permits(address[0]):
+            self.denied += 1
+            self.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
+                              self.listener.name, _fmt_addr(address))
+            _reset(socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd))
+            return
+        sock = socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
+        relay = Relay(self, address)
+        try:
+            _drive(self.loop.connect_accepted_socket(lambda: relay.client, sock))
+        except OSError as exc:
+            sock.close()
+            self.ratelog.error(('wrap', exc.errno), 'tcp %s: cannot take client %s: %s',
+                               self.listener.name, _fmt_addr(address), exc.strerror or exc)
+
+    def forget(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        self.acceptor.freed()
 
     def drain(self) -> None:
-        """Stop accepting; relays already open go on."""
-        if self.server is not None:
-            self.server.close()   # closes this worker's copy of the listening fd only
-            self.server = None
+        """Stop accepting; relays already open go on. The listening fd stays open."""
+        self.acceptor.stop()
 
     def busy(self) -> bool:
         return bool(self.relays)
@@ -460,6 +500,57 @@ class TcpService:
                 relay.finish()
             else:
                 relay.abort()
+
+
+def _drive(coro) -> None:
+    """Run `loop.connect_accepted_socket(...)` without a Task.
+
+    The coroutine does its work synchronously up to one `await` of a future that
+    the transport completes when it calls `connection_made`; resume it then.
+    (A coroutine dropped mid-await would be closed by the GC, and closing it
+    closes the transport, so it must be run to its end.)
+    """
+    try:
+        waiter = coro.send(None)
+    except StopIteration:
+        return
+    waiter.add_done_callback(lambda _: _finish(coro))
+
+
+def _finish(coro) -> None:
+    try:
+        coro.send(None)
+    except StopIteration:
+        pass
+    except Exception:     # noqa: BLE001 - the protocol already saw connection_lost
+        pass
+
+
+async def _open_emfile_reserve(loop) -> None:
+    """Make libuv open its one-time reserve fd now rather than with the first client.
+
+    libuv opens /dev/null once per loop, with the loop's first stream handle (a
+    reserve it frees on EMFILE). A worker that opens it at boot has a flat fd
+    count from its first connection on, so a leak shows as a leak.
+    """
+    a, b = socket.socketpair()
+    try:
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        transport.abort()
+    finally:
+        b.close()
+
+
+_LINGER_RESET = struct.pack('ii', 1, 0)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): a refused client holds no state here or in TIME_WAIT."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _set_keepalive(transport, ka: Keepalive) -> None:

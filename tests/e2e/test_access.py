@@ -22,8 +22,8 @@ def tcp_from(source: str, port: int) -> bytes:
     with socket.socket() as s:
         s.settimeout(3)
         s.bind((source, 0))
-        s.connect(('127.0.0.1', port))
-        try:                                           # a denied client may be reset at once
+        try:                                           # a denied client may be reset at once,
+            s.connect(('127.0.0.1', port))             # even before connect() returns
             s.sendall(b'hello')
             s.shutdown(socket.SHUT_WR)
             return s.recv(100)

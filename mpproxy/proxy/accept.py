@@ -1,0 +1,132 @@
+"""Accepting TCP connections on a shared listening socket, without libuv's server.
+
+uvloop's `create_server` hands accepting to libuv, which on EMFILE closes a
+reserve descriptor, accepts every pending connection and closes it at once:
+clients queued in the backlog are reset instead of waiting for a free file.
+An `Acceptor` reads the listening socket itself (`loop.add_reader`) and hands
+each accepted descriptor to its owner, who wraps it in a uvloop transport::
+
+    READING --EMFILE/ENFILE/ENOBUFS/ENOMEM--> PAUSED --back-off or a freed fd--> READING
+       |                                        |
+       +--------------- hold() / stop() --------+--> HELD / STOPPED
+
+While PAUSED or HELD the connections wait in the kernel's backlog, as with
+HAProxy when it reaches its file limit or `maxconn`. The pause doubles from
+PAUSE_MIN to PAUSE_MAX while accepting keeps failing, and `freed()` (a
+connection of this worker closed) resumes at once. Out-of-files lines go
+through the owner's `RateLimitedLog`, one a second.
+
+Each readable event accepts at most BATCH connections (nginx's `multi_accept
+off`): the listening socket is shared, every worker polls it, and a worker
+that took every pending connection at once would leave its siblings idle. A
+client gone before accept() returned (ECONNABORTED, EPROTO, EPERM from a
+firewall) costs nothing but the call.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+BATCH = 1
+PAUSE_MIN = 0.05          # seconds
+PAUSE_MAX = 1.0
+
+# accept() failures that mean "this process or host is out of something": retrying at once
+# would spin on a readable socket.
+EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_AGAIN = (BlockingIOError, InterruptedError)
+
+
+class Acceptor:
+    """Accepts on `sock` and calls `handle(fd, address)` for each connection."""
+
+    __slots__ = ('loop', 'sock', 'fd', 'handle', 'ratelog', 'name', 'reading', 'paused',
+                 'held', 'stopped', 'pause', 'timer', 'exhausted')
+
+    def __init__(self, loop, sock: socket.socket, handle, ratelog, name: str):
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.handle = handle
+        self.ratelog = ratelog
+        self.name = name
+        self.reading = False
+        self.paused = False       # out of files: waiting for the back-off or a freed fd
+        self.held = False         # the owner asked (max_connections reached)
+        self.stopped = False
+        self.pause = PAUSE_MIN
+        self.timer = None
+        self.exhausted = 0        # accept() failures for lack of files or memory
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self._update()
+
+    def stop(self) -> None:
+        """For good (drain): stop reading; the socket itself is the owner's."""
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._update()
+
+    def hold(self, on: bool) -> None:
+        """Stop (True) or go on (False) accepting at the owner's request."""
+        if self.held != on:
+            self.held = on
+            self._update()
+
+    def freed(self) -> None:
+        """A connection closed: a file is free, so a pause for EMFILE can end now."""
+        if self.paused:
+            self._resume()
+
+    # -- internals ------------------------------------------------------------------------
+    def _update(self) -> None:
+        want = not (self.stopped or self.paused or self.held)
+        if want and not self.reading:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self.reading = True
+        elif not want and self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _on_readable(self) -> None:
+        accept = self.sock._accept            # (fd, address): no socket object per connection
+        handle = self.handle
+        for _ in range(BATCH):
+            try:
+                fd, address = accept()
+            except _AGAIN:
+                break
+            except OSError as exc:
+                if exc.errno in EXHAUSTED:
+                    self.out_of_files('accept()', exc)
+                    return
+                continue          # the client went away before accept() (ECONNABORTED, ...)
+            handle(fd, address)
+            if not self.reading:  # the handler held or stopped us
+                return
+        self.pause = PAUSE_MIN
+
+    def out_of_files(self, what: str, exc: OSError) -> None:
+        """`what` failed for lack of files or memory: pause accepting (and log, rate-limited)."""
+        self.exhausted += 1
+        self.ratelog.error(('exhausted', what, exc.errno),
+                           'tcp %s: %s failed: %s; not accepting for %gs '
+                           '(new connections wait in the backlog)',
+                           self.name, what, exc.strerror, self.pause)
+        if self.paused or self.stopped:
+            return
+        self.paused = True
+        self._update()
+        self.timer = self.loop.call_later(self.pause, self._resume)
+        self.pause = min(self.pause * 2, PAUSE_MAX)
+
+    def _resume(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.paused = False
+        self._update()
