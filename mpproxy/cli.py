@@ -51,6 +51,9 @@ def main(argv=None) -> int:
             for problem in problems:
                 print(f'{config.path}: {problem}', file=sys.stderr)
             return EXIT_FAILURE
+        from mpproxy.config.limits import startup_warnings
+        for warning in startup_warnings(config):   # worth knowing, not wrong: still exit 0
+            print(f'mpproxy: warning: {warning}', file=sys.stderr)
         if args.dump:
             sys.stdout.write(dump(config))
         print('configuration ok', file=sys.stderr if args.dump else sys.stdout)

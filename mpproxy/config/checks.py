@@ -12,6 +12,7 @@ import os
 from functools import partial
 from typing import TYPE_CHECKING
 
+from mpproxy.config import accounts
 from mpproxy.config.schema import (AccessLog, Admin, Config, HealthCheck, Keepalive, Listener,
                                    ProxyProtocol, Server, UdpOptions, Upstream)
 from mpproxy.config.values import describe, format_duration, parse_address, parse_duration
@@ -85,6 +86,13 @@ def text(value) -> str:
     return value
 
 
+def account(value) -> str:
+    """A user or group: a name, or a numeric id (kept as text)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(integer(0, accounts.MAX_ID)(value))
+    return text(value).strip()
+
+
 def cidr(value) -> str:
     try:
         return str(ipaddress.ip_network(text(value).strip(), strict=False))
@@ -123,12 +131,13 @@ def build(walker: Walker, root) -> Config:
     top = walker.section(root, 1, '', '', TOP_KEYS)
     declared = _upstreams(top)
     listeners, inline = _listeners(top, declared)
+    user, group = _accounts(top)
     return Config(
         path=walker.file,
         workers=top.get('workers', workers, os.cpu_count() or 1),
         pid_file=top.get('pid_file', optional(text)),
-        user=top.get('user', optional(text)),
-        group=top.get('group', optional(text)),
+        user=user,
+        group=group,
         worker_rlimit_nofile=top.get('worker_rlimit_nofile', optional(integer(1, 2**30))),
         shutdown_timeout=top.get('shutdown_timeout', NON_NEGATIVE, 30.0),
         max_draining_generations=top.get('max_draining_generations', integer(1, 1000), 4),
@@ -141,6 +150,26 @@ def build(walker: Walker, root) -> Config:
         watch_config=top.get('watch_config', boolean, False),
         upstreams={name: up for name, up in declared.items() if up} | inline,
         listeners=listeners)
+
+
+def _accounts(top: Section) -> tuple[str | None, str | None]:
+    """`user` and `group`, checked to exist here; the switch itself happens in the workers."""
+    user = top.get('user', optional(account))
+    group = top.get('group', optional(account))
+    if user is None:
+        if group is not None and top.value('user') is None:
+            top.report('group', 'needs user (the workers switch user and group together)')
+        return user, group
+    try:
+        accounts.find_user(user)
+    except ValueError as exc:
+        top.report('user', str(exc))
+        return user, group
+    try:
+        accounts.resolve(user, group)
+    except ValueError as exc:
+        top.report('group' if group is not None else 'user', str(exc))
+    return user, group
 
 
 def _optional_section(parent: Section, key: str, keys, build_section):

@@ -17,7 +17,8 @@ import time
 
 import setproctitle
 
-from mpproxy.config import ConfigError, load
+from mpproxy.config import ConfigError, accounts, limits, load
+from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config
 from mpproxy.errors import EXIT_FAILURE, EXIT_WORKER_BOOT, MpproxyError, StartupError
 from mpproxy.master import daemon, upgrade
@@ -60,6 +61,7 @@ class Arbiter:
     def start(self) -> None:
         """Bind, lock, fork: raises StartupError before any worker exists."""
         setproctitle.setproctitle(f'mpproxy: master -c {self.config_arg}')
+        credentials = _credentials(self.config)
         if self.config.pid_file:
             self.pidfile = PidFile(self.config.pid_file)
             self.pidfile.acquire()
@@ -76,8 +78,9 @@ class Arbiter:
             self.sockets.release([bound])   # inherited sockets this config does not listen on
             log.log(logmod.NOTICE, 'binary upgrade: listening sockets inherited from pid %d',
                     os.getppid())
+        _log_warnings(self.config)
         self._install_signals()
-        self._new_generation(self.config, bound)
+        self._new_generation(self.config, bound, credentials)
         self.manage_workers()
 
     def _install_signals(self) -> None:
@@ -169,6 +172,9 @@ class Arbiter:
     def handle_usr1(self) -> None:
         log.log(logmod.NOTICE, 'reopening log files')
         logmod.reopen()
+        active = next((g for g in self.generations if g.state == ACTIVE), None)
+        if active is not None and active.credentials is not None:
+            logmod.chown(active.credentials.uid)      # nginx's way: so its workers can reopen it
         for generation in self.generations:
             generation.signal_all(signal.SIGUSR1)
 
@@ -197,6 +203,7 @@ class Arbiter:
         try:
             config = load(self.config.path)
             self._check_reloadable(config)
+            credentials = _credentials(config)
             bound = self.sockets.acquire(config)
         except ConfigError as exc:
             log.error('reload failed, keeping the running configuration: %s',
@@ -218,14 +225,16 @@ class Arbiter:
                 log.error('cannot open error log %s: %s; keeping the old one',
                           config.error_log, exc.strerror)
         self.config = config
-        self._new_generation(config, bound)
+        _log_warnings(config)
+        self._new_generation(config, bound, credentials)
 
     def _check_reloadable(self, config: Config) -> None:
         if config.pid_file != self.config.pid_file:
             raise StartupError('pid_file cannot change on reload; restart to change it')
 
-    def _new_generation(self, config: Config, bound) -> Generation:
-        generation = Generation(self.next_generation, config, bound)
+    def _new_generation(self, config: Config, bound,
+                        credentials: Credentials | None) -> Generation:
+        generation = Generation(self.next_generation, config, bound, credentials)
         self.next_generation += 1
         self.generations.append(generation)
         return generation
@@ -421,6 +430,23 @@ class Arbiter:
         if self.pidfile:
             self.pidfile.release()
         log.log(logmod.NOTICE, 'mpproxy exited')
+
+
+def _credentials(config: Config) -> Credentials | None:
+    """Whom the workers of `config` switch to: None unless `user` is set and the master is
+    root (else `user` is ignored, with the warning of `_log_warnings`)."""
+    if config.user is None or os.geteuid() != 0:
+        return None
+    try:
+        return accounts.resolve(config.user, config.group)
+    except ValueError as exc:          # the loader checked; the account went away since
+        raise StartupError(f'user {config.user}: {exc}') from None
+
+
+def _log_warnings(config: Config) -> None:
+    """The warnings `mpproxy -t` prints for `config`, logged when the master applies it."""
+    for line in limits.startup_warnings(config):
+        log.warning('%s', line)
 
 
 def _fmt(seconds: float) -> str:

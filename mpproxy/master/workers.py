@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 
+from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config
 from mpproxy.master.sockets import Bound
 from mpproxy.observe import log as logmod
@@ -58,13 +59,15 @@ class WorkerHandle:
 
 
 class Generation:
-    __slots__ = ('number', 'config', 'bound', 'state', 'workers', 'deadline', 'loaded_at',
-                 'health')
+    __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
+                 'loaded_at', 'health')
 
-    def __init__(self, number: int, config: Config, bound: Bound):
+    def __init__(self, number: int, config: Config, bound: Bound,
+                 credentials: Credentials | None = None):
         self.number = number
         self.config = config
         self.bound = bound
+        self.credentials = credentials                 # the user its workers switch to
         self.state = STARTING
         self.workers: dict[int, WorkerHandle] = {}     # slot -> live worker
         self.deadline: float | None = None             # DRAINING: when to TERM what is left
@@ -93,7 +96,7 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     spec = process.WorkerSpec(
         slot=slot, generation=generation.number, config=generation.config,
         master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
-        handoff=successor, health=generation.health)
+        handoff=successor, health=generation.health, credentials=generation.credentials)
     for handler in log.handlers:
         handler.flush()
     # The child keeps these blocked until its loop handles them, so a QUIT or TERM sent

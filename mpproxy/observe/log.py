@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 NOTICE = 25
@@ -71,6 +72,17 @@ def reopen() -> None:
         setup(_target, _level_name())
     except OSError as exc:
         log.error('cannot reopen error log %s: %s', _target, exc.strerror)
+
+
+def chown(uid: int) -> None:
+    """Give the log file to `uid` (the workers' user) so that they can reopen it, as nginx
+    does on USR1; the file's group and mode are left alone."""
+    if _target == 'stderr':
+        return
+    try:
+        os.chown(_target, uid, -1)
+    except OSError as exc:
+        log.error('cannot give error log %s to uid %d: %s', _target, uid, exc.strerror)
 
 
 def _level_name() -> str:

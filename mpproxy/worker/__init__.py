@@ -1,6 +1,7 @@
 """One worker process: everything that happens in a child after the master forks it.
 
 Owns: resetting what the fork inherited (signals, wake-up fd, foreign fds), the
-worker's own uvloop loop, its services (one per listener), the heartbeat, drain
-and exit. May import: config, proxy, upstream, observe, errors; never master/.
+open-files limit and the switch to `user` (`privileges.py`), the worker's own
+uvloop loop, its services (one per listener), the heartbeat, drain and exit.
+May import: config, proxy, upstream, observe, errors; never master/.
 """

@@ -6,6 +6,10 @@ A worker's states::
        |                                       |                                              ^
        +-- boot error: exit 3 ------------------+-- TERM / INT / master gone ------------------+
 
+BOOTING is, in order: reset what the fork inherited, set the open-files limit
+and switch to `user` (both still as root; a failed switch is a boot error),
+arm the parent-death signal, then make the loop and start the services.
+
 The master learns that the worker is ready from one byte `r` on the control
 socket, and that its loop still turns from a `h` byte sent once a second by a
 timer inside that loop (so a stuck loop stops the heartbeat). EOF on the
@@ -19,7 +23,6 @@ import ctypes
 import gc
 import mmap
 import os
-import resource
 import signal
 import socket
 from dataclasses import dataclass
@@ -27,8 +30,9 @@ from dataclasses import dataclass
 import setproctitle
 import uvloop
 
+from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config, Listener
-from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT
+from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, WorkerBootError
 from mpproxy.observe import log as logmod
 from mpproxy.proxy import handoff
 from mpproxy.proxy.sni import SniRouter
@@ -37,6 +41,7 @@ from mpproxy.proxy.udp import UdpService
 from mpproxy.upstream import discovery
 from mpproxy.upstream import health
 from mpproxy.upstream.pool import UpstreamPool
+from mpproxy.worker import privileges
 
 log = logmod.log
 
@@ -59,6 +64,7 @@ class WorkerSpec:
     sockets: tuple[tuple[Listener, socket.socket], ...]   # this slot's listening sockets
     handoff: socket.socket | None = None                  # UDP sessions arrive here on reload
     health: mmap.mmap | None = None                       # active health state, shared
+    credentials: Credentials | None = None                # switch to this user before serving
 
 
 def run(spec: WorkerSpec) -> None:
@@ -100,7 +106,12 @@ class Worker:
         self._reset_inherited()
         setproctitle.setproctitle(f'mpproxy: worker {spec.slot} (generation {spec.generation})')
         logmod.set_role(f'w{spec.slot}')
-        self._set_limits()
+        try:
+            self._drop_privileges()
+        except WorkerBootError as exc:
+            log.error('worker %d could not start: %s', spec.slot, exc)
+            return EXIT_WORKER_BOOT
+        self._watch_master()
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(_log_loop_exception)
@@ -135,13 +146,6 @@ class Worker:
             signal.signal(sig, signal.SIG_DFL)
         for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != self.spec.master_pid:
-            os._exit(EXIT_OK)     # the master died before we got here
         keep = {0, 1, 2, self.spec.control.fileno()}
         if self.spec.handoff is not None:
             keep.add(self.spec.handoff.fileno())
@@ -161,16 +165,23 @@ class Worker:
                 except OSError:
                     pass          # the fd of the listdir itself, already gone
 
-    def _set_limits(self) -> None:
-        want = self.config.worker_rlimit_nofile
-        if want is None:
-            return
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    def _drop_privileges(self) -> None:
+        """While still root: raise the open-files limit, then become the configured user."""
+        warning = privileges.set_nofile(self.config.worker_rlimit_nofile)
+        if warning and self.spec.slot == 0:       # the same for every worker: say it once
+            log.warning('%s', warning)
+        if self.spec.credentials is not None:
+            privileges.switch_user(self.spec.credentials)
+
+    def _watch_master(self) -> None:
+        """Get SIGTERM when the master dies. Armed after the user switch, which clears it."""
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.warning('cannot set worker_rlimit_nofile to %d: %s', want, exc)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != self.spec.master_pid:
+            os._exit(EXIT_OK)     # the master died before we got here
 
     def _pool(self, name: str) -> UpstreamPool:
         pool = self.pools.get(name)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import pwd
 import textwrap
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpproxy.config import ConfigError, dump, load
+from mpproxy.config import ConfigError, accounts, dump, load
 from mpproxy.config.checks import LISTENER_KEYS, SERVER_KEYS, TOP_KEYS, UPSTREAM_KEYS
 from mpproxy.config.schema import Address, Keepalive, Server
 from mpproxy.config.values import format_duration, parse_address, parse_duration
@@ -194,6 +195,32 @@ def test_not_supported_keys_at_their_default_load(tmp_path):
     assert config.upstreams['web'].servers[0].fail_timeout == 10.0
 
 
+def test_user_and_group_by_name_or_id(tmp_path):
+    config = load_text(tmp_path, 'user: nobody\n' + MINIMAL)
+    assert (config.user, config.group) == ('nobody', None)
+    config = load_text(tmp_path, 'user: 65534\ngroup: 4000000\n' + MINIMAL)
+    assert (config.user, config.group) == ('65534', '4000000')     # ids need no entry
+
+
+def test_accounts_resolve_ids_and_groups():
+    nobody = pwd.getpwnam('nobody')
+    creds = accounts.resolve('nobody', None)
+    assert (creds.uid, creds.gid) == (nobody.pw_uid, nobody.pw_gid)     # the primary group
+    assert creds.groups[0] == nobody.pw_gid
+    assert set(creds.groups) == set(os.getgrouplist('nobody', nobody.pw_gid))
+    assert accounts.resolve(str(nobody.pw_uid), None) == dataclasses.replace(
+        creds, user=str(nobody.pw_uid))
+    creds = accounts.resolve('nobody', '4000000')
+    assert (creds.gid, creds.groups[0]) == (4000000, 4000000)
+    assert accounts.resolve('4000000', '4000001') == accounts.Credentials(
+        '4000000', 4000000, 4000001, (4000001,))
+    for bad in ('no-such-user-mpproxy', 'a\x00b', '99999999999', '１２'):
+        with pytest.raises(ValueError, match='no such user'):
+            accounts.resolve(bad, None)
+    with pytest.raises(ValueError, match='no such group'):
+        accounts.resolve('nobody', 'no-such-group-mpproxy')
+
+
 def test_yaml_anchors_and_merge_keys(tmp_path):
     config = load_text(tmp_path, """\
         upstreams:
@@ -252,6 +279,18 @@ BROKEN = {
                          '1: resolver[0]: must be an IP address and port, like 1.1.1.1:53'),
     'resolve zero': (MINIMAL.replace('    servers:', '    resolve: 0s\n    servers:'),
                      '3: upstreams.web.resolve: must be greater than 0'),
+    'unknown user': ('user: no-such-user-mpproxy\n' + MINIMAL,
+                     "1: user: no such user 'no-such-user-mpproxy'"),
+    'unknown group': ('user: nobody\ngroup: no-such-group-mpproxy\n' + MINIMAL,
+                      "2: group: no such group 'no-such-group-mpproxy'"),
+    'group without user': ('group: "0"\n' + MINIMAL,
+                           '1: group: needs user (the workers switch user and group together)'),
+    'uid without an entry or group': ('user: 4000000\n' + MINIMAL,
+                                      '1: user: uid 4000000 has no passwd entry, so no primary '
+                                      'group: set group too'),
+    'negative uid': ('user: -1\n' + MINIMAL, '1: user: must be an integer >= 0'),
+    'user as a list': ('user: [nobody]\n' + MINIMAL,
+                       '1: user: must be a non-empty string, got a list'),
     'not supported listener key': (
         MINIMAL + '    upload_rate: 1000\n',
         '7: listeners[0].upload_rate: not supported yet (only the default, 0, is accepted)'),
@@ -361,6 +400,8 @@ ROUND_TRIP = [
     """\
     workers: auto
     pid_file: /run/mpproxy.pid
+    user: nobody
+    group: 65534
     worker_rlimit_nofile: 65536
     shutdown_timeout: 0
     max_draining_generations: 2
