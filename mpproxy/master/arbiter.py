@@ -26,6 +26,7 @@ from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
                                     close_handoff, drain_with_handoff, spawn)
 from mpproxy.observe import log as logmod
+from mpproxy.proxy import limits
 
 log = logmod.log
 
@@ -55,11 +56,13 @@ class Arbiter:
         self.exit_code = 0
         self.started = False                        # the first generation became active
         self.upgrade_pid: int | None = None         # the new master started by USR2
+        self.limits: limits.LimitTable | None = None  # connection counts shared by all workers
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
         """Bind, lock, fork: raises StartupError before any worker exists."""
         setproctitle.setproctitle(f'mpproxy: master -c {self.config_arg}')
+        limit_index = self._limit_index(self.config)
         if self.config.pid_file:
             self.pidfile = PidFile(self.config.pid_file)
             self.pidfile.acquire()
@@ -77,7 +80,7 @@ class Arbiter:
             log.log(logmod.NOTICE, 'binary upgrade: listening sockets inherited from pid %d',
                     os.getppid())
         self._install_signals()
-        self._new_generation(self.config, bound)
+        self._new_generation(self.config, bound, limit_index)
         self.manage_workers()
 
     def _install_signals(self) -> None:
@@ -197,6 +200,7 @@ class Arbiter:
         try:
             config = load(self.config.path)
             self._check_reloadable(config)
+            limit_index = self._limit_index(config)
             bound = self.sockets.acquire(config)
         except ConfigError as exc:
             log.error('reload failed, keeping the running configuration: %s',
@@ -218,14 +222,26 @@ class Arbiter:
                 log.error('cannot open error log %s: %s; keeping the old one',
                           config.error_log, exc.strerror)
         self.config = config
-        self._new_generation(config, bound)
+        self._new_generation(config, bound, limit_index)
 
     def _check_reloadable(self, config: Config) -> None:
         if config.pid_file != self.config.pid_file:
             raise StartupError('pid_file cannot change on reload; restart to change it')
 
-    def _new_generation(self, config: Config, bound) -> Generation:
-        generation = Generation(self.next_generation, config, bound)
+    def _limit_index(self, config: Config) -> dict:
+        """Limit indices for `config`'s limited listeners; the shared table is made the first
+        time a config has a limit and lives as long as the master (StartupError if full)."""
+        if self.limits is None:
+            if not limits.wanted(config):
+                return {}
+            self.limits = limits.LimitTable.allocate(limits.slots_for(config))
+        try:
+            return self.limits.assign(config, [g.config for g in self.generations])
+        except limits.LimitsFull as exc:
+            raise StartupError(str(exc)) from None
+
+    def _new_generation(self, config: Config, bound, limit_index: dict) -> Generation:
+        generation = Generation(self.next_generation, config, bound, self.limits, limit_index)
         self.next_generation += 1
         self.generations.append(generation)
         return generation
@@ -298,6 +314,8 @@ class Arbiter:
 
     def _forget(self, worker: WorkerHandle) -> None:
         close_handoff(worker)
+        if worker.limit_slot is not None:     # it has exited: zero what it counted
+            self.limits.free_slot(worker.limit_slot)
         try:
             self.selector.unregister(worker.control)
         except (KeyError, ValueError):

@@ -6,13 +6,18 @@ real child processes writing the same shared block at the same time.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import ROOT, free_port
 from mpproxy.config.schema import Address, Config, Listener, UdpOptions
 from mpproxy.proxy import limits
 from mpproxy.proxy.limits import LimitsFull, LimitTable, ip_key
@@ -429,3 +434,95 @@ def test_table_costs_memory_only_where_written_and_freeing_gives_it_back():
     assert _shmem_kib() - before >= table.step * 4 // 1024 - 8
     table.free_slot(slot)
     assert _shmem_kib() - before < 64
+
+
+# -- the master's wiring ----------------------------------------------------------------------
+ARBITER_SCRIPT = textwrap.dedent('''
+    import json, os, signal, sys, time
+    from mpproxy.config import loader
+    for key in ('listener.max_connections', 'listener.max_connections_per_ip'):
+        loader.NOT_SUPPORTED_YET.pop(key)          # the data path is not wired yet
+    from mpproxy.config import load
+    from mpproxy.master.arbiter import Arbiter
+    from mpproxy.observe import log as logmod
+
+    path, port, port2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    def write(listeners):
+        with open(path, 'w') as f:
+            f.write('workers: 2\\nshutdown_timeout: 1s\\nlisteners:\\n' + listeners)
+    def tcp(p, extra=''):
+        return f'  - {{listen: 127.0.0.1:{p}, upstream: [127.0.0.1:9], {extra}}}\\n'
+
+    def turn(arb, until, what):
+        deadline = time.monotonic() + 10
+        while not until():
+            if time.monotonic() > deadline:
+                raise SystemExit(f'timed out waiting for {what}')
+            for key, _ in arb.selector.select(0.05):
+                key.data()
+            while arb.signals:
+                getattr(arb, 'handle_' + signal.Signals(arb.signals.pop(0)).name[3:].lower())()
+            arb.reap()
+            arb.manage_workers()
+
+    def slots(arb):
+        return sorted((w.limit_slot for g in arb.generations for w in g.workers.values()),
+                      key=lambda s: -1 if s is None else s)
+
+    out = {}
+    logmod.setup('stderr', 'warn')
+    write(tcp(port, 'max_connections: 10'))
+    arb = Arbiter(load(path), path)
+    arb.start()
+    try:
+        gen = arb.generations[0]
+        turn(arb, lambda: gen.state == 'active', 'generation 1')
+        out['index1'] = list(gen.limit_index.values())
+        out['slots1'] = slots(arb)
+        victim = gen.workers[1]
+        arb.limits.area(victim.limit_slot).gate(0, 0, 0).add(b'\\x01\\x02\\x03\\x04')
+        out['counted'] = arb.limits.total(0)
+        os.kill(victim.pid, signal.SIGKILL)
+        turn(arb, lambda: 1 in gen.workers and gen.workers[1] is not victim, 'a respawn')
+        out['after_kill'] = arb.limits.total(0)
+        out['slots_respawned'] = slots(arb)
+        write(tcp(port, 'max_connections: 20') + tcp(port2, 'max_connections_per_ip: 1'))
+        arb.reload()
+        gen2 = arb.generations[-1]
+        turn(arb, lambda: gen2.state == 'active', 'generation 2')
+        out['index2'] = sorted(gen2.limit_index.values())
+        out['slots_both'] = slots(arb)
+        turn(arb, lambda: len(arb.generations) == 1, 'generation 1 to finish')
+        out['slots2'] = slots(arb)
+        write(tcp(port))                        # no limits: no slots taken
+        arb.reload()
+        gen3 = arb.generations[-1]
+        turn(arb, lambda: gen3.state == 'active' and len(arb.generations) == 1, 'generation 3')
+        out['slots3'] = slots(arb)
+        out['free'] = sorted(arb.limits._free_slots)[:4]
+    finally:
+        arb.handle_term()
+        turn(arb, lambda: not arb._live_workers(), 'the workers to stop')
+        arb._shutdown()
+    print(json.dumps(out))
+''')
+
+
+def test_master_hands_out_and_frees_limit_slots(tmp_path):
+    port, port2 = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, '-c', ARBITER_SCRIPT, str(tmp_path / 'm.yaml'),
+                           str(port), str(port2)], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out['index1'] == [0]
+    assert out['slots1'] == [0, 1]
+    assert out['counted'] == 1
+    assert out['after_kill'] == 0              # the killed worker's count was zeroed at reap
+    assert out['slots_respawned'] == [0, 1]    # its slot went to the new worker of slot 1
+    assert out['index2'] == [0, 1]             # the kept key keeps index 0
+    assert out['slots_both'] == [0, 1, 2, 3]
+    assert out['slots2'] == [2, 3]
+    assert out['slots3'] == [None, None]
+    assert out['free'] == [0, 1, 2, 3]
