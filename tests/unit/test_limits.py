@@ -441,7 +441,7 @@ ARBITER_SCRIPT = textwrap.dedent('''
     import json, os, signal, sys, time
     from mpproxy.config import loader
     for key in ('listener.max_connections', 'listener.max_connections_per_ip'):
-        loader.NOT_SUPPORTED_YET.pop(key)          # the data path is not wired yet
+        loader.NOT_SUPPORTED_YET.pop(key, None)    # until the data path uses them
     from mpproxy.config import load
     from mpproxy.master.arbiter import Arbiter
     from mpproxy.observe import log as logmod
