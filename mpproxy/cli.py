@@ -51,7 +51,7 @@ def main(argv=None) -> int:
             for problem in problems:
                 print(f'{config.path}: {problem}', file=sys.stderr)
             return EXIT_FAILURE
-        from mpproxy.config.limits import startup_warnings
+        from mpproxy.config.nofile import startup_warnings
         for warning in startup_warnings(config):   # worth knowing, not wrong: still exit 0
             print(f'mpproxy: warning: {warning}', file=sys.stderr)
         if args.dump:

@@ -17,7 +17,7 @@ import time
 
 import setproctitle
 
-from mpproxy.config import ConfigError, accounts, limits, load
+from mpproxy.config import ConfigError, accounts, load, nofile
 from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config
 from mpproxy.errors import EXIT_FAILURE, EXIT_WORKER_BOOT, MpproxyError, StartupError
@@ -27,6 +27,7 @@ from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
                                     close_handoff, drain_with_handoff, spawn)
 from mpproxy.observe import log as logmod
+from mpproxy.proxy import limits
 
 log = logmod.log
 
@@ -56,12 +57,14 @@ class Arbiter:
         self.exit_code = 0
         self.started = False                        # the first generation became active
         self.upgrade_pid: int | None = None         # the new master started by USR2
+        self.limits: limits.LimitTable | None = None  # connection counts shared by all workers
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
         """Bind, lock, fork: raises StartupError before any worker exists."""
         setproctitle.setproctitle(f'mpproxy: master -c {self.config_arg}')
         credentials = _credentials(self.config)
+        limit_index = self._limit_index(self.config)
         if self.config.pid_file:
             self.pidfile = PidFile(self.config.pid_file)
             self.pidfile.acquire()
@@ -80,7 +83,7 @@ class Arbiter:
                     os.getppid())
         _log_warnings(self.config)
         self._install_signals()
-        self._new_generation(self.config, bound, credentials)
+        self._new_generation(self.config, bound, credentials, limit_index)
         self.manage_workers()
 
     def _install_signals(self) -> None:
@@ -204,6 +207,7 @@ class Arbiter:
             config = load(self.config.path)
             self._check_reloadable(config)
             credentials = _credentials(config)
+            limit_index = self._limit_index(config)
             bound = self.sockets.acquire(config)
         except ConfigError as exc:
             log.error('reload failed, keeping the running configuration: %s',
@@ -226,15 +230,28 @@ class Arbiter:
                           config.error_log, exc.strerror)
         self.config = config
         _log_warnings(config)
-        self._new_generation(config, bound, credentials)
+        self._new_generation(config, bound, credentials, limit_index)
 
     def _check_reloadable(self, config: Config) -> None:
         if config.pid_file != self.config.pid_file:
             raise StartupError('pid_file cannot change on reload; restart to change it')
 
-    def _new_generation(self, config: Config, bound,
-                        credentials: Credentials | None) -> Generation:
-        generation = Generation(self.next_generation, config, bound, credentials)
+    def _limit_index(self, config: Config) -> dict:
+        """Limit indices for `config`'s limited listeners; the shared table is made the first
+        time a config has a limit and lives as long as the master (StartupError if full)."""
+        if self.limits is None:
+            if not limits.wanted(config):
+                return {}
+            self.limits = limits.LimitTable.allocate(limits.slots_for(config))
+        try:
+            return self.limits.assign(config, [g.config for g in self.generations])
+        except limits.LimitsFull as exc:
+            raise StartupError(str(exc)) from None
+
+    def _new_generation(self, config: Config, bound, credentials: Credentials | None,
+                        limit_index: dict) -> Generation:
+        generation = Generation(self.next_generation, config, bound, credentials,
+                                self.limits, limit_index)
         self.next_generation += 1
         self.generations.append(generation)
         return generation
@@ -307,6 +324,8 @@ class Arbiter:
 
     def _forget(self, worker: WorkerHandle) -> None:
         close_handoff(worker)
+        if worker.limit_slot is not None:     # it has exited: zero what it counted
+            self.limits.free_slot(worker.limit_slot)
         try:
             self.selector.unregister(worker.control)
         except (KeyError, ValueError):
@@ -445,7 +464,7 @@ def _credentials(config: Config) -> Credentials | None:
 
 def _log_warnings(config: Config) -> None:
     """The warnings `mpproxy -t` prints for `config`, logged when the master applies it."""
-    for line in limits.startup_warnings(config):
+    for line in nofile.startup_warnings(config):
         log.warning('%s', line)
 
 

@@ -22,6 +22,7 @@ from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config
 from mpproxy.master.sockets import Bound
 from mpproxy.observe import log as logmod
+from mpproxy.proxy.limits import LimitTable
 from mpproxy.upstream import health
 from mpproxy.worker import process
 
@@ -34,7 +35,7 @@ class WorkerHandle:
     """The master's record of one worker process."""
 
     __slots__ = ('pid', 'slot', 'generation', 'control', 'started', 'last_beat', 'ready',
-                 'killed', 'signalled', 'handoff_peer')
+                 'killed', 'signalled', 'handoff_peer', 'limit_slot')
 
     def __init__(self, pid: int, slot: int, generation: 'Generation', control: socket.socket):
         self.pid = pid
@@ -47,6 +48,7 @@ class WorkerHandle:
         self.killed = False             # SIGKILL sent
         self.signalled: int | None = None
         self.handoff_peer: socket.socket | None = None   # goes to the predecessor on promotion
+        self.limit_slot: int | None = None  # its area in the connection-limit table; freed at reap
 
     def signal(self, sig: int) -> None:
         try:
@@ -60,10 +62,11 @@ class WorkerHandle:
 
 class Generation:
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
-                 'loaded_at', 'health')
+                 'loaded_at', 'health', 'limits', 'limit_index')
 
     def __init__(self, number: int, config: Config, bound: Bound,
-                 credentials: Credentials | None = None):
+                 credentials: Credentials | None = None,
+                 limits: LimitTable | None = None, limit_index: dict | None = None):
         self.number = number
         self.config = config
         self.bound = bound
@@ -73,6 +76,8 @@ class Generation:
         self.deadline: float | None = None             # DRAINING: when to TERM what is left
         self.loaded_at = time.monotonic()
         self.health = health.allocate(config)          # shared with its workers, or None
+        self.limit_index = limit_index or {}           # listener key -> limit index
+        self.limits = limits if self.limit_index else None   # the master's table, if it counts
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers.values():
@@ -93,10 +98,12 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     peer = successor = None
     if take_over:
         peer, successor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    limit_slot = _take_limit_slot(generation, slot)
     spec = process.WorkerSpec(
         slot=slot, generation=generation.number, config=generation.config,
         master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
-        handoff=successor, health=generation.health, credentials=generation.credentials)
+        handoff=successor, health=generation.health, credentials=generation.credentials,
+        limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index)
     for handler in log.handlers:
         handler.flush()
     # The child keeps these blocked until its loop handles them, so a QUIT or TERM sent
@@ -106,15 +113,32 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
         pid = os.fork()
         if pid == 0:
             process.run(spec)       # ends with os._exit
+    except BaseException:
+        if limit_slot is not None:
+            generation.limits.free_slot(limit_slot)
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     worker_end.close()
     master_end.setblocking(False)
     handle = WorkerHandle(pid, slot, generation, master_end)
+    handle.limit_slot = limit_slot
     if successor is not None:
         successor.close()
         handle.handoff_peer = peer
     return handle
+
+
+def _take_limit_slot(generation: Generation, slot: int) -> int | None:
+    """An area of the connection-limit table for a worker about to be forked, if it counts."""
+    if generation.limits is None:
+        return None
+    limit_slot = generation.limits.take_slot()
+    if limit_slot is None:
+        log.warning('worker %d (generation %d): no free slot in the connection-limit table; '
+                    'it counts its connections privately (it sees the other workers\' counts, '
+                    'they do not see its own)', slot, generation.number)
+    return limit_slot
 
 
 def close_handoff(worker: WorkerHandle) -> None:

@@ -1,6 +1,7 @@
 """The data path: what happens to client bytes and datagrams inside a worker.
 
-Owns: the TCP relay (`tcp.py`), UDP sessions (`udp.py`) and their helpers.
+Owns: the TCP relay (`tcp.py`), UDP sessions (`udp.py`) and their helpers, and the
+connection limits shared by all workers (`limits.py`; the master allocates its table).
 `proxy_header.py` reads and writes PROXY protocol v1/v2 headers (pure, no I/O).
 Each listener becomes one service object with the same small interface:
 `start()`, `drain()` (stop taking new clients), `busy()` and `close()`.

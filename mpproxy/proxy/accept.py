@@ -8,7 +8,7 @@ each accepted descriptor to its owner, who wraps it in a uvloop transport::
 
     READING --EMFILE/ENFILE/ENOBUFS/ENOMEM--> PAUSED --back-off or a freed fd--> READING
        |                                        |
-       +--------------- hold() / stop() --------+--> HELD / STOPPED
+       +------ hold(reason, True) / stop() -----+--> HELD (until every reason is released) / STOPPED
 
 While PAUSED or HELD the connections wait in the kernel's backlog, as with
 HAProxy when it reaches its file limit or `maxconn`. The pause doubles from
@@ -42,7 +42,7 @@ class Acceptor:
     """Accepts on `sock` and calls `handle(fd, address)` for each connection."""
 
     __slots__ = ('loop', 'sock', 'fd', 'handle', 'ratelog', 'name', 'reading', 'paused',
-                 'held', 'stopped', 'pause', 'timer', 'exhausted')
+                 'holds', 'stopped', 'pause', 'timer', 'exhausted')
 
     def __init__(self, loop, sock: socket.socket, handle, ratelog, name: str):
         self.loop = loop
@@ -53,7 +53,7 @@ class Acceptor:
         self.name = name
         self.reading = False
         self.paused = False       # out of files: waiting for the back-off or a freed fd
-        self.held = False         # the owner asked (max_connections reached)
+        self.holds: set = set()   # the owner's reasons not to accept (e.g. 'max_connections')
         self.stopped = False
         self.pause = PAUSE_MIN
         self.timer = None
@@ -71,11 +71,14 @@ class Acceptor:
             self.timer = None
         self._update()
 
-    def hold(self, on: bool) -> None:
-        """Stop (True) or go on (False) accepting at the owner's request."""
-        if self.held != on:
-            self.held = on
-            self._update()
+    def hold(self, reason: str, on: bool) -> None:
+        """Stop (True) or go on (False) accepting for `reason`; reading resumes when no
+        reason is left."""
+        if on:
+            self.holds.add(reason)
+        else:
+            self.holds.discard(reason)
+        self._update()
 
     def freed(self) -> None:
         """A connection closed: a file is free, so a pause for EMFILE can end now."""
@@ -84,7 +87,7 @@ class Acceptor:
 
     # -- internals ------------------------------------------------------------------------
     def _update(self) -> None:
-        want = not (self.stopped or self.paused or self.held)
+        want = not (self.stopped or self.paused or self.holds)
         if want and not self.reading:
             self.loop.add_reader(self.fd, self._on_readable)
             self.reading = True

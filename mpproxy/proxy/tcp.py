@@ -257,8 +257,16 @@ class Relay:
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
-        if isinstance(exc, OSError) and exc.errno in accept.EXHAUSTED and self._wait_for_files(exc):
-            return                # not the server's fault: the same server, once a file is free
+        if isinstance(exc, OSError) and exc.errno in accept.EXHAUSTED:
+            if self._wait_for_files(exc):
+                return            # not the server's fault: the same server, once a file is free
+            self.pool.release(self.trying)
+            self.service.log.error('no file for an upstream connection in %gs, client: %s, '
+                                   'listener: %s; closing the client connection',
+                                   self.service.listener.connect_timeout,
+                                   _fmt_addr(self.client_address()), self.service.listener.name)
+            self.close()
+            return
         self.pool.release(self.trying)
         self.pool.failed(self.trying)
         reason = 'timed out' if task.cancelled() else _oserror_text(exc)
@@ -268,14 +276,18 @@ class Relay:
         self._try_next()
 
     def _wait_for_files(self, exc: OSError) -> bool:
-        """Out of files for the upstream socket: stop accepting and retry this server soon,
-        for at most connect_timeout; False when that time is up."""
+        """Out of files for the upstream socket: retry this server soon, for at most
+        connect_timeout (False when that time is up). Meanwhile the service accepts no
+        one: a new client would take the file this one waits for."""
         now = self.loop.time()
+        svc = self.service
         if self.files_deadline is None:
-            self.files_deadline = now + self.service.listener.connect_timeout
+            self.files_deadline = now + svc.listener.connect_timeout
+            svc.starving(self, True)
         elif now >= self.files_deadline:
+            svc.starving(self, False)
             return False
-        self.service.acceptor.out_of_files('socket() for an upstream connection', exc)
+        svc.acceptor.out_of_files('socket() for an upstream connection', exc)
         self.timer = self.loop.call_later(accept.PAUSE_MIN, self._retry_connect)
         return True
 
@@ -290,6 +302,8 @@ class Relay:
             upstream.transport.close()
             return
         self.connect_task = None
+        if self.files_deadline is not None:
+            self.service.starving(self, False)
         self.target = upstream.target
         self.pool.succeeded(upstream.target)
         client = self.client
@@ -458,6 +472,7 @@ class TcpService:
         self.denied = 0
         self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
+        self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
         self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name)
 
     async def start(self) -> None:
@@ -483,7 +498,19 @@ class TcpService:
 
     def forget(self, relay: Relay) -> None:
         self.relays.discard(relay)
-        self.acceptor.freed()
+        if relay.files_deadline is not None:
+            self.starving(relay, False)
+        if not self.starved:
+            self.acceptor.freed()
+
+    def starving(self, relay: Relay, on: bool) -> None:
+        """`relay` waits (on) or no longer waits (off) for a file for its upstream socket."""
+        if on:
+            self.starved.add(relay)
+        else:
+            self.starved.discard(relay)
+            relay.files_deadline = None
+        self.acceptor.hold('out of files', bool(self.starved))
 
     def drain(self) -> None:
         """Stop accepting; relays already open go on. The listening fd stays open."""

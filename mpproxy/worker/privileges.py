@@ -18,7 +18,7 @@ import ctypes
 import os
 import resource
 
-from mpproxy.config import limits
+from mpproxy.config import nofile
 from mpproxy.config.accounts import Credentials
 from mpproxy.errors import WorkerBootError
 
@@ -30,16 +30,16 @@ def set_nofile(want: int | None) -> str | None:
     if want is None:
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    nr_open = limits.nr_open()
-    privileged = limits.can_raise_hard_limit()
-    target = limits.nofile_target(want, soft, hard, privileged, nr_open)
+    nr_open = nofile.nr_open()
+    privileged = nofile.can_raise_hard_limit()
+    target = nofile.nofile_target(want, soft, hard, privileged, nr_open)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, target)
     except (ValueError, OSError) as exc:
         if not privileged:
             return f'cannot set worker_rlimit_nofile to {want}: {exc}'
         privileged = False                    # not allowed to raise the hard limit after all
-        target = limits.nofile_target(want, soft, hard, False, nr_open)
+        target = nofile.nofile_target(want, soft, hard, False, nr_open)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, target)
         except (ValueError, OSError) as exc:

@@ -25,7 +25,7 @@ import mmap
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import setproctitle
 import uvloop
@@ -35,6 +35,7 @@ from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, WorkerBootError
 from mpproxy.observe import log as logmod
 from mpproxy.proxy import handoff
+from mpproxy.proxy.limits import LimitTable
 from mpproxy.proxy.sni import SniRouter
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
@@ -65,6 +66,9 @@ class WorkerSpec:
     handoff: socket.socket | None = None                  # UDP sessions arrive here on reload
     health: mmap.mmap | None = None                       # active health state, shared
     credentials: Credentials | None = None                # switch to this user before serving
+    limits: LimitTable | None = None                      # shared connection counts, or None
+    limit_slot: int | None = None                         # own area in `limits`; None: private
+    limit_index: dict = field(default_factory=dict)       # listener key -> limit index
 
 
 def run(spec: WorkerSpec) -> None:

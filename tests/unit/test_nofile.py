@@ -5,7 +5,7 @@ import resource
 import pytest
 
 from mpproxy.config.accounts import user_ignored
-from mpproxy.config.limits import BASE_FILES, files_needed, nofile_target, nofile_warning
+from mpproxy.config.nofile import BASE_FILES, files_needed, nofile_target, nofile_warning
 from mpproxy.config.schema import (Address, Config, HealthCheck, Listener, Server, UdpOptions,
                                    Upstream)
 
