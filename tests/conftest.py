@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from mpproxy.proxy import proxy_header
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -281,6 +283,47 @@ def echo_handler(conn: socket.socket):
             break
         conn.sendall(data)
     conn.shutdown(socket.SHUT_WR)
+
+
+class HeaderEcho(TcpBackend):
+    """Reads a PROXY header (if any) off each connection, records it, echoes the rest."""
+
+    def __init__(self, host='127.0.0.1'):
+        self.headers: list = []             # (ProxyHeader or None, the raw bytes)
+        super().__init__(self._handle, host)
+
+    def _handle(self, conn: socket.socket):
+        conn.settimeout(5)
+        data = b''
+        while True:
+            state, header, used, _ = proxy_header.parse(data)
+            if state != proxy_header.MORE:
+                break
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        if state == proxy_header.DONE:
+            self.headers.append((header, data[:used]))
+            data = data[used:]
+        else:
+            self.headers.append((None, b''))
+        if data:
+            conn.sendall(data)
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            conn.sendall(chunk)
+        conn.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def header_echo():
+    backend = HeaderEcho()
+    yield backend
+    backend.close()
+
 
 
 class UdpServer:

@@ -11,7 +11,11 @@ each accepted descriptor to its owner, who wraps it in a uvloop transport::
        +------ hold(reason, True) / stop() -----+--> HELD (until every reason is released) / STOPPED
 
 While PAUSED or HELD the connections wait in the kernel's backlog, as with
-HAProxy when it reaches its file limit or `maxconn`. The pause doubles from
+HAProxy when it reaches its file limit or `maxconn`. An owner with a limit
+shared by every worker (`max_connections`) passes `room()`: asked before each
+accept; while it says no the acceptor is HELD and asks again every FULL_POLL
+(the other workers' connections end without telling this one) or when one
+of this worker's connections ends. The pause doubles from
 PAUSE_MIN to PAUSE_MAX while accepting keeps failing, and `freed()` (a
 connection of this worker closed) resumes at once. Out-of-files lines go
 through the owner's `RateLimitedLog`, one a second.
@@ -31,6 +35,7 @@ import socket
 BATCH = 1
 PAUSE_MIN = 0.05          # seconds
 PAUSE_MAX = 1.0
+FULL_POLL = 0.05          # seconds between two room() checks while full
 
 # accept() failures that mean "this process or host is out of something": retrying at once
 # would spin on a readable socket.
@@ -42,9 +47,9 @@ class Acceptor:
     """Accepts on `sock` and calls `handle(fd, address)` for each connection."""
 
     __slots__ = ('loop', 'sock', 'fd', 'handle', 'ratelog', 'name', 'reading', 'paused',
-                 'holds', 'stopped', 'pause', 'timer', 'exhausted')
+                 'holds', 'stopped', 'pause', 'timer', 'exhausted', 'room', 'full_timer', 'full')
 
-    def __init__(self, loop, sock: socket.socket, handle, ratelog, name: str):
+    def __init__(self, loop, sock: socket.socket, handle, ratelog, name: str, room=None):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -58,6 +63,9 @@ class Acceptor:
         self.pause = PAUSE_MIN
         self.timer = None
         self.exhausted = 0        # accept() failures for lack of files or memory
+        self.room = room          # None, or () -> bool: may one more connection be accepted?
+        self.full_timer = None
+        self.full = 0             # times accepting was held because room() said no
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -66,9 +74,10 @@ class Acceptor:
     def stop(self) -> None:
         """For good (drain): stop reading; the socket itself is the owner's."""
         self.stopped = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for timer in (self.timer, self.full_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.full_timer = None
         self._update()
 
     def hold(self, reason: str, on: bool) -> None:
@@ -81,9 +90,13 @@ class Acceptor:
         self._update()
 
     def freed(self) -> None:
-        """A connection closed: a file is free, so a pause for EMFILE can end now."""
+        """A connection closed: a file is free, so a pause for EMFILE can end now, and
+        there may be room under the owner's limit."""
         if self.paused:
             self._resume()
+        if self.full_timer is not None:
+            self.full_timer.cancel()
+            self._check_room()
 
     # -- internals ------------------------------------------------------------------------
     def _update(self) -> None:
@@ -96,6 +109,9 @@ class Acceptor:
             self.reading = False
 
     def _on_readable(self) -> None:
+        if self.room is not None and not self.room():
+            self._hold_while_full()
+            return
         accept = self.sock._accept            # (fd, address): no socket object per connection
         handle = self.handle
         for _ in range(BATCH):
@@ -126,6 +142,22 @@ class Acceptor:
         self._update()
         self.timer = self.loop.call_later(self.pause, self._resume)
         self.pause = min(self.pause * 2, PAUSE_MAX)
+
+    def _hold_while_full(self) -> None:
+        self.full += 1
+        self.ratelog.warning('full', 'tcp %s: max_connections reached; new connections wait '
+                             'in the backlog', self.name)
+        self.hold('full', True)
+        self.full_timer = self.loop.call_later(FULL_POLL, self._check_room)
+
+    def _check_room(self) -> None:
+        self.full_timer = None
+        if self.stopped:
+            return
+        if self.room():
+            self.hold('full', False)
+        else:
+            self.full_timer = self.loop.call_later(FULL_POLL, self._check_room)
 
     def _resume(self) -> None:
         if self.timer is not None:

@@ -27,14 +27,14 @@ import socket
 import struct
 
 from mpproxy.config.schema import Keepalive, Listener
-from mpproxy.proxy import accept, acl, sni
+from mpproxy.proxy import accept, acl, limits, proxy_header, sni
 from mpproxy.proxy.accept import Acceptor
+from mpproxy.proxy.preamble import Preamble
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.upstream.pool import UpstreamPool
 
 
 IDLE_TICKS = 4
-SNI_TIMEOUT = 5.0         # a client must send its whole ClientHello within this
 
 
 class Side(asyncio.Protocol):
@@ -141,12 +141,13 @@ class _Discard:
 _DISCARD = _Discard()
 
 
-class Relay:
+class Relay(Preamble):
     """One client connection and its upstream connection."""
 
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
-                 'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline')
+                 'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
+                 'local_addr')
 
     def __init__(self, service: 'TcpService', client_addr):
         self.service = service
@@ -166,18 +167,16 @@ class Relay:
         self.connect_task: asyncio.Task | None = None
         self.finishing = False
         self.pool = service.pool
-        self.peeking = service.sni is not None      # reading the ClientHello first
+        self.peeking = None                         # a preamble stage: 'proxy' or 'sni'
         self.files_deadline = None                  # out of files: retry connecting until then
+        self.limit_key = None                       # the client's key in the shared limits
+        self.local_addr = None                      # the address the client connected to, as
+                                                    # its PROXY header said
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
-        svc = self.service
-        svc.relays.add(self)
-        if svc.sni is None:
-            self._route(svc.pool)
-            return
-        self.timer = self.loop.call_later(SNI_TIMEOUT, self._peek_timed_out)
-        transport.resume_reading()            # read the ClientHello before choosing a server
+        self.service.relays.add(self)
+        self.begin(transport)     # the preamble, then _route()
 
     def _route(self, pool) -> None:
         self.pool = pool
@@ -185,36 +184,6 @@ class Relay:
             self.client_address() if pool.needs_client else None,
             self.service.listener.next_upstream_tries))
         self._try_next()
-
-    # -- PEEKING (sni_routes only) --------------------------------------------------------
-    def peek(self, eof: bool = False) -> None:
-        """Client bytes arrived while choosing a server by SNI: route once the name is known."""
-        early = self.client.early
-        state, name = sni.parse_sni(b''.join(early))
-        if state == sni.MORE and not eof:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.client.transport.pause_reading()
-        router = self.service.sni
-        pool = router.route(name) if state == sni.FOUND else router.default
-        if pool is None:
-            self.service.log.info('client %s: %s, and no default route; closing',
-                                  _fmt_addr(self.client_address()),
-                                  f'no route for server name {name!r}' if state == sni.FOUND
-                                  else 'not a TLS ClientHello')
-            self.close()
-            return
-        self.peeking = False
-        self._route(pool)
-
-    def _peek_timed_out(self) -> None:
-        self.timer = None
-        if not self.closing and self.peeking:
-            self.service.log.info('client %s sent no complete ClientHello in %gs; closing',
-                                  _fmt_addr(self.client_address()), SNI_TIMEOUT)
-            self.close()
 
     def client_address(self):
         """The client's (host, port)."""
@@ -315,6 +284,8 @@ class Relay:
             _set_keepalive(client.transport, keepalive)
             _set_keepalive(upstream.transport, keepalive)
         early, client.early = client.early, None
+        if self.service.send_header is not None:
+            upstream.transport.write(self._proxy_header())
         if early:
             upstream.transport.write(b''.join(early))
         if client.lost:           # the client went away while we were connecting
@@ -326,6 +297,11 @@ class Relay:
         if self.closing:
             return
         client.transport.resume_reading()
+
+    def _proxy_header(self) -> bytes:
+        """proxy_protocol.send: the client and the address it connected to, v1 or v2."""
+        local = self.local_addr or self.client.transport.get_extra_info('sockname')
+        return self.service.send_header(self.client_addr[:2], local[:2])
 
     def on_eof(self, side: Side) -> None:
         if self.finishing:
@@ -461,7 +437,7 @@ class TcpService:
     """One TCP listener in one worker: accepts on the (shared) socket, runs the relays."""
 
     def __init__(self, loop, listener: Listener, sock: socket.socket, pool: UpstreamPool, log,
-                 sni_router: 'sni.SniRouter | None' = None):
+                 sni_router: 'sni.SniRouter | None' = None, gate: 'limits.Gate | None' = None):
         self.loop = loop
         self.listener = listener
         self.sock = sock
@@ -469,11 +445,16 @@ class TcpService:
         self.log = log
         self.sni = sni_router             # with sni_routes: server name -> pool
         self.acl = acl.for_listener(listener)
-        self.denied = 0
+        pp = listener.proxy_protocol      # trusted: who may send a PROXY header (accept: true)
+        self.trusted = acl.Acl(allow=pp.trusted) if pp.accept else None
+        self.send_header = {'v1': proxy_header.v1, 'v2': proxy_header.v2}.get(pp.send)
+        self.gate = gate                  # the shared limits, or None
+        self.denied = self.limited = self.bad_headers = 0
         self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
         self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
-        self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name)
+        room = self._room if gate is not None and gate.max_total else None
+        self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name, room)
 
     async def start(self) -> None:
         await _open_emfile_reserve(self.loop)
@@ -481,23 +462,66 @@ class TcpService:
 
     def _accepted(self, fd: int, address) -> None:
         """A new client (an accepted fd): check it, then wrap it in a transport."""
-        if self.acl is not None and not self.acl.permits(address[0]):
+        if self.trusted is None:
+            key = self.admit(address)
+        elif self.trusted.permits(address[0]):
+            key = None                    # checked once its PROXY header tells who it is
+        else:
             self.denied += 1
-            self.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
-                              self.listener.name, _fmt_addr(address))
+            self.ratelog.warning('untrusted', 'tcp %s: client %s is not in '
+                                 'proxy_protocol.trusted; closing', self.listener.name,
+                                 _fmt_addr(address))
+            key = False
+        if key is False:
             _reset(socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd))
             return
         sock = socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
         relay = Relay(self, address)
+        relay.limit_key = key
         try:
             _drive(self.loop.connect_accepted_socket(lambda: relay.client, sock))
         except OSError as exc:
             sock.close()
+            self._release(key)
             self.ratelog.error(('wrap', exc.errno), 'tcp %s: cannot take client %s: %s',
                                self.listener.name, _fmt_addr(address), exc.strerror or exc)
 
+    def admit(self, address):
+        """allow/deny, then the shared limits, for a client at `address`.
+
+        Returns the client's key in the limits (None when nothing is counted), or False
+        when the client is refused (counted and logged here).
+        """
+        if self.acl is not None and not self.acl.permits(address[0]):
+            self.denied += 1
+            self.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
+                              self.listener.name, _fmt_addr(address))
+            return False
+        gate = self.gate
+        if gate is None:
+            return None
+        key = limits.ip_key(address[0])
+        why = gate.try_acquire(key)
+        if why is None:
+            return key
+        self.limited += 1
+        self.ratelog.warning(('limit', why), 'tcp %s: client %s refused: %s (%d) reached',
+                             self.listener.name, _fmt_addr(address), why,
+                             gate.max_total if why == 'max_connections' else gate.max_per_ip)
+        return False
+
+    def _room(self) -> bool:
+        gate = self.gate
+        return gate.count(gate.index) < gate.max_total
+
+    def _release(self, key) -> None:
+        if key is not None and key is not False:
+            self.gate.release(key)
+
     def forget(self, relay: Relay) -> None:
         self.relays.discard(relay)
+        self._release(relay.limit_key)
+        relay.limit_key = None
         if relay.files_deadline is not None:
             self.starving(relay, False)
         if not self.starved:
@@ -527,6 +551,7 @@ class TcpService:
                 relay.finish()
             else:
                 relay.abort()
+        self.ratelog.flush()
 
 
 def _drive(coro) -> None:

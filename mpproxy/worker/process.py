@@ -103,6 +103,7 @@ class Worker:
         self.receiver: handoff.Receiver | None = None
         self.handoff_timer = None
         self.handoff_adopted = self.handoff_lost = 0
+        self.limit_area = None
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -208,7 +209,8 @@ class Worker:
                     default = next((self._pool(name) for pattern, name in listener.sni_routes
                                     if pattern == 'default'), None)   # None: close the rest
                     router = SniRouter(routes, default)
-                service = TcpService(self.loop, listener, sock, pool, log, router)
+                service = TcpService(self.loop, listener, sock, pool, log, router,
+                                     self._gate(listener))
                 await service.start()
             else:
                 service = UdpService(self.loop, listener, sock, pool, log)
@@ -222,6 +224,15 @@ class Worker:
                 self.checker = health.Checker(self.loop, self.config, self.spec.health,
                                               self.pools, log)
                 self.checker.start()
+
+    def _gate(self, listener: Listener):
+        """The listener's gate into the limits shared by all workers, or None."""
+        spec = self.spec
+        if spec.limits is None:
+            return None
+        if self.limit_area is None:
+            self.limit_area = spec.limits.area(spec.limit_slot)
+        return self.limit_area.gate_for(listener, spec.limit_index)
 
     def _udp_services(self) -> list[UdpService]:
         return [s for s in self.services if isinstance(s, UdpService)]

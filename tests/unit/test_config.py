@@ -338,7 +338,6 @@ def test_broken_config(tmp_path, text, expected):
 
 def test_proxy_protocol_accept_needs_trusted(tmp_path):
     assert problems(tmp_path, MINIMAL + '    proxy_protocol: {accept: true}\n') == [
-        '7: listeners[0].proxy_protocol.accept: not supported yet (only the default, false, is accepted)',
         '7: listeners[0].proxy_protocol.accept: true needs a non-empty trusted list '
         '(the CIDRs of the proxies in front)']
 

@@ -1,0 +1,135 @@
+"""What a relay reads from its client before it chooses a server: the preamble.
+
+Two optional stages, in this order, each with its own deadline::
+
+    accepted --proxy_protocol.accept--> PROXY (header within PROXY_TIMEOUT)
+             --sni_routes-------------> SNI (ClientHello within SNI_TIMEOUT) --> routing
+
+A PROXY protocol header (v1 or v2) is consumed: the real client address it
+carries replaces the peer's for allow/deny, the limits, hashing, logs and
+`proxy_protocol.send`; the bytes after it stay queued for the upstream. A
+malformed or late header closes the connection with one rate-limited log
+line. A ClientHello is only peeked: it is forwarded unaltered.
+
+`Preamble` is a mixin of `tcp.Relay` (it owns no state of its own); while a
+stage runs, `relay.peeking` names it and `ClientSide` calls `peek()` with
+every chunk, and with `eof=True` when the client half-closes.
+"""
+
+from __future__ import annotations
+
+from mpproxy.proxy import proxy_header, sni
+
+PROXY_TIMEOUT = 3.0       # a client must send its whole PROXY header within this
+MAX_PROXY_HEADER = 8192   # bytes; v2 allows 64 KiB of TLVs, no real proxy sends that many
+SNI_TIMEOUT = 5.0         # ... and its whole ClientHello within this
+
+
+class Preamble:
+    __slots__ = ()
+
+    def begin(self, transport) -> None:
+        """The client is accepted: read its preamble, or route it at once."""
+        if self.service.trusted is not None:
+            self._await('proxy', PROXY_TIMEOUT)
+            return
+        self._after_proxy()
+
+    def _await(self, stage: str, timeout: float) -> None:
+        self.peeking = stage
+        self.timer = self.loop.call_later(timeout, self._peek_timed_out)
+        self.client.transport.resume_reading()
+        if self.client.early or self.client.eof:   # bytes left over from the stage before
+            self.peek(eof=self.client.eof)
+
+    def _after_proxy(self) -> None:
+        svc = self.service
+        if svc.sni is None:
+            self.peeking = None
+            self._route(svc.pool)
+        else:
+            self._await('sni', SNI_TIMEOUT)
+
+    def peek(self, eof: bool = False) -> None:
+        """Client bytes (or its FIN) arrived during a stage."""
+        if self.peeking == 'proxy':
+            self._peek_proxy(eof)
+        else:
+            self._peek_sni(eof)
+
+    def _end_stage(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.client.transport.pause_reading()
+
+    # -- PROXY protocol -------------------------------------------------------------------
+    def _peek_proxy(self, eof: bool) -> None:
+        data = b''.join(self.client.early)
+        state, header, used, reason = proxy_header.parse(data)
+        if state == proxy_header.MORE and len(data) > MAX_PROXY_HEADER:
+            state, reason = proxy_header.INVALID, f'PROXY protocol header over {MAX_PROXY_HEADER} bytes'
+        if state == proxy_header.MORE and not eof:
+            return
+        self._end_stage()
+        svc = self.service
+        if state != proxy_header.DONE:
+            svc.bad_headers += 1
+            svc.ratelog.warning(('proxy header', reason or 'eof'),
+                                'tcp %s: client %s: %s; closing', svc.listener.name,
+                                _fmt(self.client_addr),
+                                reason or 'closed before its PROXY protocol header ended')
+            self.abort()
+            return
+        self.client.early = [data[used:]] if used < len(data) else []
+        if not header.local:      # LOCAL (the proxy's own health check): the peer is the client
+            self.client_addr = header.source
+            self.local_addr = header.destination
+        key = svc.admit(self.client_addr)
+        if key is False:
+            self.abort()
+            return
+        self.limit_key = key
+        self._after_proxy()
+
+    # -- SNI ------------------------------------------------------------------------------
+    def _peek_sni(self, eof: bool) -> None:
+        state, name = sni.parse_sni(b''.join(self.client.early))
+        if state == sni.MORE and not eof:
+            return
+        self._end_stage()
+        router = self.service.sni
+        pool = router.route(name) if state == sni.FOUND else router.default
+        if pool is None:
+            self.service.log.info('client %s: %s, and no default route; closing',
+                                  _fmt(self.client_addr),
+                                  f'no route for server name {name!r}' if state == sni.FOUND
+                                  else 'not a TLS ClientHello')
+            self.close()
+            return
+        self.peeking = None
+        self._route(pool)
+
+    def _peek_timed_out(self) -> None:
+        self.timer = None
+        if self.closing or not self.peeking:
+            return
+        if self.peeking == 'proxy':
+            svc = self.service
+            svc.bad_headers += 1
+            svc.ratelog.warning(('proxy header', 'timeout'),
+                                'tcp %s: client %s sent no complete PROXY protocol header in '
+                                '%gs; closing', svc.listener.name, _fmt(self.client_addr),
+                                PROXY_TIMEOUT)
+            self.abort()
+        else:
+            self.service.log.info('client %s sent no complete ClientHello in %gs; closing',
+                                  _fmt(self.client_addr), SNI_TIMEOUT)
+            self.close()
+
+
+def _fmt(addr) -> str:
+    if not addr:
+        return '-'
+    host, port = addr[0], addr[1]
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'

@@ -1,0 +1,114 @@
+"""TCP connection limits shared by every worker: max_connections and max_connections_per_ip.
+
+Two workers share one listening socket, and the kernel gives each new connection to
+whichever worker accepts first, so a limit counted per worker would let up to twice as
+many through; these tests open more connections than that and count what is served.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from conftest import free_port, wait_for
+from test_proxy_protocol import PAYLOAD, exchange, pp_config
+from test_tcp import tcp_config
+from mpproxy.proxy import proxy_header
+
+
+def held(port: int, source: str = '127.0.0.1', timeout: float = 3.0) -> socket.socket | None:
+    """Open a connection and check it is served (one echo); None when it is not."""
+    s = socket.socket()
+    s.settimeout(timeout)
+    s.bind((source, 0))
+    try:
+        s.connect(('127.0.0.1', port))
+        s.sendall(b'ping')
+        if s.recv(10) == b'ping':
+            return s
+    except OSError:
+        pass
+    s.close()
+    return None
+
+
+def test_max_connections_is_shared_and_the_rest_wait_in_the_backlog(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address, workers=2,
+                               extra='            max_connections: 3')).start(wait_workers=2)
+    open_ = [held(port) for _ in range(3)]
+    assert all(open_)
+    waiting = []
+    try:
+        for _ in range(3):                 # accepted by the kernel, not by mpproxy: no echo
+            s = socket.create_connection(('127.0.0.1', port), timeout=5)
+            s.sendall(b'wait')
+            s.settimeout(0.5)
+            try:
+                got = s.recv(10)
+            except socket.timeout:
+                got = None
+            assert got is None, 'a connection past max_connections was served'
+            waiting.append(s)
+        proxy.wait_log('max_connections reached; new connections wait in the backlog')
+        open_.pop().close()                # one slot frees: exactly one waiting client goes on
+        served = wait_for(lambda: [s for s in waiting if _ready(s)] or None, 5,
+                          what='a waiting client served')
+        assert len(served) == 1
+        for s in open_:
+            s.close()
+        for s in waiting:                  # all served in the end, none reset
+            s.settimeout(5)
+            if s not in served:
+                assert s.recv(10) == b'wait'
+    finally:
+        for s in open_ + waiting:
+            s.close()
+    assert len(tcp_echo.peers) == 6
+
+
+def _ready(s: socket.socket) -> bool:
+    s.settimeout(0.05)
+    try:
+        return s.recv(10) == b'wait'
+    except socket.timeout:
+        return False
+
+
+def test_max_connections_per_ip_is_shared_and_counts_each_ip(proxies, tcp_echo):
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address, workers=2,
+                               extra='            max_connections_per_ip: 2')).start(
+        wait_workers=2)
+    first = [held(port) for _ in range(2)]
+    try:
+        assert all(first)
+        refused = [held(port, timeout=1.0) for _ in range(6)]     # each may land on either worker
+        assert refused == [None] * 6, 'the limit was counted per worker'
+        other = held(port, source='127.0.0.2')                      # another IP has its own count
+        assert other is not None
+        other.close()
+        proxy.wait_log('refused: max_connections_per_ip (2) reached')
+        first.pop().close()
+        again = wait_for(lambda: held(port, timeout=1.0), 5, what='a slot for 127.0.0.1 again')
+        first.append(again)
+    finally:
+        for s in first:
+            if s:
+                s.close()
+
+
+def test_per_ip_limit_counts_the_real_client_behind_a_proxy(proxies, header_echo):
+    port = free_port()
+    proxy = proxies(pp_config(port, header_echo.address, accept=True, workers=2,
+                              extra='            max_connections_per_ip: 1')).start(
+        wait_workers=2)
+    a = proxy_header.v1(('192.0.2.1', 1000), ('127.0.0.1', port))
+    b = proxy_header.v1(('192.0.2.2', 1000), ('127.0.0.1', port))
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+        s.sendall(a + b'one')
+        assert s.recv(10) == b'one'              # 192.0.2.1 holds its one connection
+        assert exchange(port, a + PAYLOAD, timeout=2) == b''
+        assert exchange(port, b + PAYLOAD) == PAYLOAD   # the same peer, another real client
+    proxy.wait_log('client 192.0.2.1:1000 refused: max_connections_per_ip (1) reached')
+    wait_for(lambda: exchange(port, a + PAYLOAD) == PAYLOAD, 5,    # released once it closed
+             what='192.0.2.1 admitted again')
