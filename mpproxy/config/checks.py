@@ -287,6 +287,15 @@ def _listeners(top: Section, declared: dict) -> tuple[tuple[Listener, ...], dict
     return tuple(listeners), inline
 
 
+# Listener keys a udp listener rejects, with what to use instead.
+TCP_ONLY = {
+    'max_connections': ' (a udp listener has udp.max_sessions, per worker)',
+    'max_connections_per_ip': ' (a udp listener has udp.max_sessions_per_ip)',
+    'upload_rate': '',
+    'download_rate': '',
+}
+
+
 def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
     listen = s.get('listen', partial(parse_address, listen=True), required=True)
     protocol = s.get('protocol', choice('tcp', 'udp'), 'tcp')
@@ -297,6 +306,10 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
         s.report('sni_routes', 'routing by TLS SNI needs a tcp listener')
     if reuseport and protocol == 'udp':
         s.report('reuseport', 'udp listeners always use one SO_REUSEPORT socket per worker')
+    if protocol == 'udp':
+        for key, instead in TCP_ONLY.items():
+            if s.value(key) not in (None, 0):     # -T writes the 0 defaults of every listener
+                s.report(key, f'applies to tcp listeners only{instead}')
     listener = Listener(
         name=name, listen=listen, protocol=protocol, upstream=upstream,
         backlog=s.get('backlog', integer(1, 65535), 511),

@@ -27,8 +27,6 @@ NOT_SUPPORTED_YET = {
     'access_log': None,
     'admin': None,
     'watch_config': False,
-    'listener.upload_rate': 0,
-    'listener.download_rate': 0,
     'listener.udp.max_sessions_per_ip': 0,
 }
 

@@ -11,7 +11,7 @@ carries replaces the peer's for allow/deny, the limits, hashing, logs and
 malformed or late header closes the connection with one rate-limited log
 line. A ClientHello is only peeked: it is forwarded unaltered.
 
-`Preamble` is a mixin of `tcp.Relay` (it owns no state of its own); while a
+`Preamble` is a mixin of `relay.Relay` (it owns no state of its own); while a
 stage runs, `relay.peeking` names it and `ClientSide` calls `peek()` with
 every chunk, and with `eof=True` when the client half-closes.
 """

@@ -291,9 +291,14 @@ BROKEN = {
     'negative uid': ('user: -1\n' + MINIMAL, '1: user: must be an integer >= 0'),
     'user as a list': ('user: [nobody]\n' + MINIMAL,
                        '1: user: must be a non-empty string, got a list'),
-    'not supported listener key': (
-        MINIMAL + '    upload_rate: 1000\n',
-        '7: listeners[0].upload_rate: not supported yet (only the default, 0, is accepted)'),
+    'rate on a udp listener': (
+        MINIMAL + '    protocol: udp\n    upload_rate: 1000\n',
+        '8: listeners[0].upload_rate: applies to tcp listeners only'),
+    'max_connections on a udp listener': (
+        MINIMAL + '    protocol: udp\n    max_connections: 10\n',
+        '8: listeners[0].max_connections: applies to tcp listeners only (a udp listener has '
+        'udp.max_sessions, per worker)'),
+
     'server weight 0': (
         MINIMAL.replace('[127.0.0.1:9000]', '[{address: 127.0.0.1:9000, weight: 0}]'),
         '3: upstreams.web.servers[0].weight: must be an integer >= 1'),

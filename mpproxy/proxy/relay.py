@@ -1,0 +1,366 @@
+"""A relay: one client connection and its upstream connection, from accept to close.
+
+`ClientSide.connection_made` (sides.py) pauses the client's reading and starts
+the relay: its preamble (preamble.py: a PROXY header, a ClientHello), then the
+connect to an upstream server, then the bytes both ways until both are done.
+
+A relay's states::
+
+    CONNECTING --connected--> OPEN --one side's FIN--> HALF_CLOSED --other FIN--> CLOSED
+        |                      |                          |                          ^
+        +-- all tries failed --+-- RST, idle_timeout -----+-- half_close_timeout ----+
+
+Both transports are closed explicitly once both directions are done (uvloop
+must never garbage-collect a transport with a pending `write_eof()`), and a
+relay stays in its service's table until both sides report `connection_lost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+from mpproxy.config.schema import Keepalive
+from mpproxy.proxy import accept
+from mpproxy.proxy.preamble import Preamble
+from mpproxy.proxy.sides import (_DISCARD, ClientSide, Side, ThrottledClientSide,
+                                 ThrottledUpstreamSide, UpstreamSide)
+
+if TYPE_CHECKING:
+    from mpproxy.proxy.tcp import TcpService
+
+IDLE_TICKS = 4
+
+
+class Relay(Preamble):
+    """One client connection and its upstream connection."""
+
+    __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
+                 'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
+                 'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
+                 'local_addr')
+
+    def __init__(self, service: 'TcpService', client_addr):
+        self.service = service
+        self.loop = service.loop
+        rate = service.listener.upload_rate
+        if rate:
+            self.client = ThrottledClientSide(self)
+            self.client.throttle(rate)
+        else:
+            self.client = ClientSide(self)
+        self.upstream: UpstreamSide | None = None
+        self.client_addr = client_addr              # (host, port, ...) as accept() gave it
+        self.target = None                          # the server connected to
+        self.candidates = None                      # iterator over the servers to try
+        self.trying = None                          # the server being connected to
+        self.seen = 0                               # bytes relayed when the idle timer last ran
+        self.quiet = 0                              # idle ticks in a row without a byte
+        self.half_timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.half_closed = False
+        self.closing = False
+        self.connect_task: asyncio.Task | None = None
+        self.finishing = False
+        self.pool = service.pool
+        self.peeking = None                         # a preamble stage: 'proxy' or 'sni'
+        self.files_deadline = None                  # out of files: retry connecting until then
+        self.limit_key = None                       # the client's key in the shared limits
+        self.local_addr = None                      # the address the client connected to, as
+                                                    # its PROXY header said
+
+    # -- CONNECTING ---------------------------------------------------------------------
+    def start(self, transport) -> None:
+        self.service.relays.add(self)
+        self.begin(transport)     # the preamble, then _route()
+
+    def _route(self, pool) -> None:
+        self.pool = pool
+        self.candidates = iter(pool.candidates(
+            self.client_address() if pool.needs_client else None,
+            self.service.listener.next_upstream_tries))
+        self._try_next()
+
+    def client_address(self):
+        """The client's (host, port)."""
+        return self.client_addr
+
+    def _try_next(self) -> None:
+        """Connect to the next candidate server, or close the client when none is left."""
+        target = next(self.candidates, None)
+        if target is None:
+            self.service.log.error('no upstream could be connected for client %s, listener: %s; '
+                                   'closing the client connection',
+                                   _fmt_addr(self.client_address()), self.service.listener.name)
+            self.close()
+            return
+        self.trying = target
+        self._connect()
+
+    def _connect(self) -> None:
+        """One connect to `self.trying`: one task and one timer, no wrapping coroutine."""
+        target = self.trying
+        rate = self.service.listener.download_rate
+        if rate:
+            side = ThrottledUpstreamSide(self, target)
+            side.throttle(rate)
+        else:
+            side = UpstreamSide(self, target)
+        loop = self.loop
+        task = self.connect_task = loop.create_task(
+            loop.create_connection(lambda: side, target.sockaddr[0], target.sockaddr[1]))
+        task.add_done_callback(self._connect_done)
+        self.timer = loop.call_later(self.service.listener.connect_timeout, task.cancel)
+
+    def _connect_done(self, task: asyncio.Task) -> None:
+        if self.connect_task is task:
+            self.connect_task = None
+        if self.closing:
+            if not task.cancelled() and task.exception() is None:
+                task.result()[0].close()
+            if self.target is None:               # never opened: the try is over
+                self.pool.release(self.trying)
+            return
+        exc = None if task.cancelled() else task.exception()
+        if not task.cancelled() and exc is None:
+            return                # `UpstreamSide.connection_made` opened the relay
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+        if isinstance(exc, OSError) and exc.errno in accept.EXHAUSTED:
+            if self._wait_for_files(exc):
+                return            # not the server's fault: the same server, once a file is free
+            self.pool.release(self.trying)
+            self.service.log.error('no file for an upstream connection in %gs, client: %s, '
+                                   'listener: %s; closing the client connection',
+                                   self.service.listener.connect_timeout,
+                                   _fmt_addr(self.client_address()), self.service.listener.name)
+            self.close()
+            return
+        self.pool.release(self.trying)
+        self.pool.failed(self.trying)
+        reason = 'timed out' if task.cancelled() else _oserror_text(exc)
+        self.service.log.warning('connect() to %s failed (%s) while connecting to upstream, '
+                                 'client: %s, listener: %s', self.trying.label, reason,
+                                 _fmt_addr(self.client_address()), self.service.listener.name)
+        self._try_next()
+
+    def _wait_for_files(self, exc: OSError) -> bool:
+        """Out of files for the upstream socket: retry this server soon, for at most
+        connect_timeout (False when that time is up). Meanwhile the service accepts no
+        one: a new client would take the file this one waits for."""
+        now = self.loop.time()
+        svc = self.service
+        if self.files_deadline is None:
+            self.files_deadline = now + svc.listener.connect_timeout
+            svc.starving(self, True)
+        elif now >= self.files_deadline:
+            svc.starving(self, False)
+            return False
+        svc.acceptor.out_of_files('socket() for an upstream connection', exc)
+        self.timer = self.loop.call_later(accept.PAUSE_MIN, self._retry_connect)
+        return True
+
+    def _retry_connect(self) -> None:
+        self.timer = None
+        if not self.closing:
+            self._connect()
+
+    # -- OPEN ---------------------------------------------------------------------------
+    def _opened(self, upstream: UpstreamSide) -> None:
+        if self.closing:          # the client went away while we were connecting
+            upstream.transport.close()
+            return
+        self.connect_task = None
+        if self.files_deadline is not None:
+            self.service.starving(self, False)
+        self.target = upstream.target
+        self.pool.succeeded(upstream.target)
+        client = self.client
+        self.upstream = upstream
+        client.peer = upstream
+        upstream.peer = client
+        keepalive = self.service.listener.keepalive
+        if keepalive is not None:
+            _set_keepalive(client.transport, keepalive)
+            _set_keepalive(upstream.transport, keepalive)
+        early, client.early = client.early, None
+        if self.service.send_header is not None:
+            upstream.transport.write(self._proxy_header())
+        if early:
+            upstream.transport.write(b''.join(early))
+        if client.lost:           # the client went away while we were connecting
+            self.close()
+            return
+        self._arm_idle()
+        if client.eof:            # its FIN came while we were connecting
+            self.on_eof(client)
+        if self.closing:
+            return
+        client.flow_paused(False)     # reading starts, unless the upload rate holds it
+
+    def _proxy_header(self) -> bytes:
+        """proxy_protocol.send: the client and the address it connected to, v1 or v2."""
+        local = self.local_addr or self.client.transport.get_extra_info('sockname')
+        return self.service.send_header(self.client_addr[:2], local[:2])
+
+    def on_eof(self, side: Side) -> None:
+        if self.finishing:
+            if self.client.eof and self.upstream.eof:
+                self.close()
+            return
+        peer = side.peer
+        if peer is None or self.closing:
+            return
+        if peer.eof:              # both directions are done
+            self.close()
+            return
+        transport = peer.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()     # pass the FIN on; the other direction goes on
+        if not self.half_closed:  # half_close_timeout is not extended by traffic
+            self.half_closed = True
+            self.half_timer = self.loop.call_later(self.service.listener.half_close_timeout,
+                                                   self._on_half_close_timeout)
+
+    def on_lost(self, side: Side, exc) -> None:
+        if not self.closing:
+            self.close()
+        self._maybe_forget()
+
+    # -- timers -------------------------------------------------------------------------
+    # Idle time is checked by a timer that ticks every idle_timeout / IDLE_TICKS and compares
+    # the byte counters, so the data path never reads the clock: a pair is closed after
+    # between idle_timeout and (1 + 1/IDLE_TICKS) x idle_timeout without a byte either way.
+    def _arm_idle(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.seen = self.client.received + self.upstream.received
+        self.quiet = 0
+        self.timer = self.loop.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+                                          self._on_idle_tick)
+
+    def _on_idle_tick(self) -> None:
+        self.timer = None
+        if self.closing:
+            return
+        total = self.client.received + self.upstream.received
+        if total != self.seen:
+            self.seen = total
+            self.quiet = 0
+        else:
+            self.quiet += 1
+            if self.quiet > IDLE_TICKS:
+                self.service.log.info('idle timeout, closing client %s',
+                                      _fmt_addr(self.client_address()))
+                self.close()
+                return
+        self.timer = self.loop.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+                                          self._on_idle_tick)
+
+    def _on_half_close_timeout(self) -> None:
+        self.half_timer = None
+        if not self.closing:
+            self.service.log.info('half-close timeout, closing client %s',
+                                  _fmt_addr(self.client_address()))
+            self.close()
+
+    # -- CLOSED -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close both transports (flushing what they hold); idempotent."""
+        if self.closing:
+            return
+        self.closing = True
+        for timer in (self.timer, self.half_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.half_timer = None
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        for side in (self.client, self.upstream):
+            if side is not None:
+                side.stop()
+                if side.transport is not None and not side.lost:
+                    side.transport.close()
+        self._maybe_forget()
+
+    def finish(self) -> None:
+        """The drain deadline: FIN both ways now and drop what still arrives.
+
+        A plain close() with unread input would make the kernel send RST; this
+        lingering close lets each peer read to EOF first. The relay closes when
+        both peers answered with FIN; the worker aborts what is left later.
+        """
+        if self.closing or self.finishing:
+            return
+        upstream = self.upstream
+        if upstream is None:       # still connecting: nothing to flush
+            self.close()
+            return
+        self.finishing = True
+        for side in (self.client, upstream):
+            side.peer = _DISCARD
+            transport = side.transport
+            if side.lost or transport.is_closing():
+                continue
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()
+        if self.client.eof and upstream.eof:
+            self.close()
+
+    def abort(self) -> None:
+        """Close both transports now, dropping buffered data (fast stop)."""
+        self.close()
+        for side in (self.client, self.upstream):
+            if side is not None and side.transport is not None and not side.lost:
+                side.transport.abort()
+
+    def _maybe_forget(self) -> None:
+        if not self.closing:
+            return
+        for side in (self.client, self.upstream):
+            if side is not None and side.transport is not None and not side.lost:
+                return
+        if self.client.relay is None:
+            return                                       # forgotten already
+        self.service.forget(self)
+        if self.target is not None:
+            self.pool.release(self.target)
+        self.client.peer = self.client.relay = None     # break the cycles: freed by refcount,
+        if self.upstream is not None:                    # not by the cyclic GC
+            self.upstream.peer = self.upstream.relay = None
+        self.candidates = self.connect_task = None
+
+
+
+def _set_keepalive(transport, ka: Keepalive) -> None:
+    sock = transport.get_extra_info('socket')
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if ka.idle is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(ka.idle)))
+        if ka.interval is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(ka.interval)))
+        if ka.count is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, ka.count)
+    except OSError:
+        pass
+
+
+def _oserror_text(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _fmt_addr(addr) -> str:
+    if not addr:
+        return '-'
+    host, port = addr[0], addr[1]
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+
