@@ -420,7 +420,7 @@ class CountingLimit:
 def test_per_ip_seam_acquires_on_open_and_releases_once_at_every_end(env):
     up = EchoUpstream(env)
     limit = CountingLimit(2)
-    svc, port = service(env, up.addr, idle=0.4, max_sessions=3, per_ip=limit)
+    svc, port = service(env, up.addr, idle=1.0, max_sessions=3, per_ip=limit)
     one = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(3)]
     two = env.udp(V4, ('127.0.0.2', 0))
     talk(env, one[0], port, b'x0')
@@ -430,7 +430,7 @@ def test_per_ip_seam_acquires_on_open_and_releases_once_at_every_end(env):
     assert limit.held == {'127.0.0.1': 2}
     one[2].sendto(b'x2', ('127.0.0.1', port))       # a third from 127.0.0.1: over its limit
     env.run_until(lambda: svc.stats.sessions_refused_per_ip == 1, 5.0, 'the per-IP refusal')
-    env.nothing(one[2])
+    env.nothing(one[2], 0.05)
     assert limit.held == {'127.0.0.1': 2} and svc.stats.sessions_evicted_unanswered == 0
     talk(env, two, port, b'y')                      # 127.0.0.2 has its own count; table full now
     assert (limit.held, svc.stats.dropped) == ({'127.0.0.1': 2, '127.0.0.2': 1}, 1)
