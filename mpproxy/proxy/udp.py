@@ -22,6 +22,14 @@ datagram moves its session to the end), so one periodic timer pops expired
 sessions from the front: the cost is O(expired), not O(sessions). The timer
 runs only while there are sessions.
 
+A full table (`udp.max_sessions`, per worker: it bounds the worker's fds) makes
+room for a new client by ending the oldest session that never got a reply,
+else the least recently active one that is not talking; when every session is
+talking the new client is refused. A flood from many source addresses so
+churns only sessions that are not talking, and memory stays bounded by the
+cap. See `SessionTable` in udp_session.py for the rules and the definition of
+talking. `per_ip` is the seam for `udp.max_sessions_per_ip` (`PerIpLimit`).
+
 Errors never escape a reader callback (it would stop the worker's loop): they
 are counted, and logged through a `RateLimitedLog` (one line per second per
 cause).
@@ -38,7 +46,8 @@ import _socket
 
 from mpproxy.proxy import acl, handoff, pktinfo
 from mpproxy.proxy.ratelog import RateLimitedLog
-from mpproxy.proxy.udp_session import Session, UdpStats
+from mpproxy.proxy.udp_session import (TALKING, UNANSWERED, PerIpLimit, Session, SessionTable,
+                                        UdpStats)
 
 BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
 BATCH = 64               # datagrams read per reader callback, per socket
@@ -60,7 +69,8 @@ _DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 class UdpService:
     """The session table of one UDP listener socket in one worker."""
 
-    def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger):
+    def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
+                 per_ip: PerIpLimit | None = None):
         self.stats = UdpStats()
         self._loop = loop
         self._time = loop.time
@@ -71,11 +81,14 @@ class UdpService:
         self._pool = pool
         self._log = log
         self._rl = RateLimitedLog(log)
-        self._sessions: OrderedDict = OrderedDict()
         self._idle = float(listener.idle_timeout)
         self._period = max(MIN_SWEEP, min(self._idle / 4.0, MAX_SWEEP))
+        self._table = SessionTable(listener.udp.max_sessions,       # 0 = unlimited
+                                   min(TALKING, self._idle / 4.0) + self._period)
+        self._sessions: OrderedDict = self._table.active    # the hot path uses it directly
+        self._per_ip = per_ip                   # None: no per-IP limit, nothing called
+        self._full_at = None                    # loop time of the last eviction or refusal
         self._responses = listener.udp.responses
-        self._max_sessions = listener.udp.max_sessions       # 0 = unlimited
         self._tries = max(1, listener.next_upstream_tries)
         self._wildcard = listener.listen.is_wildcard or pktinfo.is_wildcard(sock)
         self._pk = pktinfo.recv_spec(sock.family)
@@ -164,7 +177,10 @@ class UdpService:
                 pass
             out.append((handoff.describe(sess, self._wildcard, now), sess.sock))
             sess.sock = None
-        self._sessions.clear()
+            if sess.gated:              # the next worker acquires it again
+                sess.gated = False
+                self._per_ip.release(sess.addr[0])
+        self._table.clear()
         self.stats.sessions_active -= len(out)
         self.stats.sessions_handed_out += len(out)
         return out
@@ -188,7 +204,10 @@ class UdpService:
                 sess.sock.close()
                 self._unexpected(exc, 'watching an adopted session socket')
                 continue
-            self._sessions[sess.key] = sess
+            if self._per_ip is not None:
+                # over the limit after a reload: kept anyway, not counted
+                sess.gated = self._per_ip.acquire(sess.addr[0])
+            self._table.add(sess)
             adopted += 1
         stats = self.stats
         stats.sessions_adopted += adopted
@@ -302,14 +321,49 @@ class UdpService:
 
     def _open(self, key, addr, cdata, now):
         """A new session for `addr`, or None (counted by the caller as dropped)."""
-        sessions = self._sessions
-        if self._max_sessions and len(sessions) >= self._max_sessions:
-            # Hook for eviction policies: to make room instead of refusing,
-            # end the least recently active session here
-            # (next(iter(sessions.values())) is it) and go on.
-            self._rl.warning('full', 'udp %s: %d sessions (udp.max_sessions per worker), '
-                             'new client %s dropped', self._name, len(sessions), addr)
+        per_ip = self._per_ip
+        if per_ip is not None and not per_ip.acquire(addr[0]):
+            self.stats.sessions_refused_per_ip += 1
+            self._rl.warning('per-ip', 'udp %s: client %s is at udp.max_sessions_per_ip, '
+                             'new session dropped', self._name, addr)
             return None
+        sess = None
+        try:
+            cap = self._table.cap
+            if not cap or len(self._sessions) < cap or self._make_room(addr, now):
+                sess = self._connect(key, addr, cdata, now)
+        finally:
+            if per_ip is not None:
+                if sess is None:
+                    per_ip.release(addr[0])
+                else:
+                    sess.gated = True
+        return sess
+
+    def _make_room(self, addr, now) -> bool:
+        """The table is full: end one session for the new client `addr`, or refuse it."""
+        table, stats = self._table, self.stats
+        self._full_at = now
+        victim, why = table.victim(now)
+        if victim is None:
+            stats.sessions_refused += 1
+            self._rl.warning(('full', why), 'udp %s: %d sessions (udp.max_sessions per worker), '
+                             'all talking: new client %s dropped', self._name, len(table), addr)
+            return False
+        self._end(victim)
+        if why == UNANSWERED:
+            stats.sessions_evicted_unanswered += 1
+            what = 'never answered'
+        else:
+            stats.sessions_evicted_idle += 1
+            what = 'idle %.1fs' % (now - victim.last)
+        self._rl.warning(('full', why), 'udp %s: %d sessions (udp.max_sessions per worker): '
+                         'ended the session of %s (%s) for new client %s',
+                         self._name, table.cap, victim.addr, what, addr)
+        return True
+
+    def _connect(self, key, addr, cdata, now):
+        """Open the session: a socket connected to a server, watched, in the table; or None."""
         pool = self._pool
         sock = target = None
         for target in pool.candidates(addr if pool.needs_client else None, self._tries):
@@ -345,7 +399,7 @@ class UdpService:
             pool.release(target)
             self._unexpected(exc, 'watching a session socket')
             return None
-        sessions[key] = sess
+        self._table.add(sess)
         stats = self.stats
         stats.sessions_created += 1
         stats.sessions_active += 1
@@ -359,8 +413,10 @@ class UdpService:
         if sock is None:
             return
         sess.sock = None
-        if self._sessions.get(sess.key) is sess:
-            del self._sessions[sess.key]
+        self._table.remove(sess)
+        if sess.gated:
+            sess.gated = False
+            self._per_ip.release(sess.addr[0])
         try:
             self._loop.remove_reader(sess.fd)
         except Exception:           # the loop is closing; the socket still gets closed
@@ -384,6 +440,11 @@ class UdpService:
                 self._end(sess)
                 expired += 1
             self.stats.sessions_expired += expired
+            if self._full_at is not None and now - self._full_at >= self._rl.interval:
+                # the table stopped overflowing: write out the suppressed counts now,
+                # not at the next overflow or at close()
+                self._full_at = None
+                self._rl.flush()
         except Exception as exc:
             self._unexpected(exc, 'expiring sessions')
         if sessions and not self._closed:

@@ -1,6 +1,14 @@
-"""A UDP session and the counters of a UDP service (see udp.py for how they are used)."""
+"""A UDP session, the session table and the counters of a UDP service (used by udp.py)."""
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+TALKING = 1.0             # seconds; see SessionTable
+
+# why SessionTable.victim() chose a session (or none)
+UNANSWERED, IDLE, ALL_TALKING = 'unanswered', 'idle', 'talking'
 
 
 class UdpStats:
@@ -8,7 +16,9 @@ class UdpStats:
 
     __slots__ = ('datagrams_in', 'datagrams_out', 'sessions_created', 'sessions_expired',
                  'sessions_completed', 'sessions_failed', 'sessions_closed',
-                 'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted', 'denied')
+                 'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted', 'denied',
+                 'sessions_evicted_unanswered', 'sessions_evicted_idle', 'sessions_refused',
+                 'sessions_refused_per_ip')
 
     # datagrams_in       datagrams read from clients (including dropped ones)
     # datagrams_out      replies sent to clients
@@ -19,9 +29,13 @@ class UdpStats:
     # sessions_closed    ended by close()
     # sessions_handed_out  given to the next worker of this slot on reload
     # sessions_adopted   taken over from the previous worker of this slot
+    # sessions_evicted_unanswered  ended for a new client, table full: had no reply yet
+    # sessions_evicted_idle        ended for a new client, table full: answered, not talking
     # denied             datagrams from clients that allow/deny refuse
-    # sessions_active    open now (= created + adopted - the five above)
-    # dropped            datagrams lost either way: table full, no server,
+    # sessions_refused   new clients dropped: table full and every session talking
+    # sessions_refused_per_ip  new clients dropped: their IP is at udp.max_sessions_per_ip
+    # sessions_active    open now (= created + adopted - the seven ended ones above)
+    # dropped            datagrams lost either way: table full, per-IP limit, no server,
     #                    send errors to an upstream or to a client
 
     def __init__(self):
@@ -35,29 +49,52 @@ class UdpStats:
         return 'UdpStats(%s)' % ', '.join('%s=%d' % kv for kv in self.as_dict().items())
 
 
+class PerIpLimit(Protocol):
+    """The seam for `udp.max_sessions_per_ip`: `UdpService(..., per_ip=limit)`.
+
+    The service calls `acquire(ip)` before it opens a session (before it makes
+    room in a full table) and `release(ip)` exactly once for every acquire that
+    returned True: when the session ends, is handed to the next worker on a
+    reload, or could not be opened after all. `ip` is the client's host as
+    recvfrom() gives it (str; an IPv4 client of a dual-stack listener comes as
+    '::ffff:a.b.c.d'). A session adopted on reload is acquired again; when that
+    returns False it is kept anyway (a reload never cuts a live flow) and not
+    released. Both run on the worker's loop: they must not block. With
+    `per_ip=None` (the default) nothing is called and nothing costs.
+    """
+
+    def acquire(self, ip: str) -> bool:
+        """Count one more session for `ip`; False (nothing counted) when `ip` is at its limit."""
+
+    def release(self, ip: str) -> None:
+        """One session of `ip` is gone: undo one acquire that returned True."""
+
+
 class Session:
     """One client flow: a connected socket to one upstream server.
 
     ::
 
-        client datagram, no session ──(table full / no server)──▶ dropped
+        client datagram, no session ──(per-IP limit / table full and all talking /
+                    │                    no server)──▶ dropped
                     │ socket(); connect(server); add_reader
                     ▼
                   OPEN ◀── a datagram either way: last = now, move to table end
                     │
-                    ├─ idle_timeout without datagrams ──▶ expired  ┐
+                    ├─ idle_timeout without datagrams ──▶ expired   ┐
                     ├─ reply number udp.responses sent ─▶ completed │
-                    ├─ ECONNREFUSED / unreachable ──────▶ failed   ├─▶ CLOSED
-                    └─ UdpService.close() ──────────────▶ closed   ┘   (remove_reader,
-                                                                       close socket,
-                                                                       out of table,
-                                                                       sock = None)
+                    ├─ ECONNREFUSED / unreachable ──────▶ failed    │
+                    ├─ table full, a new client; no ────▶ evicted   ├─▶ CLOSED
+                    │  reply yet, or not talking                    │    (remove_reader,
+                    └─ UdpService.close() ──────────────▶ closed    ┘    close socket,
+                                                                         out of table,
+                                                                         sock = None)
 
     A CLOSED session is never reopened; the client's next datagram creates a
     new session (new socket, new source port, next server in balancing order).
     """
 
-    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last')
+    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last', 'gated')
 
     def __init__(self, key, addr, sock, anc, target, now):
         self.key = key              # table key: addr, or (addr, local dst) for wildcards
@@ -68,3 +105,78 @@ class Session:
         self.target = target        # upstream.pool.Target
         self.replies = 0            # replies received from the upstream
         self.last = now             # loop.time() of the last datagram either way
+        self.gated = False          # holds a count in the per-IP limit (release it at the end)
+
+
+class SessionTable:
+    """The open sessions of one UdpService, kept in two orders, and who makes room when full.
+
+    `active` maps key → Session in order of last activity: every datagram
+    either way moves its session to the end (udp.py's hot path does that
+    directly on this OrderedDict), so the front is the least recently active
+    session; idle expiry and idle eviction take from there.
+
+    `unanswered` maps key → Session in order of creation, for the sessions
+    that may have had no reply yet. The hot path never touches it: a session
+    joins it when it opens, leaves it when it ends, and an answered one is
+    dropped from its front only when `victim()` walks past it. So it holds at
+    most the sessions of `active` and each costs O(1) once.
+
+    When the table holds `cap` sessions and a new client comes, `victim()`
+    names the session to end for it:
+
+      1. the oldest session that never got a reply (a spoofed or one-way flow:
+         nothing is waiting for it) — however recent;
+      2. else the least recently active session, if it is not talking;
+      3. else none: every session is talking and the new client is refused.
+
+    Talking: a session that got at least one reply and saw a datagram either
+    way within the last min(TALKING, idle_timeout / 4). `last` is stamped from
+    a clock refreshed at each listener read and each sweep, so a reply's stamp
+    may lag by up to one sweep period: the window tested is that much longer
+    (`talking` = min(TALKING, idle_timeout / 4) + sweep period).
+    """
+
+    __slots__ = ('active', 'unanswered', 'cap', 'talking')
+
+    def __init__(self, cap: int, talking: float):
+        self.active: OrderedDict = OrderedDict()
+        self.unanswered: OrderedDict = OrderedDict()
+        self.cap = cap              # 0: no limit
+        self.talking = talking
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def add(self, sess: Session) -> None:
+        self.active[sess.key] = sess
+        if not sess.replies:
+            self.unanswered[sess.key] = sess
+
+    def remove(self, sess: Session) -> None:
+        key = sess.key
+        if self.active.get(key) is sess:
+            del self.active[key]
+        if self.unanswered.get(key) is sess:
+            del self.unanswered[key]
+
+    def clear(self) -> None:
+        self.active.clear()
+        self.unanswered.clear()
+
+    def oldest(self) -> Session:
+        """The least recently active session (the table must not be empty)."""
+        return next(iter(self.active.values()))
+
+    def victim(self, now: float) -> tuple[Session | None, str]:
+        """(session to end, UNANSWERED or IDLE), or (None, ALL_TALKING). Table not empty."""
+        unanswered = self.unanswered
+        while unanswered:
+            sess = next(iter(unanswered.values()))
+            if not sess.replies:
+                return sess, UNANSWERED
+            del unanswered[sess.key]        # answered since it opened
+        sess = self.oldest()
+        if now - sess.last >= self.talking:
+            return sess, IDLE
+        return None, ALL_TALKING

@@ -111,7 +111,8 @@ class Env:
 
 
 class EchoUpstream:
-    """Answers each datagram `copies` times; copies=0 only records."""
+    """Answers each datagram `copies` times; copies=0 only records. Datagrams that start with
+    b'mute' are only recorded (a client whose session never gets a reply)."""
 
     def __init__(self, env, family=V4, host='127.0.0.1', port=0, copies=1):
         self.sock = env.udp(family, (host, port))
@@ -127,8 +128,14 @@ class EchoUpstream:
             except BlockingIOError:
                 return
             self.got.append((data, src))
+            if data.startswith(b'mute'):
+                continue
             for _ in range(self.copies):
                 self.sock.sendto(data, src)
+
+    def source_of(self, data):
+        """The upstream-side source address (the session) the last `data` came from."""
+        return [src for d, src in self.got if d == data][-1]
 
     def sources(self):
         return [src for _, src in self.got]
@@ -146,14 +153,14 @@ def env():
 
 
 def service(env, upstream_addr, family=V4, host='127.0.0.1', idle=30.0, responses=0,
-            max_sessions=10000, pool=None):
+            max_sessions=10000, pool=None, per_ip=None):
     lsock = env.udp(family, (host, 0), reuseport=True)
     port = lsock.getsockname()[1]
     up = Upstream(name='u', servers=(Server(address=Address(upstream_addr[0], upstream_addr[1])),))
     listener = Listener(name='test', listen=Address(host, port), protocol='udp', upstream='u',
                         idle_timeout=idle,
                         udp=UdpOptions(responses=responses, max_sessions=max_sessions))
-    svc = UdpService(env.loop, listener, lsock, pool or UpstreamPool(up), env.log)
+    svc = UdpService(env.loop, listener, lsock, pool or UpstreamPool(up), env.log, per_ip=per_ip)
     env.services.append(svc)
     svc.start()
     return svc, port
@@ -263,6 +270,218 @@ def test_max_sessions_drops_and_counts(env):
     assert any('max_sessions' in r.getMessage() for r in env.handler.records)
     clients[0].sendto(b'again', ('127.0.0.1', port))   # existing sessions still flow
     assert env.recv(clients[0])[0] == b'again'
+
+
+# -- a full table: who makes room for a new client --------------------------------------
+
+
+def talk(env, client, port, payload):
+    """One request and its reply through the proxy."""
+    client.sendto(payload, ('127.0.0.1', port))
+    assert env.recv(client)[0] == payload
+
+
+def test_full_table_ends_the_oldest_never_answered_session_first(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr, max_sessions=4)
+    a, b, c, d, e, f = (env.udp(V4, ('127.0.0.1', 0)) for _ in range(6))
+    talk(env, a, port, b'a1')                       # answered
+    b.sendto(b'mute-b', ('127.0.0.1', port))        # never answered: the oldest such
+    env.run_until(lambda: len(up.got) == 2, 5.0, "b's datagram upstream")
+    c.sendto(b'mute-c', ('127.0.0.1', port))        # not answered at first ...
+    env.run_until(lambda: len(up.got) == 3, 5.0, "c's datagram upstream")
+    talk(env, c, port, b'c1')                       # ... then answered: no longer a candidate
+    d.sendto(b'mute-d', ('127.0.0.1', port))        # never answered, newer than b
+    env.run_until(lambda: len(up.got) == 5, 5.0, "d's datagram upstream")
+    assert svc.stats.sessions_active == 4
+    # b and d are as recent as anyone (talking by time alone): never answered goes first
+    talk(env, e, port, b'e1')
+    st = svc.stats
+    assert (st.sessions_evicted_unanswered, st.sessions_evicted_idle, st.sessions_refused) == \
+        (1, 0, 0)
+    assert b.getsockname() not in svc._sessions and d.getsockname() in svc._sessions
+    talk(env, f, port, b'f1')                       # then d, skipping c (answered since)
+    assert (st.sessions_evicted_unanswered, st.sessions_active) == (2, 4)
+    assert d.getsockname() not in svc._sessions
+    assert set(svc._sessions) == {x.getsockname() for x in (a, c, e, f)}
+    # the answered sessions kept their upstream socket (same source port upstream)
+    talk(env, a, port, b'a2')
+    talk(env, c, port, b'c2')
+    assert up.source_of(b'a2') == up.source_of(b'a1')
+    assert up.source_of(b'c2') == up.source_of(b'c1') == up.source_of(b'mute-c')
+    assert st.dropped == 0                          # every new client got in
+    lines = [r.getMessage() for r in env.handler.records]
+    assert any('never answered' in m and str(b.getsockname()) in m for m in lines), lines
+
+
+def test_full_table_then_ends_the_least_recently_active_idle_session(env):
+    up = EchoUpstream(env)
+    # idle_timeout 2s: talking means a datagram within min(1, 2/4) s (+ the 0.5 s sweep period)
+    svc, port = service(env, up.addr, idle=2.0, max_sessions=3)
+    assert svc._table.talking == 1.0
+    a, b, c, d, e = (env.udp(V4, ('127.0.0.1', 0)) for _ in range(5))
+    for x, name in ((a, b'a'), (b, b'b'), (c, b'c')):
+        talk(env, x, port, name + b'1')
+    env.run_for(svc._table.talking + 0.1)           # all three stop talking ...
+    talk(env, c, port, b'c2')                       # ... then c and a talk again
+    talk(env, a, port, b'a2')
+    talk(env, d, port, b'd1')                       # b is the least recently active: ended
+    st = svc.stats
+    assert (st.sessions_evicted_idle, st.sessions_evicted_unanswered, st.sessions_expired) == \
+        (1, 0, 0)
+    assert set(svc._sessions) == {a.getsockname(), c.getsockname(), d.getsockname()}
+    e.sendto(b'e1', ('127.0.0.1', port))            # a, c and d are talking: e is refused
+    env.run_until(lambda: st.datagrams_in == 7, 5.0, "e's datagram")
+    env.nothing(e)
+    assert (st.sessions_refused, st.sessions_evicted_idle, st.dropped) == (1, 1, 1)
+    talk(env, a, port, b'a3')
+    talk(env, c, port, b'c3')
+    assert up.source_of(b'a3') == up.source_of(b'a1')
+    assert up.source_of(b'c3') == up.source_of(b'c1')
+    evicted = [r.getMessage() for r in env.handler.records if 'idle ' in r.getMessage()]
+    assert len(evicted) == 1 and str(b.getsockname()) in evicted[0], evicted
+
+
+def test_full_table_never_ends_a_talking_session_and_counts_the_refused(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr, max_sessions=3)
+    talkers = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(3)]
+    for i, t in enumerate(talkers):
+        talk(env, t, port, b't%d-0' % i)
+    newcomers = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(20)]
+    for rnd in range(1, 4):                         # newcomers and talkers interleaved
+        for n in newcomers:
+            n.sendto(b'new', ('127.0.0.1', port))
+        for i, t in enumerate(talkers):
+            talk(env, t, port, b't%d-%d' % (i, rnd))
+    env.run_until(lambda: svc.stats.datagrams_in == 3 * 4 + 60, 5.0, 'every datagram')
+    for n in newcomers:
+        env.nothing(n, 0.0)
+    st = svc.stats
+    assert (st.sessions_refused, st.dropped, st.sessions_created, st.sessions_active) == \
+        (60, 60, 3, 3)
+    assert (st.sessions_evicted_unanswered, st.sessions_evicted_idle) == (0, 0)
+    for i in range(3):                              # one session each, all along
+        assert len({up.source_of(b't%d-%d' % (i, r)) for r in range(4)}) == 1
+    assert all(d != b'new' for d, _ in up.got)      # no newcomer reached the upstream
+    refused = [r for r in env.handler.records if 'all talking' in r.getMessage()]
+    assert len(refused) == 1                        # 60 refusals within a second: one line
+    assert refused[0].levelno == logging.WARNING and 'max_sessions' in refused[0].getMessage()
+
+
+def test_a_flood_of_new_clients_keeps_the_table_at_its_cap_and_logs_counts(env):
+    up = EchoUpstream(env)
+    svc, port = service(env, up.addr, idle=2.0, max_sessions=5)
+    talker = env.udp(V4, ('127.0.0.1', 0))
+    talk(env, talker, port, b'talk-0')
+    flood = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(200)]
+    for i, f in enumerate(flood):                   # spoofed-like: the upstream never answers
+        f.sendto(b'mute-%d' % i, ('127.0.0.1', port))
+        if i % 50 == 49:
+            talk(env, talker, port, b'talk-%d' % (i // 50 + 1))
+    env.run_until(lambda: svc.stats.datagrams_in == 205, 5.0, 'the flood')
+    st = svc.stats
+    assert (st.sessions_evicted_unanswered, st.sessions_refused, st.sessions_active) == \
+        (196, 0, 5)
+    assert len({up.source_of(b'talk-%d' % i) for i in range(5)}) == 1
+    # nothing grows with the number of clients: both orders hold at most the cap, the
+    # rate-limited log a few causes
+    assert len(svc._table.active) == 5 and len(svc._table.unanswered) <= 5
+    assert len(svc._rl._last) <= 2
+    lines = [r.getMessage() for r in env.handler.records if 'never answered' in r.getMessage()]
+    assert len(lines) == 1
+    # once the table stops overflowing, the next sweep writes the suppressed count out
+    env.run_until(lambda: any('never answered' in r.getMessage() and
+                              '(195 similar suppressed)' in r.getMessage()
+                              for r in env.handler.records), 3.0, 'the count of evictions')
+
+
+class CountingLimit:
+    """A PerIpLimit in one process: at most `limit` sessions per IP; records every call."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.held = {}
+        self.calls = []
+
+    def acquire(self, ip):
+        ok = self.held.get(ip, 0) < self.limit
+        self.calls.append(('acquire', ip, ok))
+        if ok:
+            self.held[ip] = self.held.get(ip, 0) + 1
+        return ok
+
+    def release(self, ip):
+        self.calls.append(('release', ip))
+        assert self.held.get(ip, 0) > 0, 'release without acquire'
+        self.held[ip] -= 1
+
+
+def test_per_ip_seam_acquires_on_open_and_releases_once_at_every_end(env):
+    up = EchoUpstream(env)
+    limit = CountingLimit(2)
+    svc, port = service(env, up.addr, idle=1.0, max_sessions=3, per_ip=limit)
+    one = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(3)]
+    two = env.udp(V4, ('127.0.0.2', 0))
+    talk(env, one[0], port, b'x0')
+    one[1].sendto(b'mute', ('127.0.0.1', port))
+    talk(env, one[0], port, b'x0 again')            # an open session: no more calls
+    env.run_until(lambda: svc.stats.sessions_created == 2, 5.0, 'the second session')
+    assert limit.held == {'127.0.0.1': 2}
+    one[2].sendto(b'x2', ('127.0.0.1', port))       # a third from 127.0.0.1: over its limit
+    env.run_until(lambda: svc.stats.sessions_refused_per_ip == 1, 5.0, 'the per-IP refusal')
+    env.nothing(one[2], 0.05)
+    assert limit.held == {'127.0.0.1': 2} and svc.stats.sessions_evicted_unanswered == 0
+    talk(env, two, port, b'y')                      # 127.0.0.2 has its own count; table full now
+    assert (limit.held, svc.stats.dropped) == ({'127.0.0.1': 2, '127.0.0.2': 1}, 1)
+    # eviction releases: another 127.0.0.2 client ends the never-answered session
+    two_b = env.udp(V4, ('127.0.0.2', 0))
+    talk(env, two_b, port, b'z')
+    assert svc.stats.sessions_evicted_unanswered == 1
+    assert limit.held == {'127.0.0.1': 1, '127.0.0.2': 2}
+    env.run_until(lambda: svc.stats.sessions_expired == 3, 5.0, 'expiry')   # expiry releases
+    assert limit.held == {'127.0.0.1': 0, '127.0.0.2': 0}
+    talk(env, one[2], port, b'x2 again')
+    svc.close()                                     # close releases
+    assert limit.held == {'127.0.0.1': 0, '127.0.0.2': 0}
+    acquired = sum(1 for c in limit.calls if c[0] == 'acquire' and c[2])
+    assert acquired == sum(1 for c in limit.calls if c[0] == 'release') == 5
+
+
+def test_per_ip_seam_releases_when_the_session_cannot_open_or_is_handed_over(env):
+    probe = socket.socket(V4, socket.SOCK_DGRAM)
+    probe.bind(('127.0.0.1', 0))
+    dead = probe.getsockname()
+    probe.close()
+    limit = CountingLimit(5)
+
+    class NoServers:
+        needs_client = False
+
+        def candidates(self, client_addr, tries):
+            return iter(())
+    svc, port = service(env, dead, pool=NoServers(), per_ip=limit)
+    c = env.udp(V4, ('127.0.0.1', 0))
+    c.sendto(b'x', ('127.0.0.1', port))
+    env.run_until(lambda: svc.stats.dropped == 1, 5.0, 'the drop')
+    assert limit.calls == [('acquire', '127.0.0.1', True), ('release', '127.0.0.1')]
+
+    up = EchoUpstream(env)
+    old, port = service(env, up.addr, per_ip=limit)
+    for i in range(3):
+        talk(env, env.udp(V4, ('127.0.0.1', 0)), port, b'%d' % i)
+    assert limit.held == {'127.0.0.1': 3}
+    out = old.export_sessions()                     # they leave this worker: released
+    assert limit.held == {'127.0.0.1': 0}
+    fds = [os.dup(sock.fileno()) for _, sock in out]
+    for _, sock in out:
+        sock.close()
+    limit.limit = 2                                 # a reload lowered the limit
+    new, _ = service(env, up.addr, per_ip=limit)
+    assert new.adopt_sessions([meta for meta, _ in out], fds) == 3   # all kept ...
+    assert limit.held == {'127.0.0.1': 2}           # ... two counted, the third not
+    new.close()
+    assert limit.held == {'127.0.0.1': 0}
 
 
 def test_dead_upstream_ends_session_and_logs_once(env):
