@@ -7,9 +7,12 @@ many through; these tests open more connections than that and count what is serv
 
 from __future__ import annotations
 
+import collections
 import socket
+import threading
+import time
 
-from conftest import free_port, wait_for
+from conftest import TcpBackend, echo_handler, free_port, wait_for
 from test_proxy_protocol import PAYLOAD, exchange, pp_config
 from test_tcp import tcp_config
 from mpproxy.proxy import proxy_header
@@ -112,3 +115,67 @@ def test_per_ip_limit_counts_the_real_client_behind_a_proxy(proxies, header_echo
     proxy.wait_log('client 192.0.2.1:1000 refused: max_connections_per_ip (1) reached')
     wait_for(lambda: exchange(port, a + PAYLOAD) == PAYLOAD, 5,    # released once it closed
              what='192.0.2.1 admitted again')
+
+
+class CountingEcho(TcpBackend):
+    """An echo backend that records the most connections it held at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.active = self.peak = 0
+        super().__init__(self._handle)
+
+    def _handle(self, conn: socket.socket):
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            echo_handler(conn)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_a_connection_flood_past_the_limits_is_held_to_them(proxies):
+    backend = CountingEcho()
+    try:
+        port = free_port()
+        proxy = proxies(tcp_config(port, backend.address, workers=2, extra="""\
+            max_connections: 20
+            max_connections_per_ip: 10""")).start(wait_workers=2)
+        workers = sorted(proxy.workers())
+        outcomes = collections.Counter()
+        deadline = time.monotonic() + 20
+
+        def flood():
+            for _ in range(60):                   # 8 x 60 connections from one IP
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    with socket.create_connection(('127.0.0.1', port), timeout=3) as s:
+                        s.sendall(b'x')
+                        got = s.recv(1)
+                        time.sleep(0.02)          # hold it a moment: the flood overlaps
+                    outcomes['served' if got == b'x' else 'closed'] += 1
+                except OSError:
+                    outcomes['refused'] += 1
+
+        threads = [threading.Thread(target=flood) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert outcomes['served'] > 0 and outcomes['refused'] > 0, outcomes
+        # per IP 10, and two workers may each let one past in the same instant
+        assert backend.peak <= 10 + 1, backend.peak
+        assert sorted(proxy.workers()) == workers
+        log = proxy.log()
+        assert 'Traceback' not in log
+        lines = [l for l in log.splitlines() if 'max_connections_per_ip (10) reached' in l]
+        per_second = collections.Counter((l[:19], l.split('#')[1].split(':')[0]) for l in lines)
+        assert lines and max(per_second.values()) == 1, per_second   # per worker, per second
+        other = held(port, source='127.0.0.2')    # and the listener still serves
+        assert other is not None
+        other.close()
+    finally:
+        backend.close()

@@ -291,6 +291,19 @@ BROKEN = {
     'negative uid': ('user: -1\n' + MINIMAL, '1: user: must be an integer >= 0'),
     'user as a list': ('user: [nobody]\n' + MINIMAL,
                        '1: user: must be a non-empty string, got a list'),
+    'huge max_connections': (MINIMAL + '    max_connections: 99999999999999999999\n',
+                             '7: listeners[0].max_connections: must be an integer <= 10000000'),
+    'negative per-ip limit': (MINIMAL + '    max_connections_per_ip: -1\n',
+                              '7: listeners[0].max_connections_per_ip: must be an integer >= 0'),
+    'rate as a word': (MINIMAL + '    upload_rate: fast\n',
+                       "7: listeners[0].upload_rate: must be an integer, got 'fast'"),
+    'unknown proxy protocol version': (
+        MINIMAL + '    proxy_protocol: {send: v3}\n',
+        "7: listeners[0].proxy_protocol.send: must be one of none, v1, v2, got 'v3'"),
+    'bad trusted cidr': (
+        MINIMAL + '    proxy_protocol: {accept: true, trusted: [10.0.0.0/33]}\n',
+        "7: listeners[0].proxy_protocol.trusted[0]: must be a CIDR like 10.0.0.0/8 or fd00::/8, "
+        "got '10.0.0.0/33'"),
     'rate on a udp listener': (
         MINIMAL + '    protocol: udp\n    upload_rate: 1000\n',
         '8: listeners[0].upload_rate: applies to tcp listeners only'),
