@@ -310,12 +310,7 @@ class HeaderEcho(TcpBackend):
             self.headers.append((None, b''))
         if data:
             conn.sendall(data)
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            conn.sendall(chunk)
-        conn.shutdown(socket.SHUT_WR)
+        echo_handler(conn)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 
-from conftest import TcpBackend, alive, cmdline, fd_count, free_port, port_free, wait_for
+from conftest import TcpBackend, alive, cmdline, echo_handler, fd_count, free_port, port_free, wait_for
 from test_tcp import connect, echo_roundtrip, recv_all, tcp_config
 
 
@@ -15,12 +15,7 @@ def tagged_backend(tag: bytes) -> TcpBackend:
     """A backend that answers every connection with its tag, then echoes."""
     def handler(conn):
         conn.sendall(tag)
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                break
-            conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
+        echo_handler(conn)
     return TcpBackend(handler)
 
 

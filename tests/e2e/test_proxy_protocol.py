@@ -44,17 +44,22 @@ def exchange(port: int, data: bytes, host='127.0.0.1', source=None, timeout=5.0)
             return b''
 
 
+def echo_payload(host: str, port: int) -> int:
+    """PAYLOAD through the proxy and back, byte-exact; returns the client's port."""
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(PAYLOAD)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == PAYLOAD
+        return s.getsockname()[1]
+
+
 # -- send ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('version', ['v1', 'v2'])
 def test_send_writes_the_client_address_before_any_client_byte(proxies, header_echo, version):
     port = free_port()
     proxies(pp_config(port, header_echo.address, send=version)).start(wait_workers=1)
-    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
-        client_port = s.getsockname()[1]
-        s.sendall(PAYLOAD)
-        s.shutdown(socket.SHUT_WR)
-        assert recv_all(s) == PAYLOAD
+    client_port = echo_payload('127.0.0.1', port)
     [(header, raw)] = header_echo.headers
     assert header.version == int(version[1])
     assert (header.source, header.destination) == (('127.0.0.1', client_port), ('127.0.0.1', port))
@@ -68,11 +73,7 @@ def test_send_v2_over_ipv6(proxies):
     try:
         port = free_port(host='::1')
         proxies(pp_config(port, backend.address, send='v2', host='::1')).start(wait_workers=1)
-        with socket.create_connection(('::1', port), timeout=5) as s:
-            client_port = s.getsockname()[1]
-            s.sendall(PAYLOAD)
-            s.shutdown(socket.SHUT_WR)
-            assert recv_all(s) == PAYLOAD
+        client_port = echo_payload('::1', port)
         [(header, raw)] = backend.headers
         assert (header.source, header.destination) == (('::1', client_port), ('::1', port))
         assert raw[12] == 0x21 and raw[13] == 0x21          # v2 PROXY, AF_INET6 + STREAM
