@@ -321,7 +321,7 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
         half_close_timeout=s.get('half_close_timeout', NON_NEGATIVE, 60.0),
         next_upstream_tries=s.get('next_upstream_tries', integer(1, 100), 3),
         sni_routes=_optional_section(s, 'sni_routes', None, partial(_sni_routes, declared=declared)),
-        proxy_protocol=_proxy_protocol(s),
+        proxy_protocol=_proxy_protocol(s, protocol),
         allow=s.get_list('allow', cidr),
         deny=s.get_list('deny', cidr),
         max_connections=s.get('max_connections', COUNT, 0),
@@ -391,16 +391,17 @@ def _sni_routes(s: Section, declared: dict) -> tuple[tuple[str, str], ...]:
     return tuple(routes)
 
 
-def _proxy_protocol(s: Section) -> ProxyProtocol:
+def _proxy_protocol(s: Section, protocol: str) -> ProxyProtocol:
     p = s.section('proxy_protocol', PROXY_PROTOCOL_KEYS) if 'proxy_protocol' in s else None
     if p is None:
         return ProxyProtocol()
     accept = p.get('accept', boolean, False)
     if accept and not p.value('trusted'):
         p.report('accept', 'true needs a non-empty trusted list (the CIDRs of the proxies in front)')
-    return ProxyProtocol(accept=accept,
-                         trusted=p.get_list('trusted', cidr),
-                         send=p.get('send', choice('none', 'v1', 'v2'), 'none'))
+    send = p.get('send', choice('none', 'v1', 'v2'), 'none')
+    if send == 'v1' and protocol == 'udp':
+        p.report('send', 'v1 is a text line for streams: a udp listener sends v2 (or none)')
+    return ProxyProtocol(accept=accept, trusted=p.get_list('trusted', cidr), send=send)
 
 
 def _udp(s: Section) -> UdpOptions:

@@ -27,7 +27,6 @@ NOT_SUPPORTED_YET = {
     'access_log': None,
     'admin': None,
     'watch_config': False,
-    'listener.udp.max_sessions_per_ip': 0,
 }
 
 

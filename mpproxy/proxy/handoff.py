@@ -120,10 +120,15 @@ def describe(sess: Session, wildcard: bool, now: float) -> dict:
     """A session as JSON-able data; its socket travels beside it as an fd."""
     dst = sess.key[1] if wildcard else None
     target = sess.target
-    return {'a': list(sess.addr), 'd': dst.hex() if dst else None,
+    meta = {'a': list(sess.addr), 'd': dst.hex() if dst else None,
             'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in sess.anc] if sess.anc else None,
             'f': target.family, 's': list(target.sockaddr), 'l': target.label,
             'g': max(0.0, now - sess.last), 'r': sess.replies}
+    if sess.client != sess.addr:        # the real client its PROXY header named
+        meta['c'] = list(sess.client)
+    if sess.told is not None:           # ... and the destination it named
+        meta['t'] = list(sess.told)
+    return meta
 
 
 def rebuild(meta: dict, fd: int, wildcard: bool, now: float) -> Session:
@@ -136,6 +141,9 @@ def rebuild(meta: dict, fd: int, wildcard: bool, now: float) -> Session:
     replies = int(meta['r'])
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    sess = Session((addr, dst) if wildcard else addr, addr, sock, anc, target, last)
+    client = tuple(meta['c']) if meta.get('c') else None
+    told = tuple(meta['t']) if meta.get('t') else None
+    sess = Session((addr, dst) if wildcard else addr, addr, sock, anc, target, last, client)
     sess.replies = replies
+    sess.told = told
     return sess

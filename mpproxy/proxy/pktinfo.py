@@ -77,3 +77,12 @@ def reply_ancdata(family: int, cdata: bytes) -> list[tuple[int, int, bytes]] | N
     # ipi_spec_dst is the local address the kernel would answer from: the
     # destination itself for unicast, a local address for a broadcast.
     return [(socket.IPPROTO_IP, IP_PKTINFO, _ZERO4 + cdata[4:8] + _ZERO4)]
+
+
+def destination(family: int, dst: bytes) -> str:
+    """The address a client sent to, as text, from the part of the pktinfo data that a
+    session key holds (see `recv_spec`): IPv4 ipi_addr, IPv6 ipi6_addr (an IPv4 client of a
+    dual-stack socket: ::ffff:a.b.c.d)."""
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, bytes(dst[:16]))
+    return socket.inet_ntop(socket.AF_INET, bytes(dst[4:8]))

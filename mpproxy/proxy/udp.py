@@ -1,4 +1,4 @@
-"""UDP sessions: one worker's half of a UDP listener.
+"""UDP sessions: one worker's half of a UDP listener — the service, session life, replies.
 
 The master binds one SO_REUSEPORT socket per listener and worker slot; worker i
 wraps socket i in a `UdpService`. The kernel's flow hash keeps a client on one
@@ -12,10 +12,18 @@ server, so replies come back on that socket and need no lookup. Everything is
 raw sockets and `loop.add_reader`: asyncio datagram transports cannot send
 0-byte datagrams and cost an extra layer per datagram.
 
+Owns: the interface the worker uses (start, drain, close, handing sessions
+over on reload), opening and ending sessions, idle expiry, and the replies
+(`_on_upstream`). What comes in from clients — the listener's readers and who
+gets a session (allow/deny, proxy_protocol, the per-IP limit, a full table) —
+is udp_admit.py's `Admission`, a mixin of `UdpService`.
+
 The hot path (one datagram either way) is: recv, one dict lookup, one
 `move_to_end`, one attribute store, send. Sockets are read until EAGAIN but at
 most `BATCH` datagrams per callback, so one busy flow cannot starve the loop;
-counters are added once per callback; nothing is logged per datagram.
+counters are added once per callback; nothing is logged per datagram. A
+listener with proxy_protocol gets its own listener reader, so one without it
+pays nothing for it.
 
 Idle expiry: the table is an OrderedDict ordered by last activity (every
 datagram moves its session to the end), so one periodic timer pops expired
@@ -28,7 +36,8 @@ else the least recently active one that is not talking; when every session is
 talking the new client is refused. A flood from many source addresses so
 churns only sessions that are not talking, and memory stays bounded by the
 cap. See `SessionTable` in udp_session.py for the rules and the definition of
-talking. `per_ip` is the seam for `udp.max_sessions_per_ip` (`PerIpLimit`).
+talking. `per_ip` is the seam for `udp.max_sessions_per_ip` (`PerIpLimit`;
+the worker passes a `GateLimit`, counted across all workers).
 
 Errors never escape a reader callback (it would stop the worker's loop): they
 are counted, and logged through a `RateLimitedLog` (one line per second per
@@ -46,11 +55,10 @@ import _socket
 
 from mpproxy.proxy import acl, handoff, pktinfo
 from mpproxy.proxy.ratelog import RateLimitedLog
-from mpproxy.proxy.udp_session import (TALKING, UNANSWERED, PerIpLimit, Session, SessionTable,
-                                        UdpStats)
+from mpproxy.proxy.udp_admit import Admission
+from mpproxy.proxy.udp_session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
 
 BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
-BATCH = 64               # datagrams read per reader callback, per socket
 MIN_SWEEP = 0.05         # seconds; the expiry timer's period is
 MAX_SWEEP = 1.0          # min(idle_timeout / 4, MAX_SWEEP), at least MIN_SWEEP
 DRAIN_IDLE = 2.0         # seconds a draining worker's session waits for late replies
@@ -66,7 +74,7 @@ _AGAIN = (BlockingIOError, InterruptedError)
 _DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 
 
-class UdpService:
+class UdpService(Admission):
     """The session table of one UDP listener socket in one worker."""
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
@@ -96,6 +104,10 @@ class UdpService:
         self._closed = False
         self._timer = None
         self._acl = acl.for_listener(listener)  # None: no lists, nothing checked
+        pp = listener.proxy_protocol            # udp_admit.py
+        self._trusted = acl.Acl(allow=pp.trusted) if pp.accept else None
+        self._send_v2 = pp.send == 'v2'
+        self._local = sock.getsockname()[:2]    # send v2: the destination, unless wildcard
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
         self._now = loop.time()                 # the clock of the last listener read or sweep
@@ -111,7 +123,8 @@ class UdpService:
         self._lsock.setblocking(False)
         if self._wildcard:
             pktinfo.enable(self._lsock)
-        self._loop.add_reader(self._lfd, self._on_listener)
+        proxied = self._trusted is not None or self._send_v2
+        self._loop.add_reader(self._lfd, self._on_listener_proxied if proxied else self._on_listener)
         self._reading = True
 
     def drain(self) -> None:
@@ -177,9 +190,9 @@ class UdpService:
                 pass
             out.append((handoff.describe(sess, self._wildcard, now), sess.sock))
             sess.sock = None
-            if sess.gated:              # the next worker acquires it again
+            if sess.gated:              # the next worker counts it again
                 sess.gated = False
-                self._per_ip.release(sess.addr[0])
+                self._per_ip.release(sess.client[0])
         self._table.clear()
         self.stats.sessions_active -= len(out)
         self.stats.sessions_handed_out += len(out)
@@ -195,6 +208,13 @@ class UdpService:
             except (IndexError, KeyError, TypeError, ValueError, OSError):
                 socket.close(fd)
                 continue
+            head = None
+            if self._send_v2:           # what this generation's config says, for every session
+                head = self._header_for(sess.client, sess.told, sess.key)
+                if head is None:
+                    sess.sock.close()
+                    continue
+                self._prefix(sess, head)
             old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
@@ -204,9 +224,9 @@ class UdpService:
                 sess.sock.close()
                 self._unexpected(exc, 'watching an adopted session socket')
                 continue
-            if self._per_ip is not None:
-                # over the limit after a reload: kept anyway, not counted
-                sess.gated = self._per_ip.acquire(sess.addr[0])
+            if self._per_ip is not None:    # counted even over the limit: kept anyway
+                self._per_ip.adopt(sess.client[0])
+                sess.gated = True
             self._table.add(sess)
             adopted += 1
         stats = self.stats
@@ -216,66 +236,7 @@ class UdpService:
             self._timer = self._loop.call_later(self._period, self._sweep)
         return adopted
 
-    # -- reader callbacks (the hot path) -------------------------------------
-
-    def _on_listener(self):
-        """Client datagrams → their sessions' upstream sockets."""
-        lsock = self._lsock
-        sessions = self._sessions
-        get = sessions.get
-        touch = sessions.move_to_end
-        buf, view = self._buf, self._view
-        wildcard = self._wildcard
-        if wildcard:
-            pk_level, pk_type, pk_slice = self._pk
-            ancsize = pktinfo.ANCBUFSIZE
-        now = self._now = self._time()
-        n = dropped = 0
-        try:
-            while n < BATCH:
-                try:
-                    if wildcard:
-                        size, anc, _flags, addr = lsock.recvmsg_into((buf,), ancsize)
-                    else:
-                        size, addr = lsock.recvfrom_into(buf)
-                except _AGAIN:
-                    break
-                n += 1
-                if wildcard:
-                    cdata = None
-                    for level, typ, cd in anc:
-                        if typ == pk_type and level == pk_level:
-                            cdata = cd
-                            break
-                    key = (addr, None if cdata is None else cdata[pk_slice])
-                else:
-                    key = addr
-                    cdata = None
-                sess = get(key)
-                if sess is None:
-                    if self._acl is not None and not self._acl.permits(addr[0]):
-                        self.stats.denied += 1
-                        self._rl.info('denied', 'udp %s: client %s denied by allow/deny',
-                                      self._name, addr)
-                        continue
-                    sess = self._open(key, addr, cdata, now)
-                    if sess is None:
-                        dropped += 1
-                        continue
-                elif sess.last != now:
-                    touch(key)
-                    sess.last = now
-                try:                # the buffer is sent before it is reused: no copy
-                    sess.sock.send(view[:size])
-                except OSError as exc:
-                    dropped += 1
-                    self._upstream_error(sess, exc, 'send to')
-        except Exception as exc:
-            self._unexpected(exc, 'reading the listener')
-        stats = self.stats
-        stats.datagrams_in += n
-        if dropped:
-            stats.dropped += dropped
+    # -- replies (the hot path of the other direction) ----------------------
 
     def _on_upstream(self, sess):
         """One upstream reply → the client.
@@ -319,54 +280,11 @@ class UdpService:
 
     # -- session life ---------------------------------------------------------
 
-    def _open(self, key, addr, cdata, now):
-        """A new session for `addr`, or None (counted by the caller as dropped)."""
-        per_ip = self._per_ip
-        if per_ip is not None and not per_ip.acquire(addr[0]):
-            self.stats.sessions_refused_per_ip += 1
-            self._rl.warning('per-ip', 'udp %s: client %s is at udp.max_sessions_per_ip, '
-                             'new session dropped', self._name, addr)
-            return None
-        sess = None
-        try:
-            cap = self._table.cap
-            if not cap or len(self._sessions) < cap or self._make_room(addr, now):
-                sess = self._connect(key, addr, cdata, now)
-        finally:
-            if per_ip is not None:
-                if sess is None:
-                    per_ip.release(addr[0])
-                else:
-                    sess.gated = True
-        return sess
-
-    def _make_room(self, addr, now) -> bool:
-        """The table is full: end one session for the new client `addr`, or refuse it."""
-        table, stats = self._table, self.stats
-        self._full_at = now
-        victim, why = table.victim(now)
-        if victim is None:
-            stats.sessions_refused += 1
-            self._rl.warning(('full', why), 'udp %s: %d sessions (udp.max_sessions per worker), '
-                             'all talking: new client %s dropped', self._name, len(table), addr)
-            return False
-        self._end(victim)
-        if why == UNANSWERED:
-            stats.sessions_evicted_unanswered += 1
-            what = 'never answered'
-        else:
-            stats.sessions_evicted_idle += 1
-            what = 'idle %.1fs' % (now - victim.last)
-        self._rl.warning(('full', why), 'udp %s: %d sessions (udp.max_sessions per worker): '
-                         'ended the session of %s (%s) for new client %s',
-                         self._name, table.cap, victim.addr, what, addr)
-        return True
-
-    def _connect(self, key, addr, cdata, now):
+    def _connect(self, key, addr, cdata, now, client):
         """Open the session: a socket connected to a server, watched, in the table; or None."""
         pool = self._pool
         sock = target = None
-        for target in pool.candidates(addr if pool.needs_client else None, self._tries):
+        for target in pool.candidates(client if pool.needs_client else None, self._tries):
             # next_upstream_tries: a local failure tries the next server
             try:
                 sock = _socket.socket(target.family, _DGRAM_NONBLOCK)
@@ -386,12 +304,12 @@ class UdpService:
         if sock is None:
             if target is None:
                 self._rl.warning('no servers', 'udp %s: upstream %s has no servers, datagram '
-                                 'from %s dropped', self._name, self._listener.upstream, addr)
+                                 'from %s dropped', self._name, self._listener.upstream, client)
             return None
         anc = None
         if cdata is not None:
             anc = pktinfo.reply_ancdata(self._lsock.family, cdata)
-        sess = Session(key, addr, sock, anc, target, now)
+        sess = Session(key, addr, sock, anc, target, now, client)
         try:
             self._loop.add_reader(sess.fd, self._on_upstream, sess)
         except Exception as exc:
@@ -416,7 +334,7 @@ class UdpService:
         self._table.remove(sess)
         if sess.gated:
             sess.gated = False
-            self._per_ip.release(sess.addr[0])
+            self._per_ip.release(sess.client[0])
         try:
             self._loop.remove_reader(sess.fd)
         except Exception:           # the loop is closing; the socket still gets closed
@@ -470,7 +388,7 @@ class UdpService:
             self._end(sess)
             self.stats.sessions_failed += 1
             self._rl.warning((exc.errno, label), 'udp %s: %s upstream %s: %s; session of %s ended',
-                             self._name, what, label, exc.strerror or exc, sess.addr)
+                             self._name, what, label, exc.strerror or exc, sess.client)
         else:
             self._rl.warning((exc.errno, label), 'udp %s: %s upstream %s: %s; datagram dropped',
                              self._name, what, label, exc.strerror or exc)

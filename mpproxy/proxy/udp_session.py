@@ -1,9 +1,12 @@
-"""A UDP session, the session table and the counters of a UDP service (used by udp.py)."""
+"""A UDP session, the session table, the counters of a UDP service, and the per-IP limit seam
+with its implementation over the limits shared by all workers (`GateLimit`)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Protocol
+
+from mpproxy.proxy import limits
 
 TALKING = 1.0             # seconds; see SessionTable
 
@@ -18,7 +21,7 @@ class UdpStats:
                  'sessions_completed', 'sessions_failed', 'sessions_closed',
                  'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted', 'denied',
                  'sessions_evicted_unanswered', 'sessions_evicted_idle', 'sessions_refused',
-                 'sessions_refused_per_ip')
+                 'sessions_refused_per_ip', 'untrusted', 'bad_headers', 'too_big')
 
     # datagrams_in       datagrams read from clients (including dropped ones)
     # datagrams_out      replies sent to clients
@@ -34,9 +37,12 @@ class UdpStats:
     # denied             datagrams from clients that allow/deny refuse
     # sessions_refused   new clients dropped: table full and every session talking
     # sessions_refused_per_ip  new clients dropped: their IP is at udp.max_sessions_per_ip
+    # untrusted          datagrams dropped (proxy_protocol.accept): sender not in `trusted`
+    # bad_headers        datagrams dropped (proxy_protocol.accept): no valid v2 PROXY header
+    # too_big            datagrams dropped (proxy_protocol.send): no room for the v2 header
     # sessions_active    open now (= created + adopted - the seven ended ones above)
     # dropped            datagrams lost either way: table full, per-IP limit, no server,
-    #                    send errors to an upstream or to a client
+    #                    too big for the PROXY header, send errors to an upstream or to a client
 
     def __init__(self):
         for name in self.__slots__:
@@ -55,19 +61,43 @@ class PerIpLimit(Protocol):
     The service calls `acquire(ip)` before it opens a session (before it makes
     room in a full table) and `release(ip)` exactly once for every acquire that
     returned True: when the session ends, is handed to the next worker on a
-    reload, or could not be opened after all. `ip` is the client's host as
-    recvfrom() gives it (str; an IPv4 client of a dual-stack listener comes as
-    '::ffff:a.b.c.d'). A session adopted on reload is acquired again; when that
-    returns False it is kept anyway (a reload never cuts a live flow) and not
-    released. Both run on the worker's loop: they must not block. With
-    `per_ip=None` (the default) nothing is called and nothing costs.
+    reload, or could not be opened after all. `ip` is the real client's host:
+    as recvfrom() gives it (str; an IPv4 client of a dual-stack listener comes
+    as '::ffff:a.b.c.d'), or the source of its PROXY header
+    (`proxy_protocol.accept`). A session adopted on reload is counted with
+    `adopt(ip)`, unchecked: it is kept whatever the limit (a reload never cuts a
+    live flow) and released when it ends like any other; the previous worker
+    released it when it handed it over. All run on the worker's loop: they must
+    not block. With `per_ip=None` (the default) nothing is called and nothing costs.
     """
 
     def acquire(self, ip: str) -> bool:
         """Count one more session for `ip`; False (nothing counted) when `ip` is at its limit."""
 
+    def adopt(self, ip: str) -> None:
+        """Count a session of `ip` taken over on reload, without checking the limit."""
+
     def release(self, ip: str) -> None:
-        """One session of `ip` is gone: undo one acquire that returned True."""
+        """One session of `ip` is gone: undo one acquire that returned True, or one adopt."""
+
+
+class GateLimit:
+    """`udp.max_sessions_per_ip` for the whole listener: the seam over the listener's
+    `limits.Gate`, whose counts every worker of every live generation shares."""
+
+    __slots__ = ('gate',)
+
+    def __init__(self, gate: limits.Gate):
+        self.gate = gate
+
+    def acquire(self, ip: str) -> bool:
+        return self.gate.try_acquire(limits.ip_key(ip)) is None
+
+    def adopt(self, ip: str) -> None:
+        self.gate.add(limits.ip_key(ip))
+
+    def release(self, ip: str) -> None:
+        self.gate.release(limits.ip_key(ip))
 
 
 class Session:
@@ -75,7 +105,8 @@ class Session:
 
     ::
 
-        client datagram, no session ──(per-IP limit / table full and all talking /
+        client datagram, no session ──(untrusted sender / bad PROXY header / allow,deny /
+                    │                    per-IP limit / table full and all talking /
                     │                    no server)──▶ dropped
                     │ socket(); connect(server); add_reader
                     ▼
@@ -94,11 +125,12 @@ class Session:
     new session (new socket, new source port, next server in balancing order).
     """
 
-    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last', 'gated')
+    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last', 'gated',
+                 'client', 'told', 'head', 'room', 'pre')
 
-    def __init__(self, key, addr, sock, anc, target, now):
+    def __init__(self, key, addr, sock, anc, target, now, client=None):
         self.key = key              # table key: addr, or (addr, local dst) for wildcards
-        self.addr = addr            # client address, as recvfrom() gave it
+        self.addr = addr            # client address, as recvfrom() gave it: replies go there
         self.sock = sock            # connected upstream socket; None once CLOSED
         self.fd = sock.fileno()
         self.anc = anc              # sendmsg() pktinfo for wildcard listeners, else None
@@ -106,6 +138,12 @@ class Session:
         self.replies = 0            # replies received from the upstream
         self.last = now             # loop.time() of the last datagram either way
         self.gated = False          # holds a count in the per-IP limit (release it at the end)
+        # proxy_protocol (udp_admit.py); with neither accept nor send only `client` is set
+        self.client = client or addr    # the real client: the PROXY header's source, else addr
+        self.told = None            # the destination the client's PROXY header named, if any
+        self.head = None            # send v2: the header put before each datagram upstream
+        self.room = 0               # send v2: the largest payload that fits beside `head`
+        self.pre = None             # accept: the last PROXY header read (compared, then parsed)
 
 
 class SessionTable:

@@ -39,6 +39,7 @@ from mpproxy.proxy.limits import LimitTable
 from mpproxy.proxy.sni import SniRouter
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
+from mpproxy.proxy.udp_session import GateLimit
 from mpproxy.upstream import discovery
 from mpproxy.upstream import health
 from mpproxy.upstream.pool import UpstreamPool
@@ -213,7 +214,9 @@ class Worker:
                                      self._gate(listener))
                 await service.start()
             else:
-                service = UdpService(self.loop, listener, sock, pool, log)
+                gate = self._gate(listener)     # refuses with 'max_sessions_per_ip'
+                service = UdpService(self.loop, listener, sock, pool, log,
+                                     None if gate is None else GateLimit(gate))
             self.services.append(service)
         if self.spec.health is not None:
             offsets, _ = health.layout(self.config)

@@ -360,6 +360,21 @@ def test_proxy_protocol_accept_needs_trusted(tmp_path):
         '(the CIDRs of the proxies in front)']
 
 
+def test_proxy_protocol_send_v1_needs_a_tcp_listener(tmp_path):
+    udp = MINIMAL + '    protocol: udp\n    proxy_protocol: {send: v1}\n'
+    assert problems(tmp_path, udp) == [
+        '8: listeners[0].proxy_protocol.send: v1 is a text line for streams: a udp listener '
+        'sends v2 (or none)']
+    config = load_text(tmp_path, MINIMAL + '    protocol: udp\n    proxy_protocol: {send: v2, '
+                                           'accept: true, trusted: [10.0.0.0/8]}\n'
+                                           '    udp: {max_sessions_per_ip: 3}\n')
+    listener = config.listeners[0]
+    assert (listener.proxy_protocol.send, listener.proxy_protocol.accept) == ('v2', True)
+    assert listener.udp.max_sessions_per_ip == 3
+    assert load_text(tmp_path, MINIMAL + '    proxy_protocol: {send: v1}\n') \
+        .listeners[0].proxy_protocol.send == 'v1'
+
+
 def test_many_problems_are_reported_together_in_line_order(tmp_path):
     assert problems(tmp_path, """\
         workers: 0

@@ -411,6 +411,10 @@ class CountingLimit:
             self.held[ip] = self.held.get(ip, 0) + 1
         return ok
 
+    def adopt(self, ip):
+        self.calls.append(('adopt', ip))
+        self.held[ip] = self.held.get(ip, 0) + 1
+
     def release(self, ip):
         self.calls.append(('release', ip))
         assert self.held.get(ip, 0) > 0, 'release without acquire'
@@ -479,7 +483,8 @@ def test_per_ip_seam_releases_when_the_session_cannot_open_or_is_handed_over(env
     limit.limit = 2                                 # a reload lowered the limit
     new, _ = service(env, up.addr, per_ip=limit)
     assert new.adopt_sessions([meta for meta, _ in out], fds) == 3   # all kept ...
-    assert limit.held == {'127.0.0.1': 2}           # ... two counted, the third not
+    assert limit.held == {'127.0.0.1': 3}           # ... and counted, over the limit too
+    assert limit.calls[-3:] == [('adopt', '127.0.0.1')] * 3
     new.close()
     assert limit.held == {'127.0.0.1': 0}
 
