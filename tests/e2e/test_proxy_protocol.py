@@ -14,6 +14,8 @@ import time
 import pytest
 
 from conftest import HeaderEcho, free_port, wait_for
+from test_balancing import server_lines, upstream_config
+from test_lifecycle import tagged_backend
 from test_tcp import recv_all, tcp_config
 from mpproxy.proxy import proxy_header
 
@@ -206,3 +208,29 @@ def test_many_bad_headers_log_once_a_second_and_crash_nothing(proxies, header_ec
              proxy.log().count('not a PROXY protocol header') >= 1, 5, what='the log line')
     lines = proxy.log().count('not a PROXY protocol header')
     assert 1 <= lines <= 2 * 2 * 10, f'{lines} lines for 400 bad headers: not rate-limited'
+
+
+def test_accept_hashes_on_the_real_client(proxies):
+    """Behind one trusted peer, `balance: hash` spreads real clients over the servers and
+    keeps each on one server (hashing the peer would send them all to one)."""
+    backends = [tagged_backend(t) for t in (b'A', b'B', b'C')]
+    try:
+        port = free_port()
+        servers = server_lines(*((b.address, 1) for b in backends))
+        config = upstream_config(port, servers, 'hash', extra='            hash_key: client_ip')
+        config = config.replace('            upstream: pool', '            upstream: pool\n'
+                                '            proxy_protocol: {accept: true, trusted: [127.0.0.1/32]}')
+        proxies(config).start(wait_workers=1)
+
+        def server_for(ip: str) -> bytes:
+            with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+                s.sendall(proxy_header.v1((ip, 4000), ('127.0.0.1', port)))
+                return s.recv(1)
+
+        clients = [f'198.51.100.{i}' for i in range(1, 31)]
+        first = {ip: server_for(ip) for ip in clients}
+        assert len(set(first.values())) == 3, first
+        assert {ip: server_for(ip) for ip in clients} == first
+    finally:
+        for b in backends:
+            b.close()
