@@ -117,12 +117,13 @@ def rss_kib(pid: int) -> int:
 class Proxy:
     """A running `mpproxy` master started from the command line with a config file."""
 
-    def __init__(self, tmp_path: Path, config: str, name: str = 'mpproxy', args=()):
+    def __init__(self, tmp_path: Path, config: str, name: str = 'mpproxy', args=(), env=None):
         self.dir = tmp_path
         self.config_path = tmp_path / f'{name}.yaml'
         self.log_path = tmp_path / f'{name}.log'
         self.write_config(config)
         self.args = list(args)
+        self.env = env                    # extra environment variables for the master
         self.proc: subprocess.Popen | None = None
         self.known_pids: set[int] = set()
 
@@ -135,7 +136,8 @@ class Proxy:
     def start(self, wait_workers: int | None = None, timeout: float = 10.0) -> 'Proxy':
         self._log = open(self.log_path, 'ab')
         self.proc = subprocess.Popen(self.command(*self.args), stdout=self._log, stderr=self._log,
-                                     stdin=subprocess.DEVNULL, cwd=self.dir)
+                                     stdin=subprocess.DEVNULL, cwd=self.dir,
+                                     env={**os.environ, **self.env} if self.env else None)
         self.known_pids.add(self.proc.pid)
         wait_for(lambda: 'mpproxy started' in self.log() or self.proc.poll() is not None,
                  timeout, what='mpproxy to start')
@@ -204,8 +206,8 @@ def proxies(tmp_path):
     """Factory: proxies(config_text) -> Proxy (not started); all are stopped at teardown."""
     made: list[Proxy] = []
 
-    def make(config: str, name: str = 'mpproxy', args=()) -> Proxy:
-        proxy = Proxy(tmp_path, config, name=name, args=args)
+    def make(config: str, name: str = 'mpproxy', args=(), env=None) -> Proxy:
+        proxy = Proxy(tmp_path, config, name=name, args=args, env=env)
         made.append(proxy)
         return proxy
 

@@ -21,7 +21,7 @@ from mpproxy.config import ConfigError, accounts, load, nofile
 from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config
 from mpproxy.errors import EXIT_FAILURE, EXIT_WORKER_BOOT, MpproxyError, StartupError
-from mpproxy.master import daemon, upgrade
+from mpproxy.master import daemon, notify, upgrade
 from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
@@ -148,6 +148,8 @@ class Arbiter:
         if self.stopping:
             return
         log.log(logmod.NOTICE, 'reloading configuration from %s', self.config.path)
+        self._notify(RELOADING=1, MONOTONIC_USEC=notify.monotonic_usec(),
+                     STATUS='reloading configuration')
         self.reload()
 
     def handle_quit(self) -> None:
@@ -156,6 +158,7 @@ class Arbiter:
         log.log(logmod.NOTICE, 'graceful shutdown (QUIT): draining for up to %ss',
                 _fmt(self.config.shutdown_timeout))
         self.stopping = 'quit'
+        self._notify(STOPPING=1, STATUS='graceful shutdown (QUIT): draining')
         for generation in self.generations:
             self._drain(generation)
         self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
@@ -165,6 +168,7 @@ class Arbiter:
             return
         log.log(logmod.NOTICE, 'fast shutdown')
         self.stopping = 'term'
+        self._notify(STOPPING=1, STATUS='fast shutdown')
         self.stop_deadline = time.monotonic() + TERM_GRACE
         for generation in self.generations:
             generation.signal_all(signal.SIGTERM)
@@ -196,6 +200,7 @@ class Arbiter:
             return
         log.log(logmod.NOTICE, 'binary upgrade: new master pid %d started; send QUIT to this '
                 'master (pid %d) once it serves', self.upgrade_pid, os.getpid())
+        notify.send(STATUS=f'binary upgrade: new master pid {self.upgrade_pid} starting')
 
     def handle_chld(self) -> None:
         pass                      # reap() runs after every dispatch
@@ -212,9 +217,12 @@ class Arbiter:
         except ConfigError as exc:
             log.error('reload failed, keeping the running configuration: %s',
                       '; '.join(exc.problems))
+            self._reload_done('reload failed, keeping the running configuration: '
+                              + '; '.join(exc.problems))
             return
         except (MpproxyError, OSError) as exc:
             log.error('reload failed, keeping the running configuration: %s', exc)
+            self._reload_done(f'reload failed, keeping the running configuration: {exc}')
             return
         for generation in self.generations:
             if generation.state == STARTING:     # superseded before it was ready
@@ -270,10 +278,13 @@ class Arbiter:
             self.started = True
             log.log(logmod.NOTICE, 'mpproxy started: %d worker(s), %d listener(s), generation %d',
                     generation.config.workers, len(generation.config.listeners), generation.number)
+            notify.send(READY=1, STATUS=f'serving: generation {generation.number}',
+                        MAINPID=os.getpid())
             daemon.report(self.ready_fd, 'ok')
             self.ready_fd = None
         else:
             log.log(logmod.NOTICE, 'generation %d active', generation.number)
+            self._reload_done(f'serving: generation {generation.number} active')
 
     def _drain(self, generation: Generation, quiet: bool = False,
                successors: Generation | None = None) -> None:
@@ -291,6 +302,18 @@ class Arbiter:
                 drain_with_handoff(worker, new)
             else:
                 worker.signal(signal.SIGQUIT)
+
+    # -- systemd (sd_notify) ----------------------------------------------------------------
+    def _notify(self, **fields) -> None:
+        """sd_notify, unless a new master started by USR2 lives: it speaks for the service
+        (its MAINPID=), so this one must not tell systemd it reloads or stops."""
+        if self.upgrade_pid is None:
+            notify.send(**fields)
+
+    def _reload_done(self, status: str) -> None:
+        """READY=1 after RELOADING=1, once no new generation is still starting."""
+        if not any(g.state == STARTING for g in self.generations):
+            self._notify(READY=1, STATUS=status)
 
     # -- children ---------------------------------------------------------------------------
     def reap(self) -> None:
@@ -313,6 +336,9 @@ class Arbiter:
             log.error('binary upgrade failed: the new master (pid %d) exited with code %d; '
                       'this master goes on serving', pid, os.waitstatus_to_exitcode(status))
             upgrade.restore_pidfile(self.pidfile)
+            if not self.stopping:     # take the service back, should the new one have had it
+                notify.send(READY=1, STATUS='binary upgrade failed; serving from this master',
+                            MAINPID=os.getpid())
             return
         for generation in self.generations:
             for slot, worker in list(generation.workers.items()):
@@ -391,6 +417,8 @@ class Arbiter:
         if self.started:
             log.error('reload failed: generation %d: %s; keeping the running generation',
                       generation.number, why)
+            self._reload_done(f'reload failed: generation {generation.number}: {why}; '
+                              'keeping the running generation')
             return
         log.error('cannot start: %s', why)
         daemon.report(self.ready_fd, f'mpproxy: cannot start: {why}\n')

@@ -6,6 +6,9 @@ inherited (their fds named in MPPROXY_INHERIT). The new master adopts them
 instead of binding, starts its workers and writes the pid file; both
 generations of workers then accept until the operator sends QUIT to the old
 master. If the new master exits, the old one restores its pid file and goes on.
+
+The new master gets this master's environment as it is: NOTIFY_SOCKET stays, so
+under systemd the new master announces MAINPID=<its pid> and READY=1 (see notify.py).
 """
 
 from __future__ import annotations
