@@ -57,6 +57,7 @@ class Arbiter:
         self.exit_code = 0
         self.started = False                        # the first generation became active
         self.upgrade_pid: int | None = None         # the new master started by USR2
+        self.upgraded_from: int | None = None       # the old master that started this one
         self.limits: limits.LimitTable | None = None  # connection counts shared by all workers
 
     # -- start ------------------------------------------------------------------------------
@@ -79,6 +80,7 @@ class Arbiter:
             raise
         if inherited:
             self.sockets.release([bound])   # inherited sockets this config does not listen on
+            self.upgraded_from = os.getppid()
             log.log(logmod.NOTICE, 'binary upgrade: listening sockets inherited from pid %d',
                     os.getppid())
         _log_warnings(self.config)
@@ -158,7 +160,7 @@ class Arbiter:
         log.log(logmod.NOTICE, 'graceful shutdown (QUIT): draining for up to %ss',
                 _fmt(self.config.shutdown_timeout))
         self.stopping = 'quit'
-        self._notify(STOPPING=1, STATUS='graceful shutdown (QUIT): draining')
+        self._notify_stopping('graceful shutdown (QUIT): draining')
         for generation in self.generations:
             self._drain(generation)
         self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
@@ -168,7 +170,7 @@ class Arbiter:
             return
         log.log(logmod.NOTICE, 'fast shutdown')
         self.stopping = 'term'
-        self._notify(STOPPING=1, STATUS='fast shutdown')
+        self._notify_stopping('fast shutdown')
         self.stop_deadline = time.monotonic() + TERM_GRACE
         for generation in self.generations:
             generation.signal_all(signal.SIGTERM)
@@ -309,6 +311,13 @@ class Arbiter:
         (its MAINPID=), so this one must not tell systemd it reloads or stops."""
         if self.upgrade_pid is None:
             notify.send(**fields)
+
+    def _notify_stopping(self, status: str) -> None:
+        """STOPPING=1, unless the service goes on in the other master of a binary upgrade:
+        the new one this master started, or the old one that started this master (while it
+        lives it is our parent; backing out of an upgrade is QUIT to the new master)."""
+        if self.upgraded_from is None or os.getppid() != self.upgraded_from:
+            self._notify(STOPPING=1, STATUS=status)
 
     def _reload_done(self, status: str) -> None:
         """READY=1 after RELOADING=1, once no new generation is still starting."""

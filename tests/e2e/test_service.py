@@ -209,6 +209,27 @@ def test_failed_usr2_gives_the_service_back_to_the_old_master(proxies, tmp_path,
     assert echo_roundtrip(port, b'old master') == b'old master'
 
 
+def test_backing_out_of_usr2_gives_the_service_back(proxies, tmp_path, tcp_echo, notify_socket):
+    port = free_port()
+    pid_file = tmp_path / 'mpproxy.pid'
+    proxy = proxies(upgrade_config(tmp_path, port, tcp_echo.address),
+                    env=notify_socket.env).start(wait_workers=2)
+    expect_ready(notify_socket, proxy.pid)
+    proxy.signal(signal.SIGUSR2)
+    assert notify_socket.next().keys == ['STATUS']
+    new = wait_for(lambda: (lambda p: p if p not in (None, proxy.pid) else None)(read_pid(pid_file)),
+                   10, what='the new master to write the pid file')
+    proxy.known_pids.add(new)
+    expect_ready(notify_socket, new)
+    os.kill(new, signal.SIGQUIT)                          # the operator backs out
+    back = notify_socket.next()                  # and the new master said no STOPPING=1
+    assert back.pid == proxy.pid and back.fields['MAINPID'] == str(proxy.pid), back
+    assert back.keys == ['READY', 'STATUS', 'MAINPID']
+    wait_for(lambda: read_pid(pid_file) == proxy.pid, 5, what='the pid file back')
+    assert not os.path.exists(f'{pid_file}.oldbin')
+    assert echo_roundtrip(port, b'old master') == b'old master'
+
+
 def test_daemon_names_its_own_pid(tmp_path, tcp_echo, notify_socket):
     port = free_port()
     pid_file = tmp_path / 'mpproxy.pid'
