@@ -26,6 +26,7 @@ from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
                                     close_handoff, drain_with_handoff, spawn)
+from mpproxy.observe import access
 from mpproxy.observe import log as logmod
 from mpproxy.proxy import limits
 
@@ -65,6 +66,7 @@ class Arbiter:
         """Bind, lock, fork: raises StartupError before any worker exists."""
         setproctitle.setproctitle(f'mpproxy: master -c {self.config_arg}')
         credentials = _credentials(self.config)
+        _prepare_access_log(self.config, credentials)
         limit_index = self._limit_index(self.config)
         if self.config.pid_file:
             self.pidfile = PidFile(self.config.pid_file)
@@ -185,6 +187,10 @@ class Arbiter:
         if active is not None and active.credentials is not None:
             logmod.chown(active.credentials.uid)      # nginx's way: so its workers can reopen it
         for generation in self.generations:
+            try:                                  # the access log: created, theirs, then reopened
+                _prepare_access_log(generation.config, generation.credentials)
+            except StartupError as exc:
+                log.error('%s', exc)
             generation.signal_all(signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
@@ -214,6 +220,7 @@ class Arbiter:
             config = load(self.config.path)
             self._check_reloadable(config)
             credentials = _credentials(config)
+            _prepare_access_log(config, credentials)
             limit_index = self._limit_index(config)
             bound = self.sockets.acquire(config)
         except ConfigError as exc:
@@ -497,6 +504,18 @@ def _credentials(config: Config) -> Credentials | None:
         return accounts.resolve(config.user, config.group)
     except ValueError as exc:          # the loader checked; the account went away since
         raise StartupError(f'user {config.user}: {exc}') from None
+
+
+def _prepare_access_log(config: Config, credentials: Credentials | None) -> None:
+    """Create `config`'s access log file and give it to the user its workers switch to, so
+    that they can open (and on USR1 reopen) it by path; StartupError when it cannot be."""
+    if config.access_log is None:
+        return
+    path = config.access_log.path
+    try:
+        access.prepare(path, credentials.uid if credentials is not None else None)
+    except OSError as exc:
+        raise StartupError(f'cannot open access log {path}: {exc.strerror or exc}') from None
 
 
 def _log_warnings(config: Config) -> None:

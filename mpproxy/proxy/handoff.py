@@ -123,7 +123,9 @@ def describe(sess: Session, wildcard: bool, now: float) -> dict:
     meta = {'a': list(sess.addr), 'd': dst.hex() if dst else None,
             'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in sess.anc] if sess.anc else None,
             'f': target.family, 's': list(target.sockaddr), 'l': target.label,
-            'g': max(0.0, now - sess.last), 'r': sess.replies}
+            'g': max(0.0, now - sess.last), 'r': sess.replies,
+            'o': max(0.0, now - sess.started),            # age and counts: for the access log
+            'i': [sess.datagrams_in, sess.bytes_in, sess.bytes_out]}
     if sess.client != sess.addr:        # the real client its PROXY header named
         meta['c'] = list(sess.client)
     if sess.told is not None:           # ... and the destination it named
@@ -146,4 +148,7 @@ def rebuild(meta: dict, fd: int, wildcard: bool, now: float) -> Session:
     sess = Session((addr, dst) if wildcard else addr, addr, sock, anc, target, last, client)
     sess.replies = replies
     sess.told = told
+    if 'o' in meta:               # (absent from a worker of an older mpproxy)
+        sess.started = now - float(meta['o'])
+        sess.datagrams_in, sess.bytes_in, sess.bytes_out = (int(v) for v in meta['i'])
     return sess

@@ -74,6 +74,7 @@ class Preamble:
         self._end_stage()
         svc = self.service
         if state != proxy_header.DONE:
+            self.status = 'bad_header'
             svc.bad_headers += 1
             svc.ratelog.warning(('proxy header', reason or 'eof'),
                                 'tcp %s: client %s: %s; closing', svc.listener.name,
@@ -87,6 +88,7 @@ class Preamble:
             self.local_addr = header.destination
         key = svc.admit(self.client_addr)
         if key is False:
+            self.status = svc.refused
             self.abort()
             return
         self.limit_key = key
@@ -105,6 +107,7 @@ class Preamble:
                                   _fmt(self.client_addr),
                                   f'no route for server name {name!r}' if state == sni.FOUND
                                   else 'not a TLS ClientHello')
+            self.status = 'no_route'
             self.close()
             return
         self.peeking = None
@@ -116,6 +119,7 @@ class Preamble:
             return
         if self.peeking == 'proxy':
             svc = self.service
+            self.status = 'bad_header'
             svc.bad_headers += 1
             svc.ratelog.warning(('proxy header', 'timeout'),
                                 'tcp %s: client %s sent no complete PROXY protocol header in '
@@ -125,6 +129,7 @@ class Preamble:
         else:
             self.service.log.info('client %s sent no complete ClientHello in %gs; closing',
                                   _fmt(self.client_addr), SNI_TIMEOUT)
+            self.status = 'no_route'
             self.close()
 
 

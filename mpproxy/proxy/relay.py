@@ -10,6 +10,12 @@ A relay's states::
         |                      |                          |                          ^
         +-- all tries failed --+-- RST, idle_timeout -----+-- half_close_timeout ----+
 
+`status` names why a relay ended when it was not its peers' doing (the access
+log's status; None = ok): upstream_refused / timeout (every try failed; the
+last one refused or timed out), idle_timeout (idle or half-close timeout),
+bad_header, denied, limit (preamble.py), no_route (sni). `started`, `routed`
+and `connect_time` are only read by the access log (loop times; zero without it).
+
 Both transports are closed explicitly once both directions are done (uvloop
 must never garbage-collect a transport with a pending `write_eof()`), and a
 relay stays in its service's table until both sides report `connection_lost`.
@@ -39,7 +45,7 @@ class Relay(Preamble):
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
                  'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
-                 'local_addr')
+                 'local_addr', 'status', 'started', 'routed', 'connect_time')
 
     def __init__(self, service: 'TcpService', client_addr):
         self.service = service
@@ -69,6 +75,9 @@ class Relay(Preamble):
         self.limit_key = None                       # the client's key in the shared limits
         self.local_addr = None                      # the address the client connected to, as
                                                     # its PROXY header said
+        self.status = None                          # why it ended, for the access log
+        self.started = self.loop.time() if service.access is not None else 0.0
+        self.routed = self.connect_time = 0.0       # first connect try; its duration
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
@@ -77,6 +86,8 @@ class Relay(Preamble):
 
     def _route(self, pool) -> None:
         self.pool = pool
+        if self.service.access is not None:
+            self.routed = self.loop.time()
         self.candidates = iter(pool.candidates(
             self.client_address() if pool.needs_client else None,
             self.service.listener.next_upstream_tries))
@@ -90,6 +101,8 @@ class Relay(Preamble):
         """Connect to the next candidate server, or close the client when none is left."""
         target = next(self.candidates, None)
         if target is None:
+            if self.status is None:
+                self.status = 'upstream_refused'
             self.service.log.error('no upstream could be connected for client %s, listener: %s; '
                                    'closing the client connection',
                                    _fmt_addr(self.client_address()), self.service.listener.name)
@@ -132,6 +145,7 @@ class Relay(Preamble):
             if self._wait_for_files(exc):
                 return            # not the server's fault: the same server, once a file is free
             self.pool.release(self.trying)
+            self.status = 'upstream_refused'
             self.service.log.error('no file for an upstream connection in %gs, client: %s, '
                                    'listener: %s; closing the client connection',
                                    self.service.listener.connect_timeout,
@@ -141,6 +155,7 @@ class Relay(Preamble):
         self.pool.release(self.trying)
         self.pool.failed(self.trying)
         reason = 'timed out' if task.cancelled() else _oserror_text(exc)
+        self.status = 'timeout' if task.cancelled() else 'upstream_refused'
         self.service.log.warning('connect() to %s failed (%s) while connecting to upstream, '
                                  'client: %s, listener: %s', self.trying.label, reason,
                                  _fmt_addr(self.client_address()), self.service.listener.name)
@@ -177,6 +192,9 @@ class Relay(Preamble):
             self.service.starving(self, False)
         self.target = upstream.target
         self.pool.succeeded(upstream.target)
+        self.status = None                          # an earlier try's failure is not the end
+        if self.service.access is not None:
+            self.connect_time = self.loop.time() - self.routed
         client = self.client
         self.upstream = upstream
         client.peer = upstream
@@ -256,6 +274,7 @@ class Relay(Preamble):
             if self.quiet > IDLE_TICKS:
                 self.service.log.info('idle timeout, closing client %s',
                                       _fmt_addr(self.client_address()))
+                self.status = 'idle_timeout'
                 self.close()
                 return
         self.timer = self.loop.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
@@ -266,6 +285,7 @@ class Relay(Preamble):
         if not self.closing:
             self.service.log.info('half-close timeout, closing client %s',
                                   _fmt_addr(self.client_address()))
+            self.status = 'idle_timeout'
             self.close()
 
     # -- CLOSED -------------------------------------------------------------------------

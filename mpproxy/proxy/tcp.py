@@ -5,6 +5,9 @@ shared listening socket, checked (allow/deny, the shared limits; or, with
 `proxy_protocol.accept`, only that the peer is trusted: the rest waits for its
 header) and wrapped in a uvloop transport whose protocol is a new `Relay`'s
 client side (relay.py). Refused clients are reset before any transport exists.
+
+With an access log, each relay writes its line when it is forgotten (`forget`),
+and each client refused here one line (denied / limit) before it is reset.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ class TcpService:
     """One TCP listener in one worker: accepts on the (shared) socket, runs the relays."""
 
     def __init__(self, loop, listener: Listener, sock: socket.socket, pool: UpstreamPool, log,
-                 sni_router: 'sni.SniRouter | None' = None, gate: 'limits.Gate | None' = None):
+                 sni_router: 'sni.SniRouter | None' = None, gate: 'limits.Gate | None' = None,
+                 access=None):
         self.loop = loop
         self.listener = listener
         self.sock = sock
@@ -38,6 +42,8 @@ class TcpService:
         self.send_header = {'v1': proxy_header.v1, 'v2': proxy_header.v2}.get(pp.send)
         self.gate = gate                  # the shared limits, or None
         self.denied = self.limited = self.bad_headers = 0
+        self.access = access              # the worker's observe.access.AccessLog, or None
+        self.refused = 'denied'           # why admit() last refused: access log status
         self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
         self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
@@ -56,12 +62,15 @@ class TcpService:
             key = None                    # checked once its PROXY header tells who it is
         else:
             self.denied += 1
+            self.refused = 'denied'
             self.ratelog.warning('untrusted', 'tcp %s: client %s is not in '
                                  'proxy_protocol.trusted; closing', self.listener.name,
                                  _fmt_addr(address))
             key = False
         if key is False:
             _reset(socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd))
+            if self.access is not None:
+                self.access.refused(self.listener.name, 'tcp', address, self.refused)
             return
         sock = socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
         relay = Relay(self, address)
@@ -82,6 +91,7 @@ class TcpService:
         """
         if self.acl is not None and not self.acl.permits(address[0]):
             self.denied += 1
+            self.refused = 'denied'
             self.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
                               self.listener.name, _fmt_addr(address))
             return False
@@ -93,6 +103,7 @@ class TcpService:
         if why is None:
             return key
         self.limited += 1
+        self.refused = 'limit'
         self.ratelog.warning(('limit', why), 'tcp %s: client %s refused: %s (%d) reached',
                              self.listener.name, _fmt_addr(address), why,
                              gate.max_total if why == 'max_connections' else gate.max_per_ip)
@@ -114,6 +125,19 @@ class TcpService:
             self.starving(relay, False)
         if not self.starved:
             self.acceptor.freed()
+        if self.access is not None:
+            self._log_relay(relay)
+
+    def _log_relay(self, relay: Relay) -> None:
+        """The access log line of a relay that ended (see observe/access.py for the fields)."""
+        target = relay.target or relay.trying             # connected to, else tried last
+        upstream = relay.upstream
+        self.access.write(
+            self.listener.name, 'tcp', relay.client_addr,
+            target.sockaddr if target is not None else None, relay.status or 'ok',
+            relay.client.received, upstream.received if upstream is not None else 0,
+            relay.connect_time if relay.target is not None else None,
+            self.loop.time() - relay.started)
 
     def starving(self, relay: Relay, on: bool) -> None:
         """`relay` waits (on) or no longer waits (off) for a file for its upstream socket."""

@@ -39,6 +39,13 @@ cap. See `SessionTable` in udp_session.py for the rules and the definition of
 talking. `per_ip` is the seam for `udp.max_sessions_per_ip` (`PerIpLimit`;
 the worker passes a `GateLimit`, counted across all workers).
 
+Access log: one line per session when it ends (`_end`), never per datagram; a
+datagram refused before it has a session (allow/deny, untrusted, bad header,
+the limits) writes none: it is counted and rate-logged. Status: ok (idle
+expiry, udp.responses reached, stop), upstream_refused (ICMP unreachable),
+limit (ended for a new client in a full table). Without an access log the
+readers pay one local flag test per datagram, the reply path one attribute test.
+
 Errors never escape a reader callback (it would stop the worker's loop): they
 are counted, and logged through a `RateLimitedLog` (one line per second per
 cause).
@@ -78,7 +85,7 @@ class UdpService(Admission):
     """The session table of one UDP listener socket in one worker."""
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
-                 per_ip: PerIpLimit | None = None):
+                 per_ip: PerIpLimit | None = None, access=None):
         self.stats = UdpStats()
         self._loop = loop
         self._time = loop.time
@@ -95,6 +102,7 @@ class UdpService(Admission):
                                    min(TALKING, self._idle / 4.0) + self._period)
         self._sessions: OrderedDict = self._table.active    # the hot path uses it directly
         self._per_ip = per_ip                   # None: no per-IP limit, nothing called
+        self._access = access                   # observe.access.AccessLog, or None: no counts
         self._full_at = None                    # loop time of the last eviction or refusal
         self._responses = listener.udp.responses
         self._tries = max(1, listener.next_upstream_tries)
@@ -268,6 +276,8 @@ class UdpService(Admission):
                 stats.dropped += 1
                 self._client_error(sess.addr, exc)
             sess.replies += 1
+            if self._access is not None:
+                sess.bytes_out += size
             responses = self._responses
             if responses and sess.replies >= responses:
                 self._end(sess)
@@ -325,8 +335,8 @@ class UdpService(Admission):
             self._timer = self._loop.call_later(self._period, self._sweep)
         return sess
 
-    def _end(self, sess) -> None:
-        """OPEN → CLOSED. The caller counts why."""
+    def _end(self, sess, status: str = 'ok') -> None:
+        """OPEN → CLOSED. The caller counts why; `status` is the access log's."""
         sock = sess.sock
         if sock is None:
             return
@@ -342,6 +352,10 @@ class UdpService(Admission):
         sock.close()
         self._pool.release(sess.target)
         self.stats.sessions_active -= 1
+        if self._access is not None:
+            self._access.write(self._name, 'udp', sess.client, sess.target.sockaddr, status,
+                               sess.bytes_in, sess.bytes_out, None, self._time() - sess.started,
+                               (sess.datagrams_in, sess.replies))
 
     def _sweep(self):
         """The expiry timer: end sessions idle for idle_timeout, from the table's front."""
@@ -385,7 +399,7 @@ class UdpService(Admission):
         label = sess.target.label
         if exc.errno in _UPSTREAM_DEAD:
             self._pool.failed(sess.target)
-            self._end(sess)
+            self._end(sess, 'upstream_refused')
             self.stats.sessions_failed += 1
             self._rl.warning((exc.errno, label), 'udp %s: %s upstream %s: %s; session of %s ended',
                              self._name, what, label, exc.strerror or exc, sess.client)

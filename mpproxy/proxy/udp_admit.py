@@ -69,6 +69,7 @@ class Admission:
         if wildcard:
             pk_level, pk_type, pk_slice = self._pk
             ancsize = pktinfo.ANCBUFSIZE
+        counting = self._access is not None     # the access log's per-session counts
         now = self._now = self._time()
         n = dropped = 0
         try:
@@ -103,6 +104,9 @@ class Admission:
                 elif sess.last != now:
                     touch(key)
                     sess.last = now
+                if counting:
+                    sess.datagrams_in += 1
+                    sess.bytes_in += size
                 try:                # the buffer is sent before it is reused: no copy
                     sess.sock.send(view[:size])
                 except OSError as exc:
@@ -128,6 +132,7 @@ class Admission:
             pk_level, pk_type, pk_slice = self._pk
             ancsize = pktinfo.ANCBUFSIZE
         trusted = self._trusted             # None: accept is off
+        counting = self._access is not None     # the access log's per-session counts
         now = self._now = self._time()
         n = dropped = 0
         try:
@@ -182,6 +187,9 @@ class Admission:
                 elif sess.last != now:
                     touch(key)
                     sess.last = now
+                if counting:
+                    sess.datagrams_in += 1
+                    sess.bytes_in += size
                 head = sess.head
                 try:
                     if head is None:
@@ -248,7 +256,7 @@ class Admission:
             self._rl.warning(('full', why), 'udp %s: %d sessions (udp.max_sessions per worker), '
                              'all talking: new client %s dropped', self._name, len(table), client)
             return False
-        self._end(victim)
+        self._end(victim, 'limit')
         if why == UNANSWERED:
             stats.sessions_evicted_unanswered += 1
             what = 'never answered'

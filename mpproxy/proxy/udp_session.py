@@ -126,7 +126,8 @@ class Session:
     """
 
     __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last', 'gated',
-                 'client', 'told', 'head', 'room', 'pre')
+                 'client', 'told', 'head', 'room', 'pre', 'started', 'datagrams_in', 'bytes_in',
+                 'bytes_out')
 
     def __init__(self, key, addr, sock, anc, target, now, client=None):
         self.key = key              # table key: addr, or (addr, local dst) for wildcards
@@ -144,6 +145,9 @@ class Session:
         self.head = None            # send v2: the header put before each datagram upstream
         self.room = 0               # send v2: the largest payload that fits beside `head`
         self.pre = None             # accept: the last PROXY header read (compared, then parsed)
+        # the access log's (counted only while it is on; `replies` is its datagrams_out)
+        self.started = now          # loop.time() of its first datagram
+        self.datagrams_in = self.bytes_in = self.bytes_out = 0
 
 
 class SessionTable:

@@ -33,9 +33,11 @@ import uvloop
 from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, WorkerBootError
+from mpproxy.observe import access
 from mpproxy.observe import log as logmod
 from mpproxy.proxy import handoff
 from mpproxy.proxy.limits import LimitTable
+from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.proxy.sni import SniRouter
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
@@ -75,14 +77,21 @@ class WorkerSpec:
 def run(spec: WorkerSpec) -> None:
     """Entry point in the child right after fork(); never returns."""
     code = EXIT_WORKER_BOOT
+    worker = None
     try:
-        code = Worker(spec).run()
+        worker = Worker(spec)
+        code = worker.run()
     except BaseException:     # noqa: BLE001 - a worker must never unwind into the master's code
         try:
             log.exception('worker %d crashed', spec.slot)
         except BaseException:
             pass
     finally:
+        if worker is not None and worker.access is not None:
+            try:
+                worker.access.close()     # what is still pending (run() closes it normally)
+            except BaseException:
+                pass
         for handler in log.handlers:
             try:
                 handler.flush()
@@ -105,6 +114,7 @@ class Worker:
         self.handoff_timer = None
         self.handoff_adopted = self.handoff_lost = 0
         self.limit_area = None
+        self.access: access.AccessLog | None = None
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -121,13 +131,22 @@ class Worker:
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(_log_loop_exception)
+        if self.config.access_log is not None:   # after the user switch: opened as that user
+            try:
+                self.access = access.AccessLog(self.config.access_log.path,
+                                               self.config.access_log.format, loop,
+                                               RateLimitedLog(log))
+            except OSError as exc:
+                log.error('worker %d could not start: cannot open access log %s: %s', spec.slot,
+                          self.config.access_log.path, exc.strerror or exc)
+                return EXIT_WORKER_BOOT
         try:
             loop.run_until_complete(self._start_services())
         except Exception as exc:  # noqa: BLE001 - any boot failure is reported, then exit 3
             log.error('worker %d could not start: %s', spec.slot, exc)
             return EXIT_WORKER_BOOT
         for sig, handler in ((signal.SIGQUIT, self.drain), (signal.SIGTERM, self.stop),
-                             (signal.SIGINT, self.stop), (signal.SIGUSR1, logmod.reopen)):
+                             (signal.SIGINT, self.stop), (signal.SIGUSR1, self.reopen_logs)):
             loop.add_signal_handler(sig, handler)
         # Blocked since the fork; uvloop sees a pending signal only once its loop runs.
         loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, WORKER_SIGNALS)
@@ -143,6 +162,9 @@ class Worker:
             loop.add_reader(spec.handoff.fileno(), self._on_handoff)
             self.handoff_timer = loop.call_later(HANDOFF_WAIT, self._handoff_done)
         loop.run_forever()
+        if self.access is not None:
+            access_log, self.access = self.access, None
+            access_log.close()    # every line, also those of the connections stop() ended
         return self.exit_code
 
     def _reset_inherited(self) -> None:
@@ -211,12 +233,12 @@ class Worker:
                                     if pattern == 'default'), None)   # None: close the rest
                     router = SniRouter(routes, default)
                 service = TcpService(self.loop, listener, sock, pool, log, router,
-                                     self._gate(listener))
+                                     self._gate(listener), self.access)
                 await service.start()
             else:
                 gate = self._gate(listener)     # refuses with 'max_sessions_per_ip'
                 service = UdpService(self.loop, listener, sock, pool, log,
-                                     None if gate is None else GateLimit(gate))
+                                     None if gate is None else GateLimit(gate), self.access)
             self.services.append(service)
         if self.spec.health is not None:
             offsets, _ = health.layout(self.config)
@@ -285,6 +307,12 @@ class Worker:
             log.info('handed %d UDP session(s) to the new worker%s', sent,
                      f'; {failed} could not be sent and were closed' if failed else '')
 
+    def reopen_logs(self) -> None:
+        """USR1: the error log and the access log, by path (the master made them ours)."""
+        logmod.reopen()
+        if self.access is not None:
+            self.access.reopen()
+
     # -- talking to the master --------------------------------------------------------------
     def _send(self, byte: bytes) -> None:
         try:
@@ -346,6 +374,8 @@ class Worker:
             self._hand_over(successor)
         for service in self.services:
             service.drain()
+        if self.access is not None:
+            self.access.flush()
         deadline = self.loop.time() + self.config.shutdown_timeout
         self._check_drained(deadline)
 
@@ -373,9 +403,13 @@ class Worker:
                 log.exception('error while closing a service')
 
     def stop(self) -> None:
-        """TERM, INT, or the end of a drain: close everything now and leave the loop."""
+        """TERM, INT, or the end of a drain: close everything now and leave the loop.
+
+        The loop stops one turn later: the transports closed here report `connection_lost`
+        in the next turn, and their relays write their access log lines then.
+        """
         self._close_services(graceful=False)
-        self.loop.stop()
+        self.loop.call_soon(self.loop.stop)
 
 
 def _log_loop_exception(loop, context) -> None:
