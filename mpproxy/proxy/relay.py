@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from mpproxy.config.schema import Keepalive
@@ -39,7 +40,7 @@ class Relay(Preamble):
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
                  'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
-                 'local_addr')
+                 'local_addr', 'connect_started')
 
     def __init__(self, service: 'TcpService', client_addr):
         self.service = service
@@ -69,6 +70,8 @@ class Relay(Preamble):
         self.limit_key = None                       # the client's key in the shared limits
         self.local_addr = None                      # the address the client connected to, as
                                                     # its PROXY header said
+        self.connect_started = 0.0                  # when the last connect began (monotonic;
+                                                    # the loop's clock has 1 ms steps)
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
@@ -90,6 +93,7 @@ class Relay(Preamble):
         """Connect to the next candidate server, or close the client when none is left."""
         target = next(self.candidates, None)
         if target is None:
+            self.service.failed += 1
             self.service.log.error('no upstream could be connected for client %s, listener: %s; '
                                    'closing the client connection',
                                    _fmt_addr(self.client_address()), self.service.listener.name)
@@ -108,6 +112,7 @@ class Relay(Preamble):
         else:
             side = UpstreamSide(self, target)
         loop = self.loop
+        self.connect_started = time.monotonic()
         task = self.connect_task = loop.create_task(
             loop.create_connection(lambda: side, target.sockaddr[0], target.sockaddr[1]))
         task.add_done_callback(self._connect_done)
@@ -132,6 +137,7 @@ class Relay(Preamble):
             if self._wait_for_files(exc):
                 return            # not the server's fault: the same server, once a file is free
             self.pool.release(self.trying)
+            self.service.failed += 1
             self.service.log.error('no file for an upstream connection in %gs, client: %s, '
                                    'listener: %s; closing the client connection',
                                    self.service.listener.connect_timeout,
@@ -176,7 +182,7 @@ class Relay(Preamble):
         if self.files_deadline is not None:
             self.service.starving(self, False)
         self.target = upstream.target
-        self.pool.succeeded(upstream.target)
+        self.pool.succeeded(upstream.target, time.monotonic() - self.connect_started)
         client = self.client
         self.upstream = upstream
         client.peer = upstream

@@ -38,6 +38,9 @@ class TcpService:
         self.send_header = {'v1': proxy_header.v1, 'v2': proxy_header.v2}.get(pp.send)
         self.gate = gate                  # the shared limits, or None
         self.denied = self.limited = self.bad_headers = 0
+        # metrics (observe/metrics.py): clients accepted; clients closed because no upstream
+        # could be connected; bytes read from clients and from upstreams by relays that ended
+        self.accepted = self.failed = self.received = self.sent = 0
         self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
         self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
@@ -50,6 +53,7 @@ class TcpService:
 
     def _accepted(self, fd: int, address) -> None:
         """A new client (an accepted fd): check it, then wrap it in a transport."""
+        self.accepted += 1
         if self.trusted is None:
             key = self.admit(address)
         elif self.trusted.permits(address[0]):
@@ -108,6 +112,9 @@ class TcpService:
 
     def forget(self, relay: Relay) -> None:
         self.relays.discard(relay)
+        self.received += relay.client.received
+        if relay.upstream is not None:
+            self.sent += relay.upstream.received
         self._release(relay.limit_key)
         relay.limit_key = None
         if relay.files_deadline is not None:

@@ -70,7 +70,7 @@ class Admission:
             pk_level, pk_type, pk_slice = self._pk
             ancsize = pktinfo.ANCBUFSIZE
         now = self._now = self._time()
-        n = dropped = 0
+        n = dropped = nbytes = 0
         try:
             while n < BATCH:
                 try:
@@ -81,6 +81,7 @@ class Admission:
                 except _AGAIN:
                     break
                 n += 1
+                nbytes += size
                 if wildcard:
                     cdata = None
                     for level, typ, cd in anc:
@@ -112,6 +113,7 @@ class Admission:
             self._unexpected(exc, 'reading the listener')
         stats = self.stats
         stats.datagrams_in += n
+        stats.bytes_in += nbytes
         if dropped:
             stats.dropped += dropped
 
@@ -129,7 +131,7 @@ class Admission:
             ancsize = pktinfo.ANCBUFSIZE
         trusted = self._trusted             # None: accept is off
         now = self._now = self._time()
-        n = dropped = 0
+        n = dropped = nbytes = 0
         try:
             while n < BATCH:
                 try:
@@ -140,6 +142,7 @@ class Admission:
                 except _AGAIN:
                     break
                 n += 1
+                nbytes += size
                 if wildcard:
                     cdata = None
                     for level, typ, cd in anc:
@@ -201,6 +204,7 @@ class Admission:
             self._unexpected(exc, 'reading the listener')
         stats = self.stats
         stats.datagrams_in += n
+        stats.bytes_in += nbytes
         if dropped:
             stats.dropped += dropped
 
