@@ -220,7 +220,8 @@ class AdminServer:
         conn.out = memoryview(head.encode('latin-1') + (b'' if method == 'HEAD' else body))
         conn.writing = True
         conn.deadline = time.monotonic() + WRITE_TIMEOUT
-        self.selector.modify(conn.sock, selectors.EVENT_WRITE, self.selector.get_key(conn.sock).data)
+        key = self.selector.get_key(conn.sock)
+        self.selector.modify(conn.sock, selectors.EVENT_WRITE, key.data)
         self._write(conn)
 
     def _write(self, conn: _Connection) -> None:
