@@ -4,7 +4,7 @@ Packages and what they may import:
   config/   schema and loader              -> errors
   upstream/ server pools and balancers     -> config
   proxy/    the data path (TCP, UDP)       -> config, upstream, observe   (never master/)
-  observe/  logging                        -> config
+  observe/  logging, metrics, admin HTTP   -> config, errors, upstream (pool's histogram buckets)
   worker/   one worker process             -> config, proxy, upstream, observe
   master/   the arbiter                    -> config, worker, observe, errors
   cli.py    the command line; the only place that exits the master process

@@ -1,6 +1,7 @@
 """The command line, with nginx's habits; the only place that exits the master process.
 
     mpproxy [-c CONFIG] [-t] [-T] [-s reload|stop|quit|reopen] [--daemon] [-V]
+    mpproxy [-c CONFIG] status       # a short view of the running proxy, from admin.listen
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def parse_args(argv):
                         help='send a signal to the running master (its pid is read from pid_file)')
     parser.add_argument('--daemon', action='store_true', help='detach from the terminal')
     parser.add_argument('-V', '--version', action='version', version=f'mpproxy {__version__}')
+    parser.add_argument('command', nargs='?', choices=('status',),
+                        help='status: show the running proxy (its /status on admin.listen)')
     return parser.parse_args(argv)
 
 
@@ -60,6 +63,9 @@ def main(argv=None) -> int:
         return EXIT_OK
     if args.signal:
         return _send_signal(config, args.signal)
+    if args.command == 'status':
+        from mpproxy.observe import status_view
+        return status_view.main(config)
     return _serve(config, args)
 
 

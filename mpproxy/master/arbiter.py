@@ -24,6 +24,7 @@ from mpproxy.errors import EXIT_FAILURE, EXIT_WORKER_BOOT, MpproxyError, Startup
 from mpproxy.master import daemon, notify, upgrade
 from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
+from mpproxy.master.status import Observer
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
                                     close_handoff, drain_with_handoff, spawn)
 from mpproxy.observe import access
@@ -60,6 +61,7 @@ class Arbiter:
         self.upgrade_pid: int | None = None         # the new master started by USR2
         self.upgraded_from: int | None = None       # the old master that started this one
         self.limits: limits.LimitTable | None = None  # connection counts shared by all workers
+        self.observer = Observer(self)              # metrics totals and the admin endpoint
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -76,6 +78,7 @@ class Arbiter:
             self.sockets.adopt(inherited)
         try:
             bound = self.sockets.acquire(self.config)
+            self.observer.start(self.config)
         except BaseException:
             if self.pidfile:
                 self.pidfile.release()
@@ -121,6 +124,7 @@ class Arbiter:
                     getattr(self, 'handle_' + name)()
                 self.reap()
                 self.manage_workers()
+                self.observer.tick()
                 if self.stopping and not self._live_workers():
                     break
         finally:
@@ -166,6 +170,7 @@ class Arbiter:
         for generation in self.generations:
             self._drain(generation)
         self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
+        self.observer.close()
 
     def handle_term(self) -> None:
         if self.stopping == 'term':
@@ -177,6 +182,7 @@ class Arbiter:
         for generation in self.generations:
             generation.signal_all(signal.SIGTERM)
         self.sockets.close_all()
+        self.observer.close()
 
     handle_int = handle_term
 
@@ -202,7 +208,8 @@ class Arbiter:
                         self.upgrade_pid)
             return
         try:
-            self.upgrade_pid = upgrade.begin(self.pidfile, self.config.path, self.sockets)
+            self.upgrade_pid = upgrade.begin(self.pidfile, self.config.path, self.sockets,
+                                             *self.observer.admin.export())
         except OSError as exc:
             log.error('binary upgrade failed: %s', exc.strerror or exc)
             return
@@ -223,6 +230,11 @@ class Arbiter:
             _prepare_access_log(config, credentials)
             limit_index = self._limit_index(config)
             bound = self.sockets.acquire(config)
+            try:
+                admin = self.observer.prepare(config)
+            except StartupError:
+                self.sockets.release([g.bound for g in self.generations])   # what acquire bound
+                raise
         except ConfigError as exc:
             log.error('reload failed, keeping the running configuration: %s',
                       '; '.join(exc.problems))
@@ -246,6 +258,7 @@ class Arbiter:
                 log.error('cannot open error log %s: %s; keeping the old one',
                           config.error_log, exc.strerror)
         self.config = config
+        self.observer.commit(admin)
         _log_warnings(config)
         self._new_generation(config, bound, credentials, limit_index)
 
@@ -368,6 +381,7 @@ class Arbiter:
         close_handoff(worker)
         if worker.limit_slot is not None:     # it has exited: zero what it counted
             self.limits.free_slot(worker.limit_slot)
+        self.observer.retire(worker)          # its last counts join the retired totals
         try:
             self.selector.unregister(worker.control)
         except (KeyError, ValueError):
@@ -488,6 +502,7 @@ class Arbiter:
 
     def _shutdown(self) -> None:
         self.sockets.close_all()
+        self.observer.close()
         for worker in self._live_workers():
             worker.signal(signal.SIGKILL)
         if self.pidfile:

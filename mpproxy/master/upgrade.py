@@ -28,10 +28,18 @@ def oldbin(path: str) -> str:
     return path + '.oldbin'
 
 
-def spawn_new_master(config_path: str, sockets: SocketSet) -> int:
-    """Fork and exec the new master; returns its pid (the child never returns)."""
+def spawn_new_master(config_path: str, sockets: SocketSet, more_env: dict | None = None,
+                     more_fds=()) -> int:
+    """Fork and exec the new master; returns its pid (the child never returns).
+
+    `more_env`, `more_fds`: other sockets to pass on (the admin endpoint's) and the
+    environment that names them.
+    """
     env = dict(os.environ)
     env[INHERIT_ENV] = sockets.export()
+    env.update(more_env or {})
+    for fd in more_fds:
+        os.set_inheritable(fd, True)
     argv = [sys.executable, '-m', 'mpproxy', '-c', config_path]
     pid = os.fork()
     if pid == 0:
@@ -43,12 +51,13 @@ def spawn_new_master(config_path: str, sockets: SocketSet) -> int:
             os.execve(sys.executable, argv, env)
         finally:
             os._exit(127)
-    for fd in sockets.fds():
+    for fd in (*sockets.fds(), *more_fds):
         os.set_inheritable(fd, False)
     return pid
 
 
-def begin(pidfile: PidFile | None, config_path: str, sockets: SocketSet) -> int:
+def begin(pidfile: PidFile | None, config_path: str, sockets: SocketSet,
+          more_env: dict | None = None, more_fds=()) -> int:
     """Rename the pid file to .oldbin and start the new master; its pid.
 
     Raises OSError (with the pid file put back) when either step fails.
@@ -60,7 +69,7 @@ def begin(pidfile: PidFile | None, config_path: str, sockets: SocketSet) -> int:
             raise OSError(exc.errno, f'cannot rename {pidfile.path}: {exc.strerror}') from None
         pidfile.path = oldbin(pidfile.path)
     try:
-        return spawn_new_master(config_path, sockets)
+        return spawn_new_master(config_path, sockets, more_env, more_fds)
     except OSError as exc:
         restore_pidfile(pidfile)
         raise OSError(exc.errno, f'cannot start a new master: {exc.strerror or exc}') from None

@@ -22,6 +22,7 @@ from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config
 from mpproxy.master.sockets import Bound
 from mpproxy.observe import log as logmod
+from mpproxy.observe import metrics
 from mpproxy.proxy.limits import LimitTable
 from mpproxy.upstream import health
 from mpproxy.worker import process
@@ -35,7 +36,7 @@ class WorkerHandle:
     """The master's record of one worker process."""
 
     __slots__ = ('pid', 'slot', 'generation', 'control', 'started', 'last_beat', 'ready',
-                 'killed', 'signalled', 'handoff_peer', 'limit_slot')
+                 'killed', 'signalled', 'handoff_peer', 'limit_slot', 'metrics')
 
     def __init__(self, pid: int, slot: int, generation: 'Generation', control: socket.socket):
         self.pid = pid
@@ -49,6 +50,7 @@ class WorkerHandle:
         self.signalled: int | None = None
         self.handoff_peer: socket.socket | None = None   # goes to the predecessor on promotion
         self.limit_slot: int | None = None  # its area in the connection-limit table; freed at reap
+        self.metrics: metrics.Area | None = None  # its metrics snapshots; read and unmapped at reap
 
     def signal(self, sig: int) -> None:
         try:
@@ -62,7 +64,7 @@ class WorkerHandle:
 
 class Generation:
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
-                 'loaded_at', 'health', 'limits', 'limit_index')
+                 'loaded_at', 'health', 'limits', 'limit_index', 'layout')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
@@ -78,6 +80,7 @@ class Generation:
         self.health = health.allocate(config)          # shared with its workers, or None
         self.limit_index = limit_index or {}           # listener key -> limit index
         self.limits = limits if self.limit_index else None   # the master's table, if it counts
+        self.layout = metrics.Layout(config)           # what its workers' metrics values are
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers.values():
@@ -99,11 +102,13 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     if take_over:
         peer, successor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     limit_slot = _take_limit_slot(generation, slot)
+    area = _metrics_area(generation, slot)
     spec = process.WorkerSpec(
         slot=slot, generation=generation.number, config=generation.config,
         master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
         handoff=successor, health=generation.health, credentials=generation.credentials,
-        limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index)
+        limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index,
+        metrics=area)
     for handler in log.handlers:
         handler.flush()
     # The child keeps these blocked until its loop handles them, so a QUIT or TERM sent
@@ -116,6 +121,8 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     except BaseException:
         if limit_slot is not None:
             generation.limits.free_slot(limit_slot)
+        if area is not None:
+            area.close()
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -123,6 +130,7 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     master_end.setblocking(False)
     handle = WorkerHandle(pid, slot, generation, master_end)
     handle.limit_slot = limit_slot
+    handle.metrics = area
     if successor is not None:
         successor.close()
         handle.handoff_peer = peer
@@ -139,6 +147,16 @@ def _take_limit_slot(generation: Generation, slot: int) -> int | None:
                     'it counts its connections privately (it sees the other workers\' counts, '
                     'they do not see its own)', slot, generation.number)
     return limit_slot
+
+
+def _metrics_area(generation: Generation, slot: int) -> metrics.Area | None:
+    """The shared block a worker about to be forked publishes its metrics in."""
+    try:
+        return metrics.Area.allocate(generation.layout)
+    except OSError as exc:
+        log.warning('worker %d (generation %d): no memory for its metrics (%s); /metrics '
+                    'will not count it', slot, generation.number, exc.strerror or exc)
+        return None
 
 
 def close_handoff(worker: WorkerHandle) -> None:

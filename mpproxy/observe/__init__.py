@@ -1,5 +1,10 @@
-"""Observability: the error log (and, later, the access log, metrics and admin endpoint).
+"""Observability: the error log, the metrics shared with the master, the admin endpoint.
 
-Owns: logging set-up for the master and the workers, log levels, reopening log files.
-May import: config (for the level names); nothing from master/, worker/ or proxy/.
+Owns: logging set-up for the master and the workers, log levels, reopening log files
+(`log.py`); the metrics snapshot format, its shared blocks and the workers' publisher
+(`metrics.py`); the master's totals and the Prometheus text format (`prometheus.py`);
+the non-blocking HTTP server of `admin.listen` (`admin.py`); `mpproxy status`'s view
+(`status_view.py`).
+May import: config, errors, and upstream.pool's histogram buckets; nothing from master/, worker/
+or proxy/ (metrics.py reads the services' and pools' counters by their attribute names).
 """

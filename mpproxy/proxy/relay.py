@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from mpproxy.config.schema import Keepalive
@@ -45,7 +46,8 @@ class Relay(Preamble):
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
                  'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
-                 'local_addr', 'status', 'started', 'routed', 'connect_time')
+                 'local_addr', 'status', 'started', 'routed', 'connect_time',
+                 'connect_started')
 
     def __init__(self, service: 'TcpService', client_addr):
         self.service = service
@@ -78,6 +80,8 @@ class Relay(Preamble):
         self.status = None                          # why it ended, for the access log
         self.started = self.loop.time() if service.access is not None else 0.0
         self.routed = self.connect_time = 0.0       # first connect try; its duration
+        self.connect_started = 0.0                  # when the last connect began (monotonic;
+                                                    # the loop's clock has 1 ms steps)
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
@@ -103,6 +107,7 @@ class Relay(Preamble):
         if target is None:
             if self.status is None:
                 self.status = 'upstream_refused'
+            self.service.failed += 1
             self.service.log.error('no upstream could be connected for client %s, listener: %s; '
                                    'closing the client connection',
                                    _fmt_addr(self.client_address()), self.service.listener.name)
@@ -121,6 +126,7 @@ class Relay(Preamble):
         else:
             side = UpstreamSide(self, target)
         loop = self.loop
+        self.connect_started = time.monotonic()
         task = self.connect_task = loop.create_task(
             loop.create_connection(lambda: side, target.sockaddr[0], target.sockaddr[1]))
         task.add_done_callback(self._connect_done)
@@ -146,6 +152,7 @@ class Relay(Preamble):
                 return            # not the server's fault: the same server, once a file is free
             self.pool.release(self.trying)
             self.status = 'upstream_refused'
+            self.service.failed += 1
             self.service.log.error('no file for an upstream connection in %gs, client: %s, '
                                    'listener: %s; closing the client connection',
                                    self.service.listener.connect_timeout,
@@ -191,7 +198,7 @@ class Relay(Preamble):
         if self.files_deadline is not None:
             self.service.starving(self, False)
         self.target = upstream.target
-        self.pool.succeeded(upstream.target)
+        self.pool.succeeded(upstream.target, time.monotonic() - self.connect_started)
         self.status = None                          # an earlier try's failure is not the end
         if self.service.access is not None:
             self.connect_time = self.loop.time() - self.routed

@@ -44,6 +44,9 @@ class TcpService:
         self.denied = self.limited = self.bad_headers = 0
         self.access = access              # the worker's observe.access.AccessLog, or None
         self.refused = 'denied'           # why admit() last refused: access log status
+        # metrics (observe/metrics.py): clients accepted; clients closed because no upstream
+        # could be connected; bytes read from clients and from upstreams by relays that ended
+        self.accepted = self.failed = self.received = self.sent = 0
         self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
         self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
@@ -56,6 +59,7 @@ class TcpService:
 
     def _accepted(self, fd: int, address) -> None:
         """A new client (an accepted fd): check it, then wrap it in a transport."""
+        self.accepted += 1
         if self.trusted is None:
             key = self.admit(address)
         elif self.trusted.permits(address[0]):
@@ -119,6 +123,9 @@ class TcpService:
 
     def forget(self, relay: Relay) -> None:
         self.relays.discard(relay)
+        self.received += relay.client.received
+        if relay.upstream is not None:
+            self.sent += relay.upstream.received
         self._release(relay.limit_key)
         relay.limit_key = None
         if relay.files_deadline is not None:

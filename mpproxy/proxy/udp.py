@@ -272,6 +272,7 @@ class UdpService(Admission):
                 else:
                     self._lsock.sendmsg((self._view[:size],), anc, 0, sess.addr)
                 stats.datagrams_out += 1
+                stats.bytes_out += size
             except OSError as exc:
                 stats.dropped += 1
                 self._client_error(sess.addr, exc)

@@ -71,7 +71,7 @@ class Admission:
             ancsize = pktinfo.ANCBUFSIZE
         counting = self._access is not None     # the access log's per-session counts
         now = self._now = self._time()
-        n = dropped = 0
+        n = dropped = nbytes = 0
         try:
             while n < BATCH:
                 try:
@@ -82,6 +82,7 @@ class Admission:
                 except _AGAIN:
                     break
                 n += 1
+                nbytes += size
                 if wildcard:
                     cdata = None
                     for level, typ, cd in anc:
@@ -116,6 +117,7 @@ class Admission:
             self._unexpected(exc, 'reading the listener')
         stats = self.stats
         stats.datagrams_in += n
+        stats.bytes_in += nbytes
         if dropped:
             stats.dropped += dropped
 
@@ -134,7 +136,7 @@ class Admission:
         trusted = self._trusted             # None: accept is off
         counting = self._access is not None     # the access log's per-session counts
         now = self._now = self._time()
-        n = dropped = 0
+        n = dropped = nbytes = 0
         try:
             while n < BATCH:
                 try:
@@ -145,6 +147,7 @@ class Admission:
                 except _AGAIN:
                     break
                 n += 1
+                nbytes += size
                 if wildcard:
                     cdata = None
                     for level, typ, cd in anc:
@@ -209,6 +212,7 @@ class Admission:
             self._unexpected(exc, 'reading the listener')
         stats = self.stats
         stats.datagrams_in += n
+        stats.bytes_in += nbytes
         if dropped:
             stats.dropped += dropped
 

@@ -21,7 +21,8 @@ class UdpStats:
                  'sessions_completed', 'sessions_failed', 'sessions_closed',
                  'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted', 'denied',
                  'sessions_evicted_unanswered', 'sessions_evicted_idle', 'sessions_refused',
-                 'sessions_refused_per_ip', 'untrusted', 'bad_headers', 'too_big')
+                 'sessions_refused_per_ip', 'untrusted', 'bad_headers', 'too_big',
+                 'bytes_in', 'bytes_out')
 
     # datagrams_in       datagrams read from clients (including dropped ones)
     # datagrams_out      replies sent to clients
@@ -43,6 +44,8 @@ class UdpStats:
     # sessions_active    open now (= created + adopted - the seven ended ones above)
     # dropped            datagrams lost either way: table full, per-IP limit, no server,
     #                    too big for the PROXY header, send errors to an upstream or to a client
+    # bytes_in           bytes of the datagrams read from clients (as datagrams_in)
+    # bytes_out          bytes of the replies sent to clients (as datagrams_out)
 
     def __init__(self):
         for name in self.__slots__:

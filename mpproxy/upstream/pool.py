@@ -10,6 +10,7 @@ behind `candidates()` and `release()`, the one interface the data path uses.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import socket
 import time
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 
 from mpproxy.config.schema import Upstream
 from mpproxy.upstream.balancer import make_balancer
+
+# Upper bounds (seconds) of the upstream connect-time histogram's buckets; one more bucket
+# past the last counts the rest (observe/metrics.py publishes them as Prometheus buckets).
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,11 @@ class UpstreamPool:
     used only when no primary can be picked; `max_conns` caps an entry's
     connections in this worker. When every entry is down they are tried anyway.
 
+    Counters for the metrics, per server of the config (its position; every address of a
+    server counts on it), plain ints the data path adds to: `connect_errors` (what
+    `failed()` sees), `connect_hist` (successful TCP connects by duration, len(CONNECT_BUCKETS)
+    + 1 buckets per server, server-major) and `connect_ns` (their total time).
+
     An entry's states::
 
         UP --max_fails failures within fail_timeout--> DOWN --fail_timeout passed--> UP
@@ -64,7 +75,7 @@ class UpstreamPool:
     __slots__ = ('name', 'upstream', 'targets', 'balancer', 'needs_client', 'active', 'fails',
                  'window', 'down_until', 'max_fails', 'fail_timeout', 'max_conns',
                  'primary', 'backup', 'log', 'generation', 'by_key', 'since', 'position',
-                 'health')
+                 'health', 'connect_errors', 'connect_hist', 'connect_ns')
 
     def __init__(self, upstream: Upstream, log=None, resolved=None):
         """`resolved`: per server of `upstream`, its [(family, sockaddr), ...]; None: resolve here."""
@@ -73,6 +84,10 @@ class UpstreamPool:
         self.log = log
         self.generation = 0
         self.health = None                    # set by the worker when the upstream is checked
+        n = len(upstream.servers)
+        self.connect_errors = [0] * n         # metrics, per server position (see above)
+        self.connect_hist = [0] * (n * (len(CONNECT_BUCKETS) + 1))
+        self.connect_ns = [0] * n
         if resolved is None:
             resolved = []
             for server in upstream.servers:
@@ -201,6 +216,8 @@ class UpstreamPool:
     def failed(self, target: Target) -> None:
         """A connect to `target` failed or timed out (or its UDP peer is unreachable)."""
         i = self._index(target)
+        if i is not None:
+            self.connect_errors[self.position[i]] += 1
         if i is None or not self.max_fails[i]:
             return
         now = time.monotonic()
@@ -215,10 +232,16 @@ class UpstreamPool:
                 self.log.warning('upstream %s: server %s is down for %gs after %d failure(s)',
                                  self.name, target.label, self.fail_timeout[i], self.max_fails[i])
 
-    def succeeded(self, target: Target) -> None:
+    def succeeded(self, target: Target, seconds: float | None = None) -> None:
+        """A connect to `target` succeeded, taking `seconds` (counted in the histogram)."""
         i = self._index(target)
         if i is not None:
             self.fails[i] = 0
+            if seconds is not None:
+                position = self.position[i]
+                self.connect_hist[position * (len(CONNECT_BUCKETS) + 1)
+                                  + bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+                self.connect_ns[position] += int(seconds * 1e9)
 
 
 def _key(target: Target) -> tuple:

@@ -14,6 +14,8 @@ The master learns that the worker is ready from one byte `r` on the control
 socket, and that its loop still turns from a `h` byte sent once a second by a
 timer inside that loop (so a stuck loop stops the heartbeat). EOF on the
 control socket, or a new parent pid, means the master is gone: stop at once.
+The same timer publishes the worker's metrics (observe/metrics.py), and they are
+published once more when the loop has stopped, before the exit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, WorkerBootError
 from mpproxy.observe import access
 from mpproxy.observe import log as logmod
+from mpproxy.observe import metrics
 from mpproxy.proxy import handoff
 from mpproxy.proxy.limits import LimitTable
 from mpproxy.proxy.ratelog import RateLimitedLog
@@ -72,6 +75,7 @@ class WorkerSpec:
     limits: LimitTable | None = None                      # shared connection counts, or None
     limit_slot: int | None = None                         # own area in `limits`; None: private
     limit_index: dict = field(default_factory=dict)       # listener key -> limit index
+    metrics: metrics.Area | None = None                   # where to publish its metrics
 
 
 def run(spec: WorkerSpec) -> None:
@@ -115,6 +119,7 @@ class Worker:
         self.handoff_adopted = self.handoff_lost = 0
         self.limit_area = None
         self.access: access.AccessLog | None = None
+        self.publisher: metrics.Publisher | None = None
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -150,6 +155,7 @@ class Worker:
             loop.add_signal_handler(sig, handler)
         # Blocked since the fork; uvloop sees a pending signal only once its loop runs.
         loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        self._start_metrics()
         gc.freeze()               # what booting made lives as long as the worker: never rescan it
         spec.control.setblocking(False)
         loop.add_reader(spec.control.fileno(), self._on_control)
@@ -165,6 +171,7 @@ class Worker:
         if self.access is not None:
             access_log, self.access = self.access, None
             access_log.close()    # every line, also those of the connections stop() ended
+        self._publish()           # the counts up to the exit, for the master's totals
         return self.exit_code
 
     def _reset_inherited(self) -> None:
@@ -326,8 +333,27 @@ class Worker:
         if os.getppid() != self.spec.master_pid:
             self._master_gone()
             return
+        self._publish()
         self._send(b'h')
         self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+
+    def _start_metrics(self) -> None:
+        if self.spec.metrics is None:
+            return
+        try:
+            self.publisher = metrics.Publisher(self.spec.metrics, metrics.Layout(self.config),
+                                               self.services, self.pools)
+        except ValueError as exc:
+            log.error('worker %d: metrics disabled: %s', self.spec.slot, exc)
+
+    def _publish(self) -> None:
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.publish()
+        except Exception:     # noqa: BLE001 - metrics must never stop the worker
+            log.exception('worker %d: cannot publish metrics; metrics disabled', self.spec.slot)
+            self.publisher = None
 
     def _on_control(self) -> None:
         """Messages from the master: `Q` = drain (with an fd: hand UDP sessions over on it)."""

@@ -34,7 +34,8 @@ BROKEN = [
      'listeners[0].colour: unknown key'),
     ('listeners:\n  - listen: 127.0.0.1:8000\n    upstream: [127.0.0.1:1]\n'
      '    proxy_protocol: {accept: true}\n', 4, 'listeners[0].proxy_protocol'),
-    ('admin: {listen: 127.0.0.1:9901}\n', 1, 'admin: not supported yet'),
+    ('admin: {listen: 127.0.0.1:99999}\n', 1, 'admin.listen: port must be 1-65535'),
+    ('admin: {}\n', 1, 'admin.listen: missing'),
     ('upstreams:\n  web:\n    servers: []\n', 3, 'upstreams.web.servers'),
     ('workers: 1\n  bad: indent\n', 2, 'YAML syntax error'),
     ('upstreams:\n  web:\n    servers: [127.0.0.1:80]\n    balance: fastest\n', 4,

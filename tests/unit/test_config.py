@@ -195,6 +195,17 @@ def test_not_supported_keys_at_their_default_load(tmp_path):
     assert config.upstreams['web'].servers[0].fail_timeout == 10.0
 
 
+def test_admin_listen(tmp_path):
+    assert load_text(tmp_path, MINIMAL).admin is None                 # off by default
+    config = load_text(tmp_path, 'admin: {listen: "[::1]:9901"}\n' + MINIMAL)
+    assert config.admin.listen == Address('::1', 9901)
+    assert_round_trip(tmp_path, config)
+    assert load_text(tmp_path, 'admin: {listen: 9901}\n' + MINIMAL).admin.listen == \
+        Address('0.0.0.0', 9901)
+    with pytest.raises(ConfigError, match=r':1: admin.listen: '):     # the master never resolves
+        load_text(tmp_path, 'admin: {listen: "admin.example.com:9901"}\n' + MINIMAL)
+
+
 def test_user_and_group_by_name_or_id(tmp_path):
     config = load_text(tmp_path, 'user: nobody\n' + MINIMAL)
     assert (config.user, config.group) == ('nobody', None)

@@ -1,0 +1,244 @@
+"""The master's side of metrics: retired totals, the admin endpoint, /metrics and /status.
+
+The arbiter owns one `Observer`. It reads the workers' snapshot areas
+(observe/metrics.py) only when a page is asked for, and once more when a worker is
+reaped (`retire`: its counters join the retired totals, its area is unmapped).
+
+`admin.listen` follows the reload transaction like a listener: an unchanged address
+keeps its socket, a new one is bound before the new generation is committed (a bind
+failure fails the reload and changes nothing), a removed one is closed at commit.
+On a binary upgrade the socket is passed to the new master; QUIT and TERM close it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from mpproxy import __version__
+from mpproxy.config.schema import Config
+from mpproxy.errors import StartupError
+from mpproxy.master.workers import ACTIVE, WorkerHandle
+from mpproxy.observe import admin, prometheus
+from mpproxy.observe import log as logmod
+from mpproxy.observe.metrics import used_upstreams
+from mpproxy.upstream import health
+
+log = logmod.log
+
+
+class Observer:
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.totals = prometheus.Totals()
+        self.started = time.time()
+        self.started_monotonic = time.monotonic()
+        self.admin = admin.AdminServer(arbiter.selector, {'/metrics': self.metrics_page,
+                                                          '/status': self.status_page}, log)
+
+    # -- the admin listener (arbiter: start, reload, upgrade, stop) ------------------------
+    def start(self, config: Config) -> None:
+        """Listen on `admin.listen` (the socket an upgrading master passed, or a new one)."""
+        address = config.admin.listen if config.admin else None
+        sock = admin.AdminServer.adopt(address)
+        self.admin.serve(address, sock or self._bind(config))
+
+    def prepare(self, config: Config):
+        """The admin socket `config` needs, bound now if its address changed (StartupError)."""
+        address = config.admin.listen if config.admin else None
+        if address == self.admin.address:
+            return address, self.admin.sock
+        return address, self._bind(config)
+
+    def commit(self, prepared) -> None:
+        self.admin.serve(*prepared)
+
+    def _bind(self, config: Config):
+        if config.admin is None:
+            return None
+        try:
+            return admin.bind(config.admin.listen)
+        except OSError as exc:
+            raise StartupError(f'cannot bind admin {config.admin.listen}: '
+                               f'{exc.strerror or exc}') from None
+
+    def tick(self) -> None:
+        self.admin.tick()
+
+    def close(self) -> None:
+        self.admin.close()
+
+    # -- workers ---------------------------------------------------------------------------
+    def retire(self, worker: WorkerHandle) -> None:
+        """`worker` was reaped: add what it last published to the retired totals."""
+        area, worker.metrics = worker.metrics, None
+        if area is None:
+            return
+        try:
+            values = area.read()
+            if values is not None:
+                self.totals.retire(worker.generation.layout, values, worker.slot)
+        finally:
+            area.close()
+
+    def _live(self) -> list[tuple[WorkerHandle, object]]:
+        """(worker, its snapshot) for every live worker that published, oldest generation first."""
+        out = []
+        for generation in self.arbiter.generations:
+            for slot in sorted(generation.workers):
+                worker = generation.workers[slot]
+                values = worker.metrics.read() if worker.metrics is not None else None
+                if values is not None:
+                    out.append((worker, values))
+        return out
+
+    def _samples(self, live) -> dict:
+        return self.totals.collect((w.generation.layout, values, w.slot) for w, values in live)
+
+    def _active(self):
+        generations = self.arbiter.generations
+        return next((g for g in reversed(generations) if g.state == ACTIVE),
+                    generations[-1] if generations else None)
+
+    # -- pages -----------------------------------------------------------------------------
+    def metrics_page(self):
+        samples = self._samples(self._live())
+        samples['mpproxy_info'] = {(('version', __version__),): 1}
+        samples['mpproxy_start_time_seconds'] = {(): self.started}
+        workers: dict = {}
+        for generation in self.arbiter.generations:
+            key = (('state', generation.state),)
+            workers[key] = workers.get(key, 0) + len(generation.workers)
+        samples['mpproxy_workers'] = workers
+        active = self._active()
+        if active is not None:
+            samples['mpproxy_generation'] = {(): active.number}
+            samples['mpproxy_config_load_time_seconds'] = {(): _wall(active.loaded_at)}
+            samples['mpproxy_upstream_server_check_up'] = {
+                (('upstream', u), ('server', s)): 1 - down
+                for u, s, down in _checks(active)}
+        return 200, prometheus.CONTENT_TYPE, prometheus.render(samples).encode()
+
+    def status_page(self):
+        return 200, 'application/json', (json.dumps(self.status(), indent=1) + '\n').encode()
+
+    def status(self) -> dict:
+        """What `mpproxy status` shows: the master, generations, workers, listeners, upstreams."""
+        now = time.monotonic()
+        live = self._live()
+        samples = self._samples(live)
+        snapshots = {id(w): values for w, values in live}
+        arbiter, active = self.arbiter, self._active()
+        workers = []
+        for generation in arbiter.generations:
+            for slot in sorted(generation.workers):
+                worker = generation.workers[slot]
+                values = snapshots.get(id(worker))
+                layout = generation.layout
+                workers.append({
+                    'slot': slot, 'pid': worker.pid, 'generation': generation.number,
+                    'state': generation.state, 'ready': worker.ready,
+                    'uptime': round(now - worker.started, 3),
+                    'connections': None if values is None else
+                    sum(values[i] for i in layout.connections),
+                    'sessions': None if values is None else sum(values[i] for i in layout.sessions),
+                })
+        return {
+            'version': __version__,
+            'master': {'pid': os.getpid(), 'started': round(self.started, 3),
+                       'uptime': round(now - self.started_monotonic, 3)},
+            'config': {'path': arbiter.config.path,
+                       'loaded': None if active is None else round(_wall(active.loaded_at), 3),
+                       'generation': None if active is None else active.number},
+            'generations': [{'number': g.number, 'state': g.state, 'workers': len(g.workers),
+                             'loaded': round(_wall(g.loaded_at), 3)}
+                            for g in arbiter.generations],
+            'workers': workers,
+            'listeners': _listeners(active, samples),
+            'upstreams': _upstreams(active, samples),
+        }
+
+
+def _wall(monotonic: float) -> float:
+    """A time.monotonic() value as Unix time."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
+def _checks(generation):
+    """(upstream, server, 1 if down) for every health-checked server of `generation`."""
+    if generation.health is None:
+        return
+    offsets, _ = health.layout(generation.config)
+    for name, offset in offsets.items():
+        for i, server in enumerate(generation.config.upstreams[name].servers):
+            yield name, str(server.address), generation.health[offset + i]
+
+
+_TCP = {'accepted': 'mpproxy_tcp_connections_accepted_total',
+        'active': 'mpproxy_tcp_connections_active',
+        'failed': 'mpproxy_tcp_connections_failed_total',
+        'received_bytes': 'mpproxy_tcp_received_bytes_total',
+        'sent_bytes': 'mpproxy_tcp_sent_bytes_total'}
+_UDP = {'sessions_created': 'mpproxy_udp_sessions_created_total',
+        'sessions_active': 'mpproxy_udp_sessions_active',
+        'datagrams_received': 'mpproxy_udp_datagrams_received_total',
+        'datagrams_sent': 'mpproxy_udp_datagrams_sent_total',
+        'datagrams_dropped': 'mpproxy_udp_datagrams_dropped_total',
+        'received_bytes': 'mpproxy_udp_received_bytes_total',
+        'sent_bytes': 'mpproxy_udp_sent_bytes_total'}
+
+
+def _listeners(generation, samples) -> list[dict]:
+    """The active generation's listeners with their totals over every worker (retired ones
+    included)."""
+    if generation is None:
+        return []
+    sums = {field: prometheus.sum_by(samples, name, 'listener')
+            for field, name in (*_TCP.items(), *(('udp_' + f, n) for f, n in _UDP.items()))}
+    out = []
+    for listener in generation.config.listeners:
+        key = (listener.name,)
+        fields = _TCP if listener.protocol == 'tcp' else {'udp_' + f: n for f, n in _UDP.items()}
+        entry = {'name': listener.name, 'protocol': listener.protocol,
+                 'listen': str(listener.listen), 'upstream': listener.upstream}
+        for field in fields:
+            entry[field.removeprefix('udp_')] = sums[field].get(key, 0)
+        out.append(entry)
+    return out
+
+
+def _upstreams(generation, samples) -> list[dict]:
+    """The servers of the active generation's upstreams and their state in its workers."""
+    if generation is None:
+        return []
+    checks = {(u, s): down for u, s, down in _checks(generation)}
+    up = samples.get('mpproxy_upstream_server_up', {})
+    slots = {str(slot) for slot in generation.workers}
+    active = prometheus.sum_by(samples, 'mpproxy_upstream_server_active', 'upstream', 'server')
+    errors = prometheus.sum_by(samples, 'mpproxy_upstream_connect_errors_total',
+                               'upstream', 'server')
+    out = []
+    for name in used_upstreams(generation.config):
+        servers = []
+        for server in generation.config.upstreams[name].servers:
+            label = str(server.address)
+            base = (('upstream', name), ('server', label))
+            seen = {slot: up.get(base + (('worker', slot),)) for slot in slots}
+            down_in = sorted((int(s) for s, v in seen.items() if v == 0))
+            check = checks.get((name, label))
+            reporting = [v for v in seen.values() if v is not None]
+            if check or (reporting and not any(reporting)):
+                state = 'down'
+            elif down_in:
+                state = 'partial'
+            else:
+                state = 'up'
+            servers.append({'server': label, 'state': state,
+                            'health_check': None if check is None else ('down' if check else 'up'),
+                            'down_in_workers': down_in,
+                            'active': active.get((name, label), 0),
+                            'connect_errors': errors.get((name, label), 0)})
+        out.append({'name': name, 'balance': generation.config.upstreams[name].balance,
+                    'servers': servers})
+    return out

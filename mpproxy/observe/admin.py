@@ -1,0 +1,252 @@
+"""The admin endpoint: a tiny HTTP/1.0 server inside the master's `selectors` loop.
+
+No thread, no asyncio: the listening socket and every connection are non-blocking
+and registered in the master's selector, whose loop calls back `key.data()`; the
+master calls `tick()` at least every 250 ms to close connections past their deadline.
+A connection's states::
+
+    READING --head complete (blank line)--> WRITING --all sent--> closed
+       |  \\--head over MAX_HEAD: 431, or a bad request line: 400 --^
+       +-- EOF, error, or no complete head within READ_TIMEOUT ----------> closed
+                                  WRITING past WRITE_TIMEOUT ------------> closed
+
+At most MAX_CONNECTIONS are open at once; past that the listening socket is not
+read and new clients wait in its backlog, so a slow or hostile client holds one
+slot for at most READ_TIMEOUT and never blocks the master. One request per
+connection (`Connection: close`); GET and HEAD only (405 otherwise); the path
+(query string ignored) picks a handler in `routes`, which returns
+(status, content type, body) and runs in the master: it must be quick.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import time
+
+from mpproxy.config.schema import Address
+
+MAX_CONNECTIONS = 16
+MAX_HEAD = 8192            # bytes: request line and headers
+READ_TIMEOUT = 5.0         # seconds for the whole request head
+WRITE_TIMEOUT = 10.0       # seconds for the whole response
+ACCEPT_PAUSE = 1.0         # out of files: stop accepting this long
+BACKLOG = 64
+INHERIT_ENV = 'MPPROXY_INHERIT_ADMIN'     # the admin socket passed to an upgraded master
+REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not Allowed',
+           431: 'Request Header Fields Too Large', 500: 'Internal Server Error',
+           503: 'Service Unavailable'}
+
+
+def bind(address: Address) -> socket.socket:
+    """A listening, non-blocking TCP socket on `address` (OSError if it cannot be bound)."""
+    family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Connection:
+    __slots__ = ('sock', 'head', 'out', 'deadline', 'writing')
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.head = bytearray()
+        self.out = b''
+        self.deadline = deadline
+        self.writing = False
+
+
+class AdminServer:
+    """Serves `routes` ({path: handler() -> (status, content type, body)}) on one address."""
+
+    def __init__(self, selector: selectors.BaseSelector, routes: dict, log):
+        self.selector = selector
+        self.routes = routes
+        self.log = log
+        self.address: Address | None = None
+        self.sock: socket.socket | None = None
+        self.conns: dict[int, _Connection] = {}
+        self.accepting = False
+        self.paused_until = 0.0
+
+    # -- the listening socket --------------------------------------------------------------
+    def serve(self, address: Address | None, sock: socket.socket | None) -> None:
+        """Listen on `sock` (bound to `address`) from now on; None: stop listening.
+        Connections already open are served to their end."""
+        if sock is self.sock:
+            return
+        self._close_listener()
+        self.address, self.sock = (address, sock) if sock is not None else (None, None)
+        self._update()
+
+    def _close_listener(self) -> None:
+        if self.sock is not None:
+            self._set_accepting(False)
+            self.sock.close()
+            self.sock = self.address = None
+
+    def close(self) -> None:
+        """Stop listening and drop every connection."""
+        self._close_listener()
+        for conn in list(self.conns.values()):
+            self._drop(conn)
+
+    def export(self) -> tuple[dict, list[int]]:
+        """For a binary upgrade: the environment naming the listening socket, and its fd."""
+        if self.sock is None:
+            return {}, []
+        fd = self.sock.fileno()
+        return {INHERIT_ENV: f'{fd} {self.address}'}, [fd]
+
+    @staticmethod
+    def adopt(address: Address | None) -> socket.socket | None:
+        """The socket an upgrading master passed for `address`, if it did (others are closed)."""
+        value = os.environ.pop(INHERIT_ENV, None)
+        if not value:
+            return None
+        fd_text, _, where = value.partition(' ')
+        try:
+            sock = socket.socket(fileno=int(fd_text))
+        except (ValueError, OSError):
+            return None
+        if address is None or where != str(address):
+            sock.close()
+            return None
+        os.set_inheritable(sock.fileno(), False)
+        sock.setblocking(False)
+        return sock
+
+    def _set_accepting(self, on: bool) -> None:
+        if on and not self.accepting:
+            self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        elif not on and self.accepting:
+            self.selector.unregister(self.sock)
+        self.accepting = on
+
+    def _update(self) -> None:
+        if self.sock is not None:
+            self._set_accepting(len(self.conns) < MAX_CONNECTIONS
+                                and time.monotonic() >= self.paused_until)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.error('admin %s: accept() failed: %s; not accepting for %gs',
+                               self.address, exc.strerror, ACCEPT_PAUSE)
+                self.paused_until = time.monotonic() + ACCEPT_PAUSE
+                self._update()
+            return
+        sock.setblocking(False)
+        conn = _Connection(sock, time.monotonic() + READ_TIMEOUT)
+        self.conns[sock.fileno()] = conn
+        self.selector.register(sock, selectors.EVENT_READ, lambda: self._on_event(conn))
+        self._update()
+
+    # -- connections -----------------------------------------------------------------------
+    def tick(self) -> None:
+        """Close connections past their deadline; resume accepting after a pause."""
+        now = time.monotonic()
+        for conn in [c for c in self.conns.values() if now >= c.deadline]:
+            self._drop(conn)
+        self._update()
+
+    def _on_event(self, conn: _Connection) -> None:
+        if conn.writing:
+            self._write(conn)
+        else:
+            self._read(conn)
+
+    def _read(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._drop(conn)
+            return
+        conn.head += data
+        end = conn.head.find(b'\r\n\r\n')
+        if end < 0:
+            end = conn.head.find(b'\n\n')
+        if 0 <= end <= MAX_HEAD:
+            self._handle(conn, bytes(conn.head[:end]))
+        elif len(conn.head) > MAX_HEAD:
+            self._respond(conn, 'GET', 431, 'text/plain', b'request head too large\n')
+
+    def _handle(self, conn: _Connection, head: bytes) -> None:
+        line = head.split(b'\n', 1)[0].rstrip(b'\r').decode('latin-1')
+        parts = line.split(' ')
+        if len(parts) != 3 or not parts[2].startswith('HTTP/') or not parts[1].startswith('/'):
+            self._respond(conn, 'GET', 400, 'text/plain', b'bad request\n')
+            return
+        method, target = parts[0], parts[1]
+        if method not in ('GET', 'HEAD'):
+            self._respond(conn, 'GET', 405, 'text/plain', b'only GET and HEAD\n',
+                          extra='Allow: GET, HEAD\r\n')
+            return
+        handler = self.routes.get(target.split('?', 1)[0])
+        if handler is None:
+            self._respond(conn, method, 404, 'text/plain', b'not found; try /metrics or /status\n')
+            return
+        try:
+            status, content_type, body = handler()
+        except Exception:         # noqa: BLE001 - a bug in a page must never stop the master
+            self.log.exception('admin: error while serving %s', target)
+            status, content_type, body = 500, 'text/plain', b'internal error\n'
+        self._respond(conn, method, status, content_type, body)
+
+    def _respond(self, conn: _Connection, method: str, status: int, content_type: str,
+                 body: bytes, extra: str = '') -> None:
+        head = (f'HTTP/1.0 {status} {REASONS.get(status, "")}\r\nContent-Type: {content_type}\r\n'
+                f'Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n')
+        conn.out = memoryview(head.encode('latin-1') + (b'' if method == 'HEAD' else body))
+        conn.writing = True
+        conn.deadline = time.monotonic() + WRITE_TIMEOUT
+        key = self.selector.get_key(conn.sock)
+        self.selector.modify(conn.sock, selectors.EVENT_WRITE, key.data)
+        self._write(conn)
+
+    def _write(self, conn: _Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        conn.out = conn.out[sent:]
+        if not conn.out:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._drop(conn)
+
+    def _drop(self, conn: _Connection) -> None:
+        fd = conn.sock.fileno()
+        if self.conns.pop(fd, None) is None:
+            return
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        self._update()
