@@ -284,7 +284,7 @@ def test_status_describes_master_generations_and_workers(proxies, tcp_echo):
     port, admin = free_port(), free_port()
     proxy = proxies(with_admin(tcp_config(port, tcp_echo.address), admin)).start(wait_workers=2)
     assert echo_roundtrip(port, b'hello') == b'hello'
-    time.sleep(0.3)
+    time.sleep(0.3)               # so that uptimes are at least 0.3 s
     code, content_type, body = get(admin, '/status')
     assert code == 200 and content_type == 'application/json'
     status = json.loads(body)
@@ -303,8 +303,13 @@ def test_status_describes_master_generations_and_workers(proxies, tcp_echo):
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('generation 2 active')
     wait_for(lambda: len(proxy.workers()) == 2, 10, what='the old generation to finish')
-    status = json.loads(get(admin, '/status')[2])
-    assert sorted(w['pid'] for w in status['workers']) == sorted(proxy.workers())
+
+    def settled():      # the master has reaped the old workers too (their exit is async)
+        status = json.loads(get(admin, '/status')[2])
+        pids = sorted(w['pid'] for w in status['workers'])
+        return status if pids == sorted(proxy.workers()) else None
+
+    status = wait_for(settled, 5, what='/status to list only the new workers')
     assert {w['generation'] for w in status['workers']} == {2}
     assert status['config']['generation'] == 2
     listener = status['listeners'][0]
