@@ -25,7 +25,6 @@ from mpproxy.errors import ConfigError
 # entry when its feature lands.
 NOT_SUPPORTED_YET = {
     'admin': None,
-    'watch_config': False,
 }
 
 

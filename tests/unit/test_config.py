@@ -174,7 +174,6 @@ def test_not_supported_keys_at_their_default_load(tmp_path):
     config = load_text(tmp_path, """\
         user: null
         resolver: []
-        watch_config: false
         upstreams:
           web:
             balance: round_robin
@@ -193,6 +192,13 @@ def test_not_supported_keys_at_their_default_load(tmp_path):
             udp: {max_sessions_per_ip: 0}
         """)
     assert config.upstreams['web'].servers[0].fail_timeout == 10.0
+
+
+def test_watch_config_is_a_boolean_off_by_default(tmp_path):
+    assert load_text(tmp_path, MINIMAL).watch_config is False
+    assert load_text(tmp_path, 'watch_config: true\n' + MINIMAL).watch_config is True
+    assert problems(tmp_path, 'watch_config: sometimes\n' + MINIMAL) == [
+        "1: watch_config: must be true or false, got 'sometimes'"]
 
 
 def test_user_and_group_by_name_or_id(tmp_path):
