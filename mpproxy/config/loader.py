@@ -24,7 +24,6 @@ from mpproxy.errors import ConfigError
 # in any server (declared or inline), `listener.X` in any listener. Delete an
 # entry when its feature lands.
 NOT_SUPPORTED_YET = {
-    'watch_config': False,
 }
 
 

@@ -25,6 +25,7 @@ from mpproxy.master import daemon, notify, upgrade
 from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.status import Observer
+from mpproxy.master.watch import ConfigWatch
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
                                     close_handoff, drain_with_handoff, spawn)
 from mpproxy.observe import access
@@ -62,6 +63,7 @@ class Arbiter:
         self.upgraded_from: int | None = None       # the old master that started this one
         self.limits: limits.LimitTable | None = None  # connection counts shared by all workers
         self.observer = Observer(self)              # metrics totals and the admin endpoint
+        self.watch = ConfigWatch(config.path)         # watch_config: polled by run()
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +124,8 @@ class Arbiter:
                     sig = self.signals.pop(0)
                     name = signal.Signals(sig).name[3:].lower()
                     getattr(self, 'handle_' + name)()
+                if self._watching() and self.watch.poll():
+                    self.handle_hup()                 # the file changed: exactly what HUP does
                 self.reap()
                 self.manage_workers()
                 self.observer.tick()
@@ -130,6 +134,11 @@ class Arbiter:
         finally:
             self._shutdown()
         return self.exit_code
+
+    def _watching(self) -> bool:
+        """watch_config is on, and this master neither stops nor has a new master from USR2
+        alive (that one watches the file itself; see watch.py)."""
+        return self.config.watch_config and not self.stopping and self.upgrade_pid is None
 
     def _timeout(self) -> float:
         return 0.05 if self.stopping else 0.25
@@ -223,6 +232,7 @@ class Arbiter:
     # -- reload -----------------------------------------------------------------------------
     def reload(self) -> None:
         """Parse, validate and bind into a new generation; on failure keep the old one."""
+        self.watch.loading()                  # what is read now counts as tried (watch.py)
         try:
             config = load(self.config.path)
             self._check_reloadable(config)

@@ -174,7 +174,6 @@ def test_not_supported_keys_at_their_default_load(tmp_path):
     config = load_text(tmp_path, """\
         user: null
         resolver: []
-        watch_config: false
         upstreams:
           web:
             balance: round_robin
@@ -204,6 +203,13 @@ def test_admin_listen(tmp_path):
         Address('0.0.0.0', 9901)
     with pytest.raises(ConfigError, match=r':1: admin.listen: '):     # the master never resolves
         load_text(tmp_path, 'admin: {listen: "admin.example.com:9901"}\n' + MINIMAL)
+
+
+def test_watch_config_is_a_boolean_off_by_default(tmp_path):
+    assert load_text(tmp_path, MINIMAL).watch_config is False
+    assert load_text(tmp_path, 'watch_config: true\n' + MINIMAL).watch_config is True
+    assert problems(tmp_path, 'watch_config: sometimes\n' + MINIMAL) == [
+        "1: watch_config: must be true or false, got 'sometimes'"]
 
 
 def test_user_and_group_by_name_or_id(tmp_path):

@@ -1,0 +1,193 @@
+"""`watch_config: true`: the real mpproxy reloads when its config file changes, no signal sent.
+
+The master polls the file once a second and reloads once a change has been seen on two polls
+in a row, so a change is applied within about 2.5 s; the waits below give it 10 s. Where a
+test checks that something does NOT happen, it watches for a bounded window (OBSERVE) that
+covers more than two poll intervals, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+
+from configmap import ConfigMapDir
+from conftest import children, cmdline, free_port, wait_for
+from test_lifecycle import first_bytes, tagged_backend
+from test_tcp import tcp_config
+from test_upgrade import read_pid
+
+RELOAD = 10.0           # deadline for a change to be applied
+OBSERVE = 3.5           # a window in which nothing must happen: > 2 polls of 1 s, plus slack
+WATCH = '\n        watch_config: true'
+
+
+def watched(port: int, upstream: str, on: bool = True, extra: str = '') -> str:
+    text = tcp_config(port, upstream)
+    return text.replace('workers: 2', 'workers: 2' + WATCH + extra) if on else text
+
+
+def all_from(port: int, tag: bytes, n: int = 10) -> bool:
+    return all(first_bytes(port, 1) == tag for _ in range(n))
+
+
+def observe(seconds: float = OBSERVE) -> None:
+    """A bounded observation window: the only sleep here, for checks that nothing happens."""
+    time.sleep(seconds)
+
+
+def test_a_plain_rewrite_reloads_without_a_signal(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        proxy = proxies(watched(port, a.address)).start(wait_workers=2)
+        assert all_from(port, b'A')
+        proxy.write_config(watched(port, b.address))
+        log = proxy.wait_log('generation 2 active', timeout=RELOAD)
+        assert 'config file changed, reloading' in log
+        assert log.count('reloading configuration from') == 1
+        assert all_from(port, b'B', 20)
+    finally:
+        a.close()
+        b.close()
+
+
+def same_size(*texts: str) -> list[str]:
+    """The texts dedented and padded with a comment to one length."""
+    texts = [textwrap.dedent(t) for t in texts]
+    width = max(len(t) for t in texts) + 2
+    return [t + '#' * (width - len(t) - 1) + '\n' for t in texts]
+
+
+def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp_path):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        first, second, third = same_size(watched(port, a.address), watched(port, b.address),
+                                          watched(port, a.address, extra='\n        log_level: info'))
+        (tmp_path / 'configmap').mkdir()
+        cm = ConfigMapDir(tmp_path / 'configmap', first)
+        proxy = proxies('', name='k8s')
+        proxy.config_path = cm.path                   # -c <dir>/mpproxy.yaml, a symlink
+        proxy.start(wait_workers=2)
+        assert all_from(port, b'A')
+
+        cm.update(second)                             # the kubelet's ..data swap
+        proxy.wait_log('generation 2 active', timeout=RELOAD)
+        assert all_from(port, b'B', 20)
+
+        before = os.stat(cm.path)
+        cm.update(third, same_times=True)             # nothing but the real path and inode differ
+        after = os.stat(cm.path)
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        assert after.st_ino != before.st_ino
+        log = proxy.wait_log('generation 3 active', timeout=RELOAD)
+        assert all_from(port, b'A', 20)
+        assert log.count('config file changed, reloading') == 2
+        assert 'is missing' not in log                # the visible path never dangled
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_broken_file_is_tried_once_and_the_old_generation_keeps_serving(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        proxy = proxies(watched(port, a.address)).start(wait_workers=2)
+        workers = sorted(proxy.workers())
+        proxy.write_config('workers: 2\nwatch_config: true\nlisteners: [\n')   # bad YAML
+        log = proxy.wait_log('reload failed', timeout=RELOAD)
+        assert 'YAML syntax error' in log and 'Traceback' not in log
+        assert all_from(port, b'A')
+        observe()                                     # the same broken file: no retry
+        log = proxy.log()
+        assert log.count('reload failed') == 1, log
+        assert log.count('config file changed, reloading') == 1
+        assert sorted(proxy.workers()) == workers and all_from(port, b'A')
+
+        proxy.write_config(watched(port, b.address))  # fixed: the change reloads
+        proxy.wait_log('generation 2 active', timeout=RELOAD)
+        assert all_from(port, b'B', 20)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        proxy = proxies(watched(port, a.address)).start(wait_workers=2)
+        proxy.config_path.unlink()
+        proxy.wait_log('is missing', timeout=RELOAD)
+        assert all_from(port, b'A')
+        observe()                                     # still missing: logged once only
+        log = proxy.log()
+        assert log.count('is missing') == 1 and 'reloading configuration' not in log
+        proxy.write_config(watched(port, b.address))
+        proxy.wait_log('generation 2 active', timeout=RELOAD)
+        assert all_from(port, b'B', 20)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_watch_config_is_off_by_default_and_a_reload_turns_it_on_and_off(proxies):
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    try:
+        port = free_port()
+        proxy = proxies(watched(port, a.address, on=False)).start(wait_workers=2)
+        proxy.write_config(watched(port, b.address, on=False))
+        observe()                                     # off: the change does nothing
+        assert 'config file changed' not in proxy.log()
+        assert 'generation 2' not in proxy.log() and all_from(port, b'A')
+
+        proxy.write_config(watched(port, a.address))  # turned on by a HUP
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log('generation 2 active', timeout=RELOAD)
+        proxy.write_config(watched(port, b.address, on=False))   # seen by the watch: applied
+        log = proxy.wait_log('generation 3 active', timeout=RELOAD)
+        assert log.count('config file changed, reloading') == 1
+        assert all_from(port, b'B', 20)
+
+        proxy.write_config(watched(port, a.address, on=False))   # turned off by that reload
+        observe()
+        assert proxy.log().count('config file changed, reloading') == 1
+        assert 'generation 4' not in proxy.log() and all_from(port, b'B')
+    finally:
+        a.close()
+        b.close()
+
+
+def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
+    """The old master does not reload while its new master lives; backed out, it catches up."""
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    pid_file = tmp_path / 'mpproxy.pid'
+    extra = f'\n        pid_file: {pid_file}'
+    try:
+        port = free_port()
+        proxy = proxies(watched(port, a.address, extra=extra)).start(wait_workers=2)
+        old = proxy.pid
+        proxy.signal(signal.SIGUSR2)
+        new = wait_for(lambda: (lambda p: p if p not in (None, old) else None)(read_pid(pid_file)),
+                       10, what='the new master to write the pid file')
+        proxy.known_pids.add(new)
+        proxy.wait_log('mpproxy started', count=2, timeout=10)
+
+        proxy.write_config(watched(port, b.address, extra=extra))
+        proxy.wait_log(f'{new}#master: generation 2 active', timeout=RELOAD)
+        proxy.known_pids.update(p for p in children(new) if cmdline(p).startswith('mpproxy: worker'))
+        observe()                                     # the old master leaves the file alone
+        assert f'{old}#master: config file changed' not in proxy.log()
+
+        os.kill(new, signal.SIGQUIT)                  # back out: the old master goes on ...
+        proxy.wait_log('binary upgrade failed', timeout=10)
+        log = proxy.wait_log(f'{old}#master: generation 2 active', timeout=RELOAD)
+        assert f'{old}#master: config file changed, reloading' in log   # ... with the new file
+        assert wait_for(lambda: all_from(port, b'B', 20), 5, what='traffic to B only')
+    finally:
+        a.close()
+        b.close()
