@@ -179,7 +179,9 @@ class Arbiter:
         for generation in self.generations:
             self._drain(generation)
         self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
-        self.observer.close()
+        if self.upgrade_pid is not None:
+            self.observer.close()    # the new master answers on the admin socket now
+        # else the admin endpoint stays up while draining: /readyz says 503, /healthz 200
 
     def handle_term(self) -> None:
         if self.stopping == 'term':

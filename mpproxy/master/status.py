@@ -1,4 +1,6 @@
-"""The master's side of metrics: retired totals, the admin endpoint, /metrics and /status.
+"""The master's side of metrics: retired totals, the admin endpoint, /metrics and /status,
+and the probes /healthz (every worker slot has a live worker with a recent heartbeat) and
+/readyz (serving and not draining: 503 from QUIT on, so a load balancer stops sending first).
 
 The arbiter owns one `Observer`. It reads the workers' snapshot areas
 (observe/metrics.py) only when a page is asked for, and once more when a worker is
@@ -7,7 +9,8 @@ reaped (`retire`: its counters join the retired totals, its area is unmapped).
 `admin.listen` follows the reload transaction like a listener: an unchanged address
 keeps its socket, a new one is bound before the new generation is committed (a bind
 failure fails the reload and changes nothing), a removed one is closed at commit.
-On a binary upgrade the socket is passed to the new master; QUIT and TERM close it.
+On a binary upgrade the socket is passed to the new master. TERM closes it; QUIT keeps it
+open while the workers drain (the probes answer), unless a new master took it over.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from mpproxy.upstream import health
 
 log = logmod.log
 
+BEAT_STALE = 3.0          # seconds without a heartbeat (one a second) that make /healthz fail
+
 
 class Observer:
     def __init__(self, arbiter):
@@ -35,7 +40,9 @@ class Observer:
         self.started = time.time()
         self.started_monotonic = time.monotonic()
         self.admin = admin.AdminServer(arbiter.selector, {'/metrics': self.metrics_page,
-                                                          '/status': self.status_page}, log)
+                                                          '/status': self.status_page,
+                                                          '/healthz': self.healthz_page,
+                                                          '/readyz': self.readyz_page}, log)
 
     # -- the admin listener (arbiter: start, reload, upgrade, stop) ------------------------
     def start(self, config: Config) -> None:
@@ -119,6 +126,47 @@ class Observer:
                 (('upstream', u), ('server', s)): 1 - down
                 for u, s, down in _checks(active)}
         return 200, prometheus.CONTENT_TYPE, prometheus.render(samples).encode()
+
+    # -- probes (orchestrators, load balancers) ---------------------------------------------
+    def healthz_page(self):
+        """Liveness: 200 while every worker slot has a live worker whose heartbeat is recent."""
+        problem = self.unhealthy()
+        return (503, 'text/plain', f'unhealthy: {problem}\n'.encode()) if problem \
+            else (200, 'text/plain', b'ok\n')
+
+    def readyz_page(self):
+        """Readiness: 200 while the listeners are bound and served; 503 from QUIT on."""
+        problem = self.unready()
+        return (503, 'text/plain', f'not ready: {problem}\n'.encode()) if problem \
+            else (200, 'text/plain', b'ready\n')
+
+    def unhealthy(self) -> str | None:
+        now = time.monotonic()
+        arbiter = self.arbiter
+        stale = [w for w in arbiter._live_workers() if now - w.last_beat > BEAT_STALE]
+        if stale:
+            w = stale[0]
+            return (f'worker {w.slot} (pid {w.pid}) gave no heartbeat for '
+                    f'{now - w.last_beat:.1f}s')
+        if arbiter.stopping:
+            return None           # draining: the slots empty one by one, as they should
+        active = next((g for g in arbiter.generations if g.state == ACTIVE), None)
+        if active is None:
+            return 'no active generation'
+        missing = [slot for slot in range(active.config.workers)
+                   if slot not in active.workers or not active.workers[slot].ready]
+        if missing:
+            return f'no serving worker in slot {missing[0]}'
+        return None
+
+    def unready(self) -> str | None:
+        arbiter = self.arbiter
+        if arbiter.stopping:
+            return 'draining' if arbiter.stopping == 'quit' else 'stopping'
+        active = next((g for g in arbiter.generations if g.state == ACTIVE), None)
+        if active is None or not any(w.ready for w in active.workers.values()):
+            return 'no serving worker'
+        return None
 
     def status_page(self):
         return 200, 'application/json', (json.dumps(self.status(), indent=1) + '\n').encode()

@@ -29,7 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mpproxy.config import ConfigError, load, loader
+from mpproxy.config import ConfigError, load
 from mpproxy.master import arbiter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,12 +43,6 @@ VERSIONS = ('1.29', kubernetes_validate.latest_version())
 # A stopped master's workers close at shutdown_timeout; the master TERMs them CLOSE_SLACK
 # later and SIGKILLs them KILL_GRACE after that (README, "Drain deadline").
 EXIT_SLACK = arbiter.CLOSE_SLACK + arbiter.KILL_GRACE
-# Built on other branches (the admin endpoint with /healthz and /readyz; watch_config):
-# until they are merged the loader takes them only at their defaults. checks.py already
-# parses both, so the deploy configs are loaded with just these two rules lifted, and
-# test_deploy_configs_load_as_they_are says when they no longer need to be.
-PENDING = ('admin', 'watch_config')
-PENDING_HERE = sorted(set(PENDING) & set(loader.NOT_SUPPORTED_YET))
 
 
 # -- the files, parsed ---------------------------------------------------------------------
@@ -121,10 +115,8 @@ def cmd(d: Deploy) -> list[str]:
     return json.loads(rest)
 
 
-def load_config(text: str, lift: tuple = PENDING):
+def load_config(text: str):
     """mpproxy's Config for `text`; AssertionError with the loader's problems if it fails."""
-    saved = loader.NOT_SUPPORTED_YET
-    loader.NOT_SUPPORTED_YET = {k: v for k, v in saved.items() if k not in lift}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, 'mpproxy.yaml')
@@ -133,8 +125,6 @@ def load_config(text: str, lift: tuple = PENDING):
             return load(path)
     except ConfigError as exc:
         raise AssertionError(exc.problems) from None
-    finally:
-        loader.NOT_SUPPORTED_YET = saved
 
 
 def container(pod: dict) -> dict:
@@ -405,12 +395,9 @@ def test_deploy(check):
     check(REAL)
 
 
-@pytest.mark.xfail(bool(PENDING_HERE), strict=True,
-                   reason=f'not merged into this branch yet: {PENDING_HERE}')
 def test_deploy_configs_load_as_they_are():
-    """Without the lifted rules: passes once the admin endpoint and watch_config are here."""
-    load_config(REAL.config_text(), lift=())
-    load_config(REAL.image_config, lift=())
+    load_config(REAL.config_text())
+    load_config(REAL.image_config)
 
 
 # -- each check, broken ----------------------------------------------------------------------
