@@ -20,11 +20,13 @@ PAUSE_MIN to PAUSE_MAX while accepting keeps failing, and `freed()` (a
 connection of this worker closed) resumes at once. Out-of-files lines go
 through the owner's `RateLimitedLog`, one a second.
 
-Each readable event accepts at most BATCH connections (nginx's `multi_accept
-off`): the listening socket is shared, every worker polls it, and a worker
-that took every pending connection at once would leave its siblings idle. A
-client gone before accept() returned (ECONNABORTED, EPROTO, EPERM from a
-firewall) costs nothing but the call.
+Each readable event accepts at most `batch` connections: BATCH when the
+worker has the socket to itself (one worker, or `reuseport`), BATCH_SHARED when
+every worker polls the same socket, so that a worker taking every pending
+connection at once does not leave its siblings idle (nginx's `multi_accept`
+trade-off). One accept per event would cost a loop turn per connection: about
+a third of the new-connection rate. A client gone before accept() returned
+(ECONNABORTED, EPROTO, EPERM from a firewall) costs nothing but the call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from __future__ import annotations
 import errno
 import socket
 
-BATCH = 1
+BATCH = 8
+BATCH_SHARED = 4
 PAUSE_MIN = 0.05          # seconds
 PAUSE_MAX = 1.0
 FULL_POLL = 0.05          # seconds between two room() checks while full
@@ -47,9 +50,11 @@ class Acceptor:
     """Accepts on `sock` and calls `handle(fd, address)` for each connection."""
 
     __slots__ = ('loop', 'sock', 'fd', 'handle', 'ratelog', 'name', 'reading', 'paused',
-                 'holds', 'stopped', 'pause', 'timer', 'exhausted', 'room', 'full_timer', 'full')
+                 'holds', 'stopped', 'pause', 'timer', 'exhausted', 'room', 'full_timer', 'full',
+                 'batch')
 
-    def __init__(self, loop, sock: socket.socket, handle, ratelog, name: str, room=None):
+    def __init__(self, loop, sock: socket.socket, handle, ratelog, name: str, room=None,
+                 batch: int = BATCH):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -66,6 +71,7 @@ class Acceptor:
         self.room = room          # None, or () -> bool: may one more connection be accepted?
         self.full_timer = None
         self.full = 0             # times accepting was held because room() said no
+        self.batch = batch        # connections accepted per readable event, at most
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -109,12 +115,12 @@ class Acceptor:
             self.reading = False
 
     def _on_readable(self) -> None:
-        if self.room is not None and not self.room():
-            self._hold_while_full()
-            return
         accept = self.sock._accept            # (fd, address): no socket object per connection
-        handle = self.handle
-        for _ in range(BATCH):
+        handle, room = self.handle, self.room
+        for _ in range(self.batch):
+            if room is not None and not room():
+                self._hold_while_full()
+                return
             try:
                 fd, address = accept()
             except _AGAIN:

@@ -17,7 +17,7 @@ import socket
 import struct
 
 from mpproxy.config.schema import Listener
-from mpproxy.proxy import acl, limits, proxy_header, sni
+from mpproxy.proxy import accept, acl, limits, proxy_header, sni
 from mpproxy.proxy.accept import Acceptor
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.proxy.relay import Relay, _fmt_addr
@@ -29,7 +29,7 @@ class TcpService:
 
     def __init__(self, loop, listener: Listener, sock: socket.socket, pool: UpstreamPool, log,
                  sni_router: 'sni.SniRouter | None' = None, gate: 'limits.Gate | None' = None,
-                 access=None):
+                 access=None, shared: bool = True):
         self.loop = loop
         self.listener = listener
         self.sock = sock
@@ -51,7 +51,8 @@ class TcpService:
         self.relays: set[Relay] = set()
         self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
         room = self._room if gate is not None and gate.max_total else None
-        self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name, room)
+        self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name, room,
+                                 accept.BATCH_SHARED if shared else accept.BATCH)
 
     async def start(self) -> None:
         await _open_emfile_reserve(self.loop)

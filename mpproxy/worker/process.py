@@ -239,8 +239,9 @@ class Worker:
                     default = next((self._pool(name) for pattern, name in listener.sni_routes
                                     if pattern == 'default'), None)   # None: close the rest
                     router = SniRouter(routes, default)
+                shared = self.config.workers > 1 and not listener.reuseport
                 service = TcpService(self.loop, listener, sock, pool, log, router,
-                                     self._gate(listener), self.access)
+                                     self._gate(listener), self.access, shared)
                 await service.start()
             else:
                 gate = self._gate(listener)     # refuses with 'max_sessions_per_ip'
