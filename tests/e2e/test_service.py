@@ -292,7 +292,8 @@ def test_unit_has_the_directives_mpproxy_needs():
     assert int(service['LimitNOFILE'][0]) >= 65536
     # The stop deadline outlasts the master's own: shutdown_timeout, then close and kill slack.
     from mpproxy.config.loader import load
-    from mpproxy.master.arbiter import CLOSE_SLACK, KILL_GRACE
+    from mpproxy.master.arbiter import CLOSE_SLACK
+    from mpproxy.master.children import KILL_GRACE
     default = load(str(ROOT / 'etc' / 'mpproxy.yaml')).shutdown_timeout
     assert int(service['TimeoutStopSec'][0].rstrip('s')) > default + CLOSE_SLACK + KILL_GRACE
     caps = service['CapabilityBoundingSet'][0].split()
