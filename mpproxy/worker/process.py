@@ -49,6 +49,7 @@ from mpproxy.upstream import discovery
 from mpproxy.upstream import health
 from mpproxy.upstream.pool import UpstreamPool
 from mpproxy.worker import privileges
+from mpproxy.worker.handover import Handover
 
 log = logmod.log
 
@@ -104,7 +105,7 @@ def run(spec: WorkerSpec) -> None:
         os._exit(code)
 
 
-class Worker:
+class Worker(Handover):
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.config = spec.config
@@ -266,54 +267,6 @@ class Worker:
         if self.limit_area is None:
             self.limit_area = spec.limits.area(spec.limit_slot)
         return self.limit_area.gate_for(listener, spec.limit_index)
-
-    def _udp_services(self) -> list[UdpService]:
-        return [s for s in self.services if isinstance(s, UdpService)]
-
-    def _start_udp(self) -> None:
-        if not self.draining:
-            for service in self._udp_services():
-                service.start()
-
-    # -- UDP sessions handed over on reload -------------------------------------------------
-    def _on_handoff(self) -> None:
-        by_key = {s.key: s for s in self._udp_services()}
-        for key, metas, fds in self.receiver.read():
-            service = by_key.get(key)
-            if service is None:   # the listener is gone from the new config
-                for fd in fds:
-                    socket.close(fd)
-                self.handoff_lost += len(fds)
-                continue
-            self.handoff_adopted += service.adopt_sessions(metas, fds)
-        if self.receiver.done:
-            self._handoff_done()
-
-    def _handoff_done(self) -> None:
-        if self.receiver is None:
-            return
-        self.handoff_timer.cancel()
-        self.loop.remove_reader(self.spec.handoff.fileno())
-        self.spec.handoff.close()
-        self.receiver = None
-        if self.handoff_adopted or self.handoff_lost:
-            log.info('took over %d UDP session(s) from the previous worker%s', self.handoff_adopted,
-                     f', closed {self.handoff_lost} of removed listeners' if self.handoff_lost else '')
-        self._start_udp()
-
-    def _hand_over(self, sock: socket.socket) -> None:
-        """Draining on reload: give this worker's UDP sessions to the successor."""
-        batches = [(s.key, s.export_sessions()) for s in self._udp_services()]
-        try:
-            sent, failed = handoff.send_all(sock, batches)
-        finally:
-            for _, items in batches:
-                for _, session_sock in items:
-                    session_sock.close()
-            sock.close()
-        if sent or failed:
-            log.info('handed %d UDP session(s) to the new worker%s', sent,
-                     f'; {failed} could not be sent and were closed' if failed else '')
 
     def reopen_logs(self) -> None:
         """USR1: the error log and the access log, by path (the master made them ours)."""
