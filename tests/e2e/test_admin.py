@@ -10,7 +10,7 @@ import socket
 import time
 
 from conftest import TcpBackend, alive, cmdline, fd_count, free_port, run_cli, wait_for
-from test_lifecycle import listening_inodes, socket_inodes, tagged_backend
+from test_lifecycle import listening_inodes, recv_exactly, socket_inodes, tagged_backend
 from test_tcp import connect, echo_roundtrip, tcp_config
 from test_udp import client, udp_config
 
@@ -76,16 +76,6 @@ def wait_metric(port: int, name: str, expected, timeout: float = 5.0, **labels) 
     except AssertionError:
         raise AssertionError(f'{name}{labels}: {total(box["s"], name, **labels)} != {expected}')
     return box['s']
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b''
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def never_backwards(before: dict, after: dict) -> None:

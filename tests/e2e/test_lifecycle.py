@@ -19,15 +19,20 @@ def tagged_backend(tag: bytes) -> TcpBackend:
     return TcpBackend(handler)
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """`n` bytes from `sock`, or fewer when it reaches EOF first."""
+    data = b''
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def first_bytes(port: int, n: int) -> bytes:
     with connect(port) as sock:
-        data = b''
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return recv_exactly(sock, n)
 
 
 def test_process_titles(proxies, tcp_echo):
