@@ -169,7 +169,7 @@ def full_backlog():
         s.setblocking(False)
         s.connect_ex(server.getsockname())
         fillers.append(s)
-        time.sleep(0.05)
+        time.sleep(0.05)                  # pacing: each handshake lands before the next
     probe = socket.socket()
     probe.settimeout(0.5)
     try:
@@ -368,7 +368,7 @@ def test_a_udp_session_handed_over_on_reload_gives_one_line_with_all_its_counts(
     assert (line['client'], line['status'], line['datagrams_in'], line['datagrams_out'],
             line['bytes_in'], line['bytes_out']) == (client, 'ok', 3, 3, 11, 11)
     assert line['duration'] >= 2.0
-    time.sleep(1.0)
+    time.sleep(1.0)                   # an observation window: nothing more may be written
     assert len(lines(path)) == 1                            # the old worker wrote none
 
 
@@ -468,7 +468,7 @@ def test_no_line_is_lost_at_quit(proxies, tmp_path, tcp_echo):
         s.sendall(b'ping')
         assert s.recv(10) == b'ping'
     proxy.signal(signal.SIGQUIT)
-    time.sleep(0.3)
+    proxy.wait_log('graceful shutdown')
     for s in open_ones:                                     # they finish during the drain
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b''
@@ -532,7 +532,7 @@ def test_a_flood_of_denied_clients_to_a_stuck_log_keeps_memory_bounded(proxies, 
         proxy.wait_log('line(s) dropped', timeout=10)
         before = rss_kib(worker)
         denied_flood(port, 16000)       # ~3 MB more
-        time.sleep(0.5)
+        time.sleep(0.5)                 # settle: the worker takes the last of the backlog
         grown = rss_kib(worker) - before
         assert grown < 1024, f'the worker grew by {grown} KiB'
         data = b''

@@ -353,7 +353,7 @@ def test_admin_connections_are_capped_and_the_rest_wait_in_the_backlog(proxies, 
     base = fd_count(proxy.pid)
     silent = [socket.create_connection(('127.0.0.1', admin), timeout=10) for _ in range(20)]
     try:
-        time.sleep(0.5)
+        wait_for(lambda: fd_count(proxy.pid) >= base + 16, 5, what='16 admin connections taken')
         assert fd_count(proxy.pid) <= base + 16         # 16 served, the others wait
         proxy.signal(signal.SIGHUP)                     # the master is not held up
         proxy.wait_log('generation 2 active', timeout=5)

@@ -13,6 +13,8 @@ import signal
 import textwrap
 import time
 
+import pytest
+
 from configmap import ConfigMapDir
 from conftest import children, cmdline, free_port, wait_for
 from test_lifecycle import first_bytes, tagged_backend
@@ -29,6 +31,15 @@ def watched(port: int, upstream: str, on: bool = True, extra: str = '') -> str:
     return text.replace('workers: 2', 'workers: 2' + WATCH + extra) if on else text
 
 
+@pytest.fixture
+def backends():
+    """Two TCP backends that answer with their tag, A and B (closed after the test)."""
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    yield a, b
+    a.close()
+    b.close()
+
+
 def all_from(port: int, tag: bytes, n: int = 10) -> bool:
     return all(first_bytes(port, 1) == tag for _ in range(n))
 
@@ -38,20 +49,16 @@ def observe(seconds: float = OBSERVE) -> None:
     time.sleep(seconds)
 
 
-def test_a_plain_rewrite_reloads_without_a_signal(proxies):
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    try:
-        port = free_port()
-        proxy = proxies(watched(port, a.address)).start(wait_workers=2)
-        assert all_from(port, b'A')
-        proxy.write_config(watched(port, b.address))
-        log = proxy.wait_log('generation 2 active', timeout=RELOAD)
-        assert 'config file changed, reloading' in log
-        assert log.count('reloading configuration from') == 1
-        assert all_from(port, b'B', 20)
-    finally:
-        a.close()
-        b.close()
+def test_a_plain_rewrite_reloads_without_a_signal(proxies, backends):
+    a, b = backends
+    port = free_port()
+    proxy = proxies(watched(port, a.address)).start(wait_workers=2)
+    assert all_from(port, b'A')
+    proxy.write_config(watched(port, b.address))
+    log = proxy.wait_log('generation 2 active', timeout=RELOAD)
+    assert 'config file changed, reloading' in log
+    assert log.count('reloading configuration from') == 1
+    assert all_from(port, b'B', 20)
 
 
 def same_size(*texts: str) -> list[str]:
@@ -61,105 +68,89 @@ def same_size(*texts: str) -> list[str]:
     return [t + '#' * (width - len(t) - 1) + '\n' for t in texts]
 
 
-def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp_path):
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    try:
-        port = free_port()
-        first, second, third = same_size(watched(port, a.address), watched(port, b.address),
-                                          watched(port, a.address, extra='\n        log_level: info'))
-        (tmp_path / 'configmap').mkdir()
-        cm = ConfigMapDir(tmp_path / 'configmap', first)
-        proxy = proxies('', name='k8s')
-        proxy.config_path = cm.path                   # -c <dir>/mpproxy.yaml, a symlink
-        proxy.start(wait_workers=2)
-        assert all_from(port, b'A')
+def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp_path, backends):
+    a, b = backends
+    port = free_port()
+    first, second, third = same_size(watched(port, a.address), watched(port, b.address),
+                                      watched(port, a.address, extra='\n        log_level: info'))
+    (tmp_path / 'configmap').mkdir()
+    cm = ConfigMapDir(tmp_path / 'configmap', first)
+    proxy = proxies('', name='k8s')
+    proxy.config_path = cm.path                   # -c <dir>/mpproxy.yaml, a symlink
+    proxy.start(wait_workers=2)
+    assert all_from(port, b'A')
 
-        cm.update(second)                             # the kubelet's ..data swap
-        proxy.wait_log('generation 2 active', timeout=RELOAD)
-        assert all_from(port, b'B', 20)
+    cm.update(second)                             # the kubelet's ..data swap
+    proxy.wait_log('generation 2 active', timeout=RELOAD)
+    assert all_from(port, b'B', 20)
 
-        before = os.stat(cm.path)
-        cm.update(third, same_times=True)             # nothing but the real path and inode differ
-        after = os.stat(cm.path)
-        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-        assert after.st_ino != before.st_ino
-        log = proxy.wait_log('generation 3 active', timeout=RELOAD)
-        assert all_from(port, b'A', 20)
-        assert log.count('config file changed, reloading') == 2
-        assert 'is missing' not in log                # the visible path never dangled
-    finally:
-        a.close()
-        b.close()
+    before = os.stat(cm.path)
+    cm.update(third, same_times=True)             # nothing but the real path and inode differ
+    after = os.stat(cm.path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert after.st_ino != before.st_ino
+    log = proxy.wait_log('generation 3 active', timeout=RELOAD)
+    assert all_from(port, b'A', 20)
+    assert log.count('config file changed, reloading') == 2
+    assert 'is missing' not in log                # the visible path never dangled
 
 
-def test_a_broken_file_is_tried_once_and_the_old_generation_keeps_serving(proxies):
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    try:
-        port = free_port()
-        proxy = proxies(watched(port, a.address)).start(wait_workers=2)
-        workers = sorted(proxy.workers())
-        proxy.write_config('workers: 2\nwatch_config: true\nlisteners: [\n')   # bad YAML
-        log = proxy.wait_log('reload failed', timeout=RELOAD)
-        assert 'YAML syntax error' in log and 'Traceback' not in log
-        assert all_from(port, b'A')
-        observe()                                     # the same broken file: no retry
-        log = proxy.log()
-        assert log.count('reload failed') == 1, log
-        assert log.count('config file changed, reloading') == 1
-        assert sorted(proxy.workers()) == workers and all_from(port, b'A')
+def test_a_broken_file_is_tried_once_and_the_old_generation_keeps_serving(proxies, backends):
+    a, b = backends
+    port = free_port()
+    proxy = proxies(watched(port, a.address)).start(wait_workers=2)
+    workers = sorted(proxy.workers())
+    proxy.write_config('workers: 2\nwatch_config: true\nlisteners: [\n')   # bad YAML
+    log = proxy.wait_log('reload failed', timeout=RELOAD)
+    assert 'YAML syntax error' in log and 'Traceback' not in log
+    assert all_from(port, b'A')
+    observe()                                     # the same broken file: no retry
+    log = proxy.log()
+    assert log.count('reload failed') == 1, log
+    assert log.count('config file changed, reloading') == 1
+    assert sorted(proxy.workers()) == workers and all_from(port, b'A')
 
-        proxy.write_config(watched(port, b.address))  # fixed: the change reloads
-        proxy.wait_log('generation 2 active', timeout=RELOAD)
-        assert all_from(port, b'B', 20)
-    finally:
-        a.close()
-        b.close()
+    proxy.write_config(watched(port, b.address))  # fixed: the change reloads
+    proxy.wait_log('generation 2 active', timeout=RELOAD)
+    assert all_from(port, b'B', 20)
 
 
-def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies):
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    try:
-        port = free_port()
-        proxy = proxies(watched(port, a.address)).start(wait_workers=2)
-        proxy.config_path.unlink()
-        proxy.wait_log('is missing', timeout=RELOAD)
-        assert all_from(port, b'A')
-        observe()                                     # still missing: logged once only
-        log = proxy.log()
-        assert log.count('is missing') == 1 and 'reloading configuration' not in log
-        proxy.write_config(watched(port, b.address))
-        proxy.wait_log('generation 2 active', timeout=RELOAD)
-        assert all_from(port, b'B', 20)
-    finally:
-        a.close()
-        b.close()
+def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies, backends):
+    a, b = backends
+    port = free_port()
+    proxy = proxies(watched(port, a.address)).start(wait_workers=2)
+    proxy.config_path.unlink()
+    proxy.wait_log('is missing', timeout=RELOAD)
+    assert all_from(port, b'A')
+    observe()                                     # still missing: logged once only
+    log = proxy.log()
+    assert log.count('is missing') == 1 and 'reloading configuration' not in log
+    proxy.write_config(watched(port, b.address))
+    proxy.wait_log('generation 2 active', timeout=RELOAD)
+    assert all_from(port, b'B', 20)
 
 
-def test_watch_config_is_off_by_default_and_a_reload_turns_it_on_and_off(proxies):
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    try:
-        port = free_port()
-        proxy = proxies(watched(port, a.address, on=False)).start(wait_workers=2)
-        proxy.write_config(watched(port, b.address, on=False))
-        observe()                                     # off: the change does nothing
-        assert 'config file changed' not in proxy.log()
-        assert 'generation 2' not in proxy.log() and all_from(port, b'A')
+def test_watch_config_is_off_by_default_and_a_reload_turns_it_on_and_off(proxies, backends):
+    a, b = backends
+    port = free_port()
+    proxy = proxies(watched(port, a.address, on=False)).start(wait_workers=2)
+    proxy.write_config(watched(port, b.address, on=False))
+    observe()                                     # off: the change does nothing
+    assert 'config file changed' not in proxy.log()
+    assert 'generation 2' not in proxy.log() and all_from(port, b'A')
 
-        proxy.write_config(watched(port, a.address))  # turned on by a HUP
-        proxy.signal(signal.SIGHUP)
-        proxy.wait_log('generation 2 active', timeout=RELOAD)
-        proxy.write_config(watched(port, b.address, on=False))   # seen by the watch: applied
-        log = proxy.wait_log('generation 3 active', timeout=RELOAD)
-        assert log.count('config file changed, reloading') == 1
-        assert all_from(port, b'B', 20)
+    proxy.write_config(watched(port, a.address))  # turned on by a HUP
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log('generation 2 active', timeout=RELOAD)
+    proxy.write_config(watched(port, b.address, on=False))   # seen by the watch: applied
+    log = proxy.wait_log('generation 3 active', timeout=RELOAD)
+    assert log.count('config file changed, reloading') == 1
+    assert all_from(port, b'B', 20)
 
-        proxy.write_config(watched(port, a.address, on=False))   # turned off by that reload
-        observe()
-        assert proxy.log().count('config file changed, reloading') == 1
-        assert 'generation 4' not in proxy.log() and all_from(port, b'B')
-    finally:
-        a.close()
-        b.close()
+    proxy.write_config(watched(port, a.address, on=False))   # turned off by that reload
+    observe()
+    assert proxy.log().count('config file changed, reloading') == 1
+    assert 'generation 4' not in proxy.log() and all_from(port, b'B')
 
 
 def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
