@@ -37,10 +37,12 @@ class Preamble:
 
     def _await(self, stage: str, timeout: float) -> None:
         self.peeking = stage
-        self.timer = self.loop.call_later(timeout, self._peek_timed_out)
-        self.client.transport.resume_reading()
+        self.timer = self.service.wheel.call_later(timeout, self._peek_timed_out)
         if self.client.early or self.client.eof:   # bytes left over from the stage before
             self.peek(eof=self.client.eof)
+            if self.peeking != stage or self.closing:
+                return            # that was enough: the stage is over
+        self.client.transport.resume_reading()    # (may peek() before it returns)
 
     def _after_proxy(self) -> None:
         svc = self.service

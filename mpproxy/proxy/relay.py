@@ -16,14 +16,13 @@ last one refused or timed out), idle_timeout (idle or half-close timeout),
 bad_header, denied, limit (preamble.py), no_route (sni). `started`, `routed`
 and `connect_time` are only read by the access log (loop times; zero without it).
 
-Both transports are closed explicitly once both directions are done (uvloop
-must never garbage-collect a transport with a pending `write_eof()`), and a
-relay stays in its service's table until both sides report `connection_lost`.
+Both sockets are `Stream`s on the worker's poller (stream.py), closed
+explicitly once both directions are done, and a relay stays in its service's
+table until both sides report `connection_lost`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -33,6 +32,7 @@ from mpproxy.proxy import accept
 from mpproxy.proxy.preamble import Preamble
 from mpproxy.proxy.sides import (_DISCARD, ClientSide, Side, ThrottledClientSide,
                                  ThrottledUpstreamSide, UpstreamSide)
+from mpproxy.proxy.stream import Stream
 
 if TYPE_CHECKING:
     from mpproxy.proxy.tcp import TcpService
@@ -45,7 +45,7 @@ class Relay(Preamble):
 
     __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
-                 'connect_task', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
+                 'connecting', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
                  'local_addr', 'status', 'started', 'routed', 'connect_time',
                  'connect_started')
 
@@ -65,11 +65,11 @@ class Relay(Preamble):
         self.trying = None                          # the server being connected to
         self.seen = 0                               # bytes relayed when the idle timer last ran
         self.quiet = 0                              # idle ticks in a row without a byte
-        self.half_timer: asyncio.TimerHandle | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.half_timer = None                      # wheel.Entry / asyncio.TimerHandle
+        self.timer = None
         self.half_closed = False
         self.closing = False
-        self.connect_task: asyncio.Task | None = None
+        self.connecting: Stream | None = None         # the upstream socket being connected
         self.finishing = False
         self.pool = service.pool
         self.peeking = None                         # a preamble stage: 'proxy' or 'sni'
@@ -117,7 +117,7 @@ class Relay(Preamble):
         self._connect()
 
     def _connect(self) -> None:
-        """One connect to `self.trying`: one task and one timer, no wrapping coroutine."""
+        """One connect to `self.trying`: a Stream (stream.py) and one timer."""
         target = self.trying
         rate = self.service.listener.download_rate
         if rate:
@@ -125,29 +125,32 @@ class Relay(Preamble):
             side.throttle(rate)
         else:
             side = UpstreamSide(self, target)
-        loop = self.loop
         self.connect_started = time.monotonic()
-        task = self.connect_task = loop.create_task(
-            loop.create_connection(lambda: side, target.sockaddr[0], target.sockaddr[1]))
-        task.add_done_callback(self._connect_done)
-        self.timer = loop.call_later(self.service.listener.connect_timeout, task.cancel)
-
-    def _connect_done(self, task: asyncio.Task) -> None:
-        if self.connect_task is task:
-            self.connect_task = None
-        if self.closing:
-            if not task.cancelled() and task.exception() is None:
-                task.result()[0].close()
-            if self.target is None:               # never opened: the try is over
-                self.pool.release(self.trying)
+        try:
+            self.connecting = Stream.connect(self.service.poller, target.family,
+                                             target.sockaddr, side, self._connect_failed)
+        except OSError as exc:
+            self._connect_failed(exc)
             return
-        exc = None if task.cancelled() else task.exception()
-        if not task.cancelled() and exc is None:
-            return                # `UpstreamSide.connection_made` opened the relay
+        self.timer = self.service.wheel.call_later(self.service.listener.connect_timeout,
+                                                   self._connect_timed_out)
+
+    def _connect_timed_out(self) -> None:
+        self.timer = None
+        stream, self.connecting = self.connecting, None
+        if stream is not None:
+            stream.abort()
+            self._connect_failed(None)
+
+    def _connect_failed(self, exc: OSError | None) -> None:
+        """The connect to `self.trying` failed (`exc`) or timed out (None)."""
+        self.connecting = None
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
-        if isinstance(exc, OSError) and exc.errno in accept.EXHAUSTED:
+        if self.closing:
+            return
+        if exc is not None and exc.errno in accept.EXHAUSTED:
             if self._wait_for_files(exc):
                 return            # not the server's fault: the same server, once a file is free
             self.pool.release(self.trying)
@@ -161,8 +164,8 @@ class Relay(Preamble):
             return
         self.pool.release(self.trying)
         self.pool.failed(self.trying)
-        reason = 'timed out' if task.cancelled() else _oserror_text(exc)
-        self.status = 'timeout' if task.cancelled() else 'upstream_refused'
+        reason = 'timed out' if exc is None else _oserror_text(exc)
+        self.status = 'timeout' if exc is None else 'upstream_refused'
         self.service.log.warning('connect() to %s failed (%s) while connecting to upstream, '
                                  'client: %s, listener: %s', self.trying.label, reason,
                                  _fmt_addr(self.client_address()), self.service.listener.name)
@@ -191,10 +194,10 @@ class Relay(Preamble):
 
     # -- OPEN ---------------------------------------------------------------------------
     def _opened(self, upstream: UpstreamSide) -> None:
+        self.connecting = None
         if self.closing:          # the client went away while we were connecting
             upstream.transport.close()
             return
-        self.connect_task = None
         if self.files_deadline is not None:
             self.service.starving(self, False)
         self.target = upstream.target
@@ -248,8 +251,8 @@ class Relay(Preamble):
         transport.write_eof()     # pass the FIN on; the other direction goes on
         if not self.half_closed:  # half_close_timeout is not extended by traffic
             self.half_closed = True
-            self.half_timer = self.loop.call_later(self.service.listener.half_close_timeout,
-                                                   self._on_half_close_timeout)
+            self.half_timer = self.service.wheel.call_later(
+                self.service.listener.half_close_timeout, self._on_half_close_timeout)
 
     def on_lost(self, side: Side, exc) -> None:
         if not self.closing:
@@ -265,8 +268,8 @@ class Relay(Preamble):
             self.timer.cancel()
         self.seen = self.client.received + self.upstream.received
         self.quiet = 0
-        self.timer = self.loop.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
-                                          self._on_idle_tick)
+        self.timer = self.service.wheel.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+                                                   self._on_idle_tick)
 
     def _on_idle_tick(self) -> None:
         self.timer = None
@@ -284,8 +287,8 @@ class Relay(Preamble):
                 self.status = 'idle_timeout'
                 self.close()
                 return
-        self.timer = self.loop.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
-                                          self._on_idle_tick)
+        self.timer = self.service.wheel.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+                                                   self._on_idle_tick)
 
     def _on_half_close_timeout(self) -> None:
         self.half_timer = None
@@ -305,9 +308,11 @@ class Relay(Preamble):
             if timer is not None:
                 timer.cancel()
         self.timer = self.half_timer = None
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
+        stream, self.connecting = self.connecting, None
+        if stream is not None:    # still connecting: the try is over
+            stream.abort()
+            if self.target is None:
+                self.pool.release(self.trying)
         for side in (self.client, self.upstream):
             if side is not None:
                 side.stop()
@@ -361,7 +366,7 @@ class Relay(Preamble):
         self.client.peer = self.client.relay = None     # break the cycles: freed by refcount,
         if self.upstream is not None:                    # not by the cyclic GC
             self.upstream.peer = self.upstream.relay = None
-        self.candidates = self.connect_task = None
+        self.candidates = None
 
 
 

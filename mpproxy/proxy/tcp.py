@@ -3,8 +3,8 @@
 A client connection is accepted by the service's `Acceptor` (accept.py) on the
 shared listening socket, checked (allow/deny, the shared limits; or, with
 `proxy_protocol.accept`, only that the peer is trusted: the rest waits for its
-header) and wrapped in a uvloop transport whose protocol is a new `Relay`'s
-client side (relay.py). Refused clients are reset before any transport exists.
+header) and wrapped in a `Stream` (stream.py) on the worker's poller, whose
+protocol is a new `Relay`'s client side (relay.py). Refused clients are reset before any transport exists.
 
 With an access log, each relay writes its line when it is forgotten (`forget`),
 and each client refused here one line (denied / limit) before it is reset.
@@ -12,6 +12,7 @@ and each client refused here one line (denied / limit) before it is reset.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import socket
 import struct
@@ -21,6 +22,8 @@ from mpproxy.proxy import accept, acl, limits, proxy_header, sni
 from mpproxy.proxy.accept import Acceptor
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.proxy.relay import Relay, _fmt_addr
+from mpproxy.proxy.stream import Poller, Stream
+from mpproxy.proxy.wheel import Wheel
 from mpproxy.upstream.pool import UpstreamPool
 
 
@@ -29,8 +32,10 @@ class TcpService:
 
     def __init__(self, loop, listener: Listener, sock: socket.socket, pool: UpstreamPool, log,
                  sni_router: 'sni.SniRouter | None' = None, gate: 'limits.Gate | None' = None,
-                 access=None, shared: bool = True):
+                 access=None, shared: bool = True, poller: Poller | None = None):
         self.loop = loop
+        self.poller = poller if poller is not None else Poller(loop, log)
+        self.wheel = Wheel(loop, log)     # the relays' timeouts
         self.listener = listener
         self.sock = sock
         self.pool = pool
@@ -59,7 +64,7 @@ class TcpService:
         self.acceptor.start()
 
     def _accepted(self, fd: int, address) -> None:
-        """A new client (an accepted fd): check it, then wrap it in a transport."""
+        """A new client (an accepted fd): check it, then wrap it in a Stream."""
         self.accepted += 1
         if self.trusted is None:
             key = self.admit(address)
@@ -77,11 +82,13 @@ class TcpService:
             if self.access is not None:
                 self.access.refused(self.listener.name, 'tcp', address, self.refused)
             return
-        sock = socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
+        sock = _socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
         relay = Relay(self, address)
         relay.limit_key = key
         try:
-            _drive(self.loop.connect_accepted_socket(lambda: relay.client, sock))
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            Stream.accepted(self.poller, sock, relay.client)
         except OSError as exc:
             sock.close()
             self._release(key)
@@ -172,30 +179,6 @@ class TcpService:
             else:
                 relay.abort()
         self.ratelog.flush()
-
-
-def _drive(coro) -> None:
-    """Run `loop.connect_accepted_socket(...)` without a Task.
-
-    The coroutine does its work synchronously up to one `await` of a future that
-    the transport completes when it calls `connection_made`; resume it then.
-    (A coroutine dropped mid-await would be closed by the GC, and closing it
-    closes the transport, so it must be run to its end.)
-    """
-    try:
-        waiter = coro.send(None)
-    except StopIteration:
-        return
-    waiter.add_done_callback(lambda _: _finish(coro))
-
-
-def _finish(coro) -> None:
-    try:
-        coro.send(None)
-    except StopIteration:
-        pass
-    except Exception:     # noqa: BLE001 - the protocol already saw connection_lost
-        pass
 
 
 async def _open_emfile_reserve(loop) -> None:

@@ -42,6 +42,7 @@ from mpproxy.proxy import handoff
 from mpproxy.proxy.limits import LimitTable
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.proxy.sni import SniRouter
+from mpproxy.proxy.stream import Poller
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
 from mpproxy.proxy.udp_session import GateLimit
@@ -121,6 +122,7 @@ class Worker(Handover):
         self.limit_area = None
         self.access: access.AccessLog | None = None
         self.publisher: metrics.Publisher | None = None
+        self.poller: Poller | None = None     # the relays' sockets (proxy/stream.py)
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -241,8 +243,10 @@ class Worker(Handover):
                                     if pattern == 'default'), None)   # None: close the rest
                     router = SniRouter(routes, default)
                 shared = self.config.workers > 1 and not listener.reuseport
+                if self.poller is None:
+                    self.poller = Poller(self.loop, log)
                 service = TcpService(self.loop, listener, sock, pool, log, router,
-                                     self._gate(listener), self.access, shared)
+                                     self._gate(listener), self.access, shared, self.poller)
                 await service.start()
             else:
                 gate = self._gate(listener)     # refuses with 'max_sessions_per_ip'
