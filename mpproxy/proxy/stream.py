@@ -53,14 +53,14 @@ _CONNECTING = (0, errno.EINPROGRESS)
 
 
 class Poller:
-    """One worker's epoll for relay sockets, served from the event loop."""
+    """One worker's epoll for relay sockets (and UDP session sockets), served from the loop."""
 
-    __slots__ = ('loop', 'epoll', 'streams', 'dispatching', 'dead', 'lost', 'log')
+    __slots__ = ('loop', 'epoll', 'handlers', 'dispatching', 'dead', 'lost', 'log')
 
     def __init__(self, loop, log=None):
         self.loop = loop
         self.epoll = select.epoll()
-        self.streams: dict[int, Stream] = {}
+        self.handlers: dict = {}                  # fd -> handler(events)
         self.dispatching = False
         self.dead: list[socket.socket] = []       # closed in a batch: close at its end
         self.lost: list = []                      # (protocol, exc): connection_lost at its end
@@ -69,31 +69,50 @@ class Poller:
 
     def add(self, stream: 'Stream') -> None:
         self.epoll.register(stream.fd, MASK)
-        self.streams[stream.fd] = stream
+        self.handlers[stream.fd] = stream.on_event
+
+    def watch(self, fd: int, handler) -> None:
+        """Call `handler(events)` while `fd` is readable (level-triggered: a UDP session
+        socket, read one datagram at a time)."""
+        self.epoll.register(fd, EPOLLIN)
+        self.handlers[fd] = handler
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching `fd`, which stays open (a UDP session handed over)."""
+        if self.handlers.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def close_socket(self, fd: int, sock) -> None:
+        """Forget `fd` and close `sock` (at the end of the batch, if in one): closing
+        takes it out of the epoll, and no fd number is reused within a batch."""
+        self.handlers.pop(fd, None)
+        if self.dispatching:
+            self.dead.append(sock)
+        else:
+            sock.close()
 
     def discard(self, stream: 'Stream') -> None:
-        """Forget `stream` and close its socket (at the end of the batch, if in one)."""
-        if self.streams.get(stream.fd) is stream:
-            del self.streams[stream.fd]
-        if self.dispatching:
-            self.dead.append(stream.sock)
-        else:
-            stream.sock.close()
+        self.close_socket(stream.fd, stream.sock)
 
     def _dispatch(self) -> None:
-        streams = self.streams
+        handlers = self.handlers
         self.dispatching = True
         try:
             for fd, events in self.epoll.poll(0, MAX_EVENTS):
-                stream = streams.get(fd)
-                if stream is None:
+                handler = handlers.get(fd)
+                if handler is None:
                     continue
                 try:
-                    stream.on_event(events)
+                    handler(events)
                 except Exception:             # noqa: BLE001 - one relay's bug ends that relay
                     if self.log is not None:
                         self.log.exception('unexpected error on a relay socket; closing it')
-                    stream.abort()
+                    owner = getattr(handler, '__self__', None)
+                    if isinstance(owner, Stream):
+                        owner.abort()
         finally:
             self.dispatching = False
             dead = self.dead

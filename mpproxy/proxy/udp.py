@@ -9,8 +9,10 @@ worker, so each worker's session table is private and needs no locking.
 
 Each session owns a connected, non-blocking UDP socket towards one upstream
 server, so replies come back on that socket and need no lookup. Everything is
-raw sockets and `loop.add_reader`: asyncio datagram transports cannot send
-0-byte datagrams and cost an extra layer per datagram.
+raw sockets: asyncio datagram transports cannot send 0-byte datagrams and cost
+an extra layer per datagram. The listener socket is watched by the loop
+(`add_reader`); session sockets by the worker's `Poller` (stream.py), where
+a session costs one epoll_ctl and no handle (closing the socket unregisters it).
 
 Owns: the interface the worker uses (start, drain, close, handing sessions
 over on reload), opening and ending sessions, idle expiry, and the replies
@@ -57,11 +59,13 @@ import errno
 import logging
 import socket
 from collections import OrderedDict
+from functools import partial
 
 import _socket
 
 from mpproxy.proxy import acl, handoff, pktinfo
 from mpproxy.proxy.ratelog import RateLimitedLog
+from mpproxy.proxy.stream import Poller
 from mpproxy.proxy.udp_admit import Admission
 from mpproxy.proxy.udp_session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
 
@@ -85,9 +89,10 @@ class UdpService(Admission):
     """The session table of one UDP listener socket in one worker."""
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
-                 per_ip: PerIpLimit | None = None, access=None):
+                 per_ip: PerIpLimit | None = None, access=None, poller: Poller | None = None):
         self.stats = UdpStats()
         self._loop = loop
+        self._poller = poller if poller is not None else Poller(loop, log)
         self._time = loop.time
         self._listener = listener
         self._name = listener.name
@@ -192,10 +197,7 @@ class UdpService(Admission):
         now = self._time()
         out = []
         for sess in self._sessions.values():
-            try:
-                self._loop.remove_reader(sess.fd)
-            except Exception:
-                pass
+            self._poller.unwatch(sess.fd)
             out.append((handoff.describe(sess, self._wildcard, now), sess.sock))
             sess.sock = None
             if sess.gated:              # the next worker counts it again
@@ -227,7 +229,7 @@ class UdpService(Admission):
             if old is not None:
                 self._end(old)
             try:
-                self._loop.add_reader(sess.fd, self._on_upstream, sess)
+                self._poller.watch(sess.fd, partial(self._on_upstream, sess))
             except Exception as exc:
                 sess.sock.close()
                 self._unexpected(exc, 'watching an adopted session socket')
@@ -246,7 +248,7 @@ class UdpService(Admission):
 
     # -- replies (the hot path of the other direction) ----------------------
 
-    def _on_upstream(self, sess):
+    def _on_upstream(self, sess, events=0):
         """One upstream reply → the client.
 
         One datagram per callback: request/response traffic has one reply
@@ -322,7 +324,7 @@ class UdpService(Admission):
             anc = pktinfo.reply_ancdata(self._lsock.family, cdata)
         sess = Session(key, addr, sock, anc, target, now, client)
         try:
-            self._loop.add_reader(sess.fd, self._on_upstream, sess)
+            self._poller.watch(sess.fd, partial(self._on_upstream, sess))
         except Exception as exc:
             sock.close()
             pool.release(target)
@@ -346,11 +348,7 @@ class UdpService(Admission):
         if sess.gated:
             sess.gated = False
             self._per_ip.release(sess.client[0])
-        try:
-            self._loop.remove_reader(sess.fd)
-        except Exception:           # the loop is closing; the socket still gets closed
-            pass
-        sock.close()
+        self._poller.close_socket(sess.fd, sock)     # (which takes it out of the epoll)
         self._pool.release(sess.target)
         self.stats.sessions_active -= 1
         if self._access is not None:

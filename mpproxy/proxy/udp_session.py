@@ -111,7 +111,7 @@ class Session:
         client datagram, no session ──(untrusted sender / bad PROXY header / allow,deny /
                     │                    per-IP limit / table full and all talking /
                     │                    no server)──▶ dropped
-                    │ socket(); connect(server); add_reader
+                    │ socket(); connect(server); watch
                     ▼
                   OPEN ◀── a datagram either way: last = now, move to table end
                     │
@@ -119,8 +119,8 @@ class Session:
                     ├─ reply number udp.responses sent ─▶ completed │
                     ├─ ECONNREFUSED / unreachable ──────▶ failed    │
                     ├─ table full, a new client; no ────▶ evicted   ├─▶ CLOSED
-                    │  reply yet, or not talking                    │    (remove_reader,
-                    └─ UdpService.close() ──────────────▶ closed    ┘    close socket,
+                    │  reply yet, or not talking                    │    (close socket,
+                    └─ UdpService.close() ──────────────▶ closed    ┘    which leaves the epoll;
                                                                          out of table,
                                                                          sock = None)
 

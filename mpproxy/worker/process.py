@@ -250,8 +250,11 @@ class Worker(Handover):
                 await service.start()
             else:
                 gate = self._gate(listener)     # refuses with 'max_sessions_per_ip'
+                if self.poller is None:
+                    self.poller = Poller(self.loop, log)
                 service = UdpService(self.loop, listener, sock, pool, log,
-                                     None if gate is None else GateLimit(gate), self.access)
+                                     None if gate is None else GateLimit(gate), self.access,
+                                     self.poller)
             self.services.append(service)
         if self.spec.health is not None:
             offsets, _ = health.layout(self.config)
