@@ -38,16 +38,19 @@ class Entry:
 class Wheel:
     """Timeouts of one worker's relays, bucketed by when they are due."""
 
-    __slots__ = ('loop', 'buckets', 'log')
+    __slots__ = ('loop', 'buckets', 'steps', 'log')
 
     def __init__(self, loop, log=None):
         self.loop = loop
         self.buckets: dict[float, set] = {}
+        self.steps: dict[float, float] = {}   # delay -> bucket width (a few configured delays)
         self.log = log
 
     def call_later(self, delay: float, fn, *args) -> Entry:
-        step = RESOLUTION if delay <= RESOLUTION * SPREAD else _step(delay)
-        due = math.ceil((self.loop.time() + delay) / step) * step
+        step = self.steps.get(delay)
+        if step is None:
+            step = self.steps[delay] = _step(delay)
+        due = -(-(self.loop.time() + delay) // step) * step       # rounded up to a step
         bucket = self.buckets.get(due)
         if bucket is None:
             bucket = self.buckets[due] = set()
@@ -73,6 +76,8 @@ class Wheel:
 
 
 def _step(delay: float) -> float:
-    """The bucket width for `delay`: a power of two of RESOLUTION, at most delay / SPREAD
+    """The bucket width for `delay`: RESOLUTION times a power of two, at most delay / SPREAD
     (so that equal delays share buckets)."""
+    if delay <= RESOLUTION * SPREAD:
+        return RESOLUTION
     return RESOLUTION * 2 ** math.floor(math.log2(delay / (RESOLUTION * SPREAD)))
