@@ -47,6 +47,7 @@ READ_SIZE = 262144        # bytes per recv(), as uvloop reads
 HIGH_WATER = 65536        # bytes buffered for sending before pause_writing (uvloop's default)
 LOW_WATER = 16384         # ... and down to this before resume_writing
 MAX_EVENTS = 1024         # events taken per batch; the rest come on the loop's next turn
+IOV_MAX = 1024            # buffers sendmsg() takes at once (more: EMSGSIZE)
 
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _CONNECTING = (0, errno.EINPROGRESS)
@@ -261,6 +262,8 @@ class Stream:
 
     def _flush(self) -> None:
         buffer = self.buffer
+        if len(buffer) > IOV_MAX:     # many small writes: one piece, or sendmsg fails
+            buffer[:] = [b''.join(buffer)]
         try:
             if len(buffer) == 1:
                 sent = self.sock.send(buffer[0])

@@ -1,0 +1,576 @@
+"""Poller and Stream (proxy/stream.py) in-process: a uvloop loop, real TCP connections over
+127.0.0.1.
+
+Each test wraps one side of a loopback connection in a Stream (the accepted side, or a
+Stream.connect to a listening socket) and drives the other side, the peer, as a plain
+non-blocking socket from inside the loop. Every wait has a deadline; every socket, the
+poller and the loop are closed in teardown; no exception may reach the loop's exception
+handler.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import fcntl
+import logging
+import random
+import select
+import socket
+import struct
+import termios
+import time
+
+import pytest
+import uvloop
+
+from mpproxy.proxy import stream as stream_mod
+from mpproxy.proxy.stream import HIGH_WATER, LOW_WATER, Poller, Stream
+
+SMALL_BUF = 4096            # SO_SNDBUF / SO_RCVBUF so that the kernel takes little and we buffer
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class Proto(asyncio.Protocol):
+    """Records every call the stream makes; `on_data(proto, data)` runs in data_received."""
+
+    def __init__(self, eof_result=False, on_data=None):
+        self.transport = None
+        self.made = 0
+        self.data = bytearray()
+        self.chunks = 0
+        self.eofs = 0
+        self.lost = []
+        self.closed_at_lost = []      # was the socket already closed when connection_lost came
+        self.paused = self.resumed = 0
+        self.buffered_at_resume = None
+        self.eof_result = eof_result
+        self.on_data = on_data
+
+    def connection_made(self, transport):
+        self.made += 1
+        self.transport = transport
+
+    def data_received(self, data):
+        self.data += data
+        self.chunks += 1
+        if self.on_data is not None:
+            self.on_data(self, data)
+
+    def eof_received(self):
+        self.eofs += 1
+        return self.eof_result
+
+    def connection_lost(self, exc):
+        self.lost.append(exc)
+        self.closed_at_lost.append(self.transport.sock.fileno() == -1)
+
+    def pause_writing(self):
+        self.paused += 1
+
+    def resume_writing(self):
+        self.resumed += 1
+        self.buffered_at_resume = self.transport.get_write_buffer_size()
+
+
+def pending(sock) -> int:
+    """Bytes the kernel holds unread on `sock`."""
+    buf = array.array('i', [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return buf[0]
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def chunked(data: bytes, seed: int = 2):
+    """`data` cut in pieces of varying size (1 byte .. 40 kB)."""
+    rng = random.Random(seed)
+    pos = 0
+    while pos < len(data):
+        n = rng.randint(1, 40000)
+        yield data[pos:pos + n]
+        pos += n
+
+
+class Env:
+    """One uvloop loop, one Poller, a listening socket, and everything to clean up."""
+
+    def __init__(self):
+        self.loop = uvloop.new_event_loop()
+        self.loop_errors = []
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
+        self.handler = ListHandler()
+        self.log = logging.getLogger('test.stream.%d' % id(self))
+        self.log.propagate = False
+        self.log.setLevel(logging.DEBUG)
+        self.log.addHandler(self.handler)
+        self.poller = Poller(self.loop, self.log)
+        self.socks = []
+        self.streams = []
+        self.listener = self.track(socket.create_server(('127.0.0.1', 0)))
+
+    def track(self, sock):
+        self.socks.append(sock)
+        return sock
+
+    def pair(self, protocol, small=False):
+        """A loopback TCP connection: (the accepted side as Stream.accepted, the peer)."""
+        peer = self.track(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        if small:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUF)
+        peer.connect(self.listener.getsockname())
+        peer.setblocking(False)
+        sock, _ = self.listener.accept()
+        self.track(sock)
+        sock.setblocking(False)
+        if small:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUF)
+        stream = Stream.accepted(self.poller, sock, protocol)
+        self.streams.append(stream)
+        return stream, peer
+
+    def connect(self, addr, protocol, failed):
+        stream = Stream.connect(self.poller, socket.AF_INET, addr, protocol, failed)
+        self.streams.append(stream)
+        self.track(stream.sock)
+        return stream
+
+    def run_until(self, cond, timeout=5.0, what='condition'):
+        async def wait():
+            deadline = time.monotonic() + timeout
+            while not cond():
+                if time.monotonic() > deadline:
+                    raise AssertionError('timed out waiting for ' + what)
+                await asyncio.sleep(0.001)
+        self.loop.run_until_complete(wait())
+
+    def turns(self, n=10):
+        """Let the loop go round `n` times (before asserting that something did not happen)."""
+        async def spin():
+            for _ in range(n):
+                await asyncio.sleep(0)
+        self.loop.run_until_complete(spin())
+
+    def read_peer(self, peer, n=None, timeout=5.0):
+        """Read from `peer` until it has `n` bytes, or (n=None) until EOF: (data, eof)."""
+        buf = bytearray()
+        eof = []
+
+        def more():
+            while True:
+                try:
+                    chunk = peer.recv(1 << 20)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    eof.append(True)
+                    return True
+                buf.extend(chunk)
+            return n is not None and len(buf) >= n
+        self.run_until(more, timeout, 'the peer to read %s' % ('EOF' if n is None else n))
+        return bytes(buf), bool(eof)
+
+    def close(self):
+        for stream in self.streams:
+            if not stream.closed:
+                stream.abort()
+        self.turns(3)
+        self.poller.close()
+        for sock in self.socks:
+            sock.close()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+        self.log.removeHandler(self.handler)
+
+
+@pytest.fixture
+def env():
+    e = Env()
+    try:
+        yield e
+    finally:
+        errors = e.loop_errors
+        e.close()
+    assert not errors, errors
+
+
+def assert_closed(env, stream):
+    assert stream.closed and stream.is_closing()
+    assert stream.sock.fileno() == -1
+    assert stream.fd not in env.poller.streams
+
+
+# -- connection -----------------------------------------------------------------------------
+
+def test_accepted_calls_connection_made_at_once_and_carries_data_both_ways(env):
+    proto = Proto()
+    stream, peer = env.pair(proto)
+    assert proto.made == 1 and proto.transport is stream      # before the loop ran at all
+    assert stream.is_reading() and not stream.is_closing()
+
+    peer.sendall(b'hello')
+    env.run_until(lambda: proto.data == b'hello', what='data_received')
+    stream.write(b'world')
+    assert env.read_peer(peer, 5) == (b'world', False)
+
+    env.turns()
+    assert proto.made == 1 and proto.lost == [] and proto.eofs == 0
+
+
+def test_connect_calls_connection_made_once_connected(env):
+    proto, failures = Proto(), []
+    stream = env.connect(env.listener.getsockname(), proto, failures.append)
+    assert proto.made == 0            # the connect is in progress: nothing yet
+    env.run_until(lambda: proto.made, what='connection_made')
+    assert proto.transport is stream
+    server, _ = env.listener.accept()
+    env.track(server)
+
+    server.sendall(b'ping')
+    env.run_until(lambda: proto.data == b'ping', what='data_received')
+    stream.write(b'pong')
+    server.settimeout(5)
+    assert server.recv(10) == b'pong'
+
+    env.turns()
+    assert proto.made == 1 and failures == [] and proto.lost == []
+
+
+def test_connect_refused_calls_failed_only(env):
+    closed = env.track(socket.socket())
+    closed.bind(('127.0.0.1', 0))     # bound, not listening: the SYN gets a RST
+    proto, failures = Proto(), []
+    stream = env.connect(closed.getsockname(), proto, failures.append)
+    env.run_until(lambda: failures, what='the failed callback')
+
+    assert len(failures) == 1
+    assert isinstance(failures[0], OSError) and failures[0].errno == errno.ECONNREFUSED
+    assert_closed(env, stream)
+    env.turns()
+    assert len(failures) == 1 and proto.made == 0 and proto.lost == []
+
+
+# -- reading --------------------------------------------------------------------------------
+
+def test_pause_reading_leaves_bytes_in_kernel_and_resume_reads_them(env):
+    proto = Proto()
+    stream, peer = env.pair(proto)
+    stream.pause_reading()
+    assert not stream.is_reading()
+
+    peer.sendall(b'held' * 250)
+    env.run_until(lambda: stream.readable, what='the input event')   # the event came ...
+    env.turns()
+    assert proto.data == b'' and pending(stream.sock) == 1000        # ... and nothing was read
+
+    stream.resume_reading()           # edge-triggered: no new event will come; read now
+    assert proto.data == b'held' * 250 and pending(stream.sock) == 0
+    assert stream.is_reading()
+
+    peer.sendall(b'more')             # and reading goes on with the next edge
+    env.run_until(lambda: proto.data.endswith(b'more'), what='more data')
+
+
+def test_pause_inside_data_received_then_resume_reads_the_rest_without_an_event(env, monkeypatch):
+    monkeypatch.setattr(stream_mod, 'READ_SIZE', 1000)
+    proto = Proto(on_data=lambda p, data: p.transport.pause_reading())
+    stream, peer = env.pair(proto)
+    data = payload(5000)
+    peer.sendall(data)
+
+    env.run_until(lambda: proto.chunks, what='the first chunk')
+    env.turns()
+    assert bytes(proto.data) == data[:1000] and pending(stream.sock) == 4000
+    for i in range(2, 6):
+        stream.resume_reading()       # one more chunk before this returns, then paused again
+        assert bytes(proto.data) == data[:1000 * i]
+        assert not stream.is_reading()
+    assert pending(stream.sock) == 0
+
+    stream.resume_reading()           # nothing left: reads EAGAIN, stays reading
+    assert proto.chunks == 5 and stream.is_reading()
+    peer.sendall(b'next')
+    env.run_until(lambda: proto.data.endswith(b'next'), what='the next data')
+
+
+# -- writing --------------------------------------------------------------------------------
+
+def test_backpressure_pauses_and_resumes_writing_and_keeps_every_byte_in_order(env):
+    proto = Proto()
+    stream, peer = env.pair(proto, small=True)
+    data = payload(16 * HIGH_WATER)
+    for chunk in chunked(data):
+        stream.write(chunk)
+    assert stream.get_write_buffer_size() > HIGH_WATER
+    assert proto.paused == 1 and proto.resumed == 0
+
+    got, eof = env.read_peer(peer, len(data))
+    assert not eof and got == data
+    env.run_until(lambda: stream.get_write_buffer_size() == 0, what='the buffer to drain')
+    assert proto.paused == 1 and proto.resumed == 1
+    assert proto.buffered_at_resume <= LOW_WATER
+    assert proto.lost == []
+
+
+def test_many_small_buffered_writes_are_all_sent(env):
+    """More buffered pieces than sendmsg() takes at once (IOV_MAX, 1024), under HIGH_WATER:
+    as a relay to a slow reader buffers keystroke-sized writes."""
+    proto = Proto()
+    stream, peer = env.pair(proto, small=True)
+    sent = bytearray()
+    for _ in range(100000):           # fill the kernel: the next writes are buffered
+        if stream.get_write_buffer_size():
+            break
+        piece = b'k%07d\n' % len(sent)
+        stream.write(piece)
+        sent += piece
+    assert stream.get_write_buffer_size()
+    for i in range(3000):
+        piece = b'%09d\n' % i
+        stream.write(piece)
+        sent += piece
+    assert proto.paused == 0          # under HIGH_WATER: nothing asks the writer to stop
+
+    got, _ = env.read_peer(peer, len(sent))
+    assert proto.lost == [] and not stream.is_closing()
+    assert got == bytes(sent)
+
+
+def test_write_eof_sends_fin_after_the_buffered_bytes(env):
+    proto = Proto()
+    stream, peer = env.pair(proto, small=True)
+    data = payload(4 * HIGH_WATER)
+    stream.write(data)
+    assert stream.get_write_buffer_size() > 0
+    stream.write_eof()
+    assert not stream.is_closing()
+
+    got, eof = env.read_peer(peer)
+    assert eof and got == data        # every byte, then the FIN
+
+    peer.sendall(b'still open')       # only the write direction is done
+    env.run_until(lambda: proto.data == b'still open', what='data after write_eof')
+    assert proto.lost == [] and stream.can_write_eof()
+
+
+def test_write_eof_with_nothing_buffered_sends_fin_at_once(env):
+    proto = Proto()
+    stream, peer = env.pair(proto)
+    stream.write(b'all')
+    stream.write_eof()
+    assert env.read_peer(peer) == (b'all', True)
+    env.turns()
+    assert proto.lost == [] and not stream.is_closing()
+
+
+# -- closing --------------------------------------------------------------------------------
+
+def test_close_sends_the_buffered_bytes_then_closes(env):
+    proto = Proto()
+    stream, peer = env.pair(proto, small=True)
+    data = payload(4 * HIGH_WATER)
+    stream.write(data)
+    assert stream.get_write_buffer_size() > 0
+    stream.close()
+    assert stream.is_closing() and not stream.is_reading()
+    assert proto.lost == []
+    stream.write(b'after close: dropped')
+
+    got, eof = env.read_peer(peer)
+    assert eof and got == data
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    env.turns()
+    assert proto.lost == [None] and proto.closed_at_lost == [True]
+    assert_closed(env, stream)
+
+
+def test_close_with_nothing_buffered_calls_connection_lost_once_from_the_loop(env):
+    proto = Proto()
+    stream, peer = env.pair(proto)
+    stream.close()
+    assert proto.lost == []           # not from inside close()
+    assert_closed(env, stream)        # outside a batch the socket is closed at once
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    stream.close()
+    stream.abort()
+    env.turns()
+    assert proto.lost == [None] and proto.closed_at_lost == [True]
+    assert env.read_peer(peer) == (b'', True)
+
+
+def test_close_from_a_callback_calls_connection_lost_after_the_callback(env):
+    seen = []
+
+    def close_now(proto, data):
+        proto.transport.close()
+        seen.append(list(proto.lost))
+    proto = Proto(on_data=close_now)
+    stream, peer = env.pair(proto)
+    peer.sendall(b'bye')
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    env.turns()
+    assert seen == [[]]               # close() itself did not call connection_lost
+    assert proto.lost == [None] and proto.closed_at_lost == [True]
+    assert proto.data == b'bye'
+    assert_closed(env, stream)
+
+
+def test_abort_drops_the_buffered_bytes(env):
+    proto = Proto()
+    stream, peer = env.pair(proto, small=True)
+    data = payload(4 * HIGH_WATER)
+    stream.write(data)
+    assert stream.get_write_buffer_size() > 0
+    stream.abort()
+    assert stream.is_closing() and stream.get_write_buffer_size() == 0
+    assert proto.lost == []
+    assert_closed(env, stream)
+
+    got, eof = env.read_peer(peer)
+    assert eof and len(got) < len(data) and data.startswith(got)
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    env.turns()
+    assert proto.lost == [None]
+
+
+# -- the peer closing -----------------------------------------------------------------------
+
+def test_peer_half_close_eof_received_true_keeps_the_write_direction(env):
+    proto = Proto(eof_result=True)
+    stream, peer = env.pair(proto)
+    peer.sendall(b'last words')
+    peer.shutdown(socket.SHUT_WR)
+    env.run_until(lambda: proto.eofs, what='eof_received')
+    assert proto.data == b'last words'
+    assert not stream.is_closing() and proto.lost == []
+
+    stream.write(b'reply')
+    assert env.read_peer(peer, 5) == (b'reply', False)
+    env.turns()
+    assert proto.eofs == 1 and proto.lost == []
+
+    stream.close()
+    assert env.read_peer(peer) == (b'', True)
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    assert proto.lost == [None]
+
+
+def test_peer_half_close_eof_received_false_closes(env):
+    proto = Proto(eof_result=False)
+    stream, peer = env.pair(proto)
+    peer.shutdown(socket.SHUT_WR)
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    env.turns()
+    assert proto.eofs == 1 and proto.lost == [None] and proto.closed_at_lost == [True]
+    assert_closed(env, stream)
+    assert env.read_peer(peer) == (b'', True)
+
+
+def reset(peer):
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    peer.close()
+
+
+def test_peer_reset_calls_connection_lost_once_with_the_error(env):
+    proto = Proto()
+    stream, peer = env.pair(proto)
+    reset(peer)
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    env.turns()
+    assert len(proto.lost) == 1 and isinstance(proto.lost[0], ConnectionResetError)
+    assert proto.closed_at_lost == [True] and proto.eofs == 0
+    assert_closed(env, stream)
+
+
+def test_peer_reset_while_writing_calls_connection_lost_with_the_error(env):
+    proto = Proto()
+    stream, peer = env.pair(proto, small=True)
+    stream.write(payload(4 * HIGH_WATER))
+    assert stream.get_write_buffer_size() > 0
+    reset(peer)
+    env.run_until(lambda: proto.lost, what='connection_lost')
+    env.turns()
+    assert len(proto.lost) == 1 and isinstance(proto.lost[0], OSError)
+    assert proto.lost[0].errno in (errno.ECONNRESET, errno.EPIPE)
+    assert stream.get_write_buffer_size() == 0
+    assert_closed(env, stream)
+
+
+# -- the poller -----------------------------------------------------------------------------
+
+def test_an_exception_in_data_received_aborts_that_stream_only(env):
+    def boom(proto, data):
+        raise RuntimeError('boom')
+    bad, good = Proto(on_data=boom), Proto()
+    bad_stream, bad_peer = env.pair(bad)
+    good_stream, good_peer = env.pair(good)
+    bad_peer.sendall(b'x')            # both in the same batch, most likely
+    good_peer.sendall(b'y')
+    env.run_until(lambda: bad.lost and good.data == b'y', what='both streams served')
+
+    assert bad.lost == [None]
+    assert_closed(env, bad_stream)
+    assert [r.exc_info[0] for r in env.handler.records if r.exc_info] == [RuntimeError]
+    assert env.read_peer(bad_peer) == (b'', True)
+
+    good_peer.sendall(b'z')           # the poller goes on serving the other stream
+    env.run_until(lambda: good.data == b'yz', what='more data on the good stream')
+    good_stream.write(b'ok')
+    assert env.read_peer(good_peer, 2) == (b'ok', False)
+    assert good.lost == [] and not good_stream.is_closing()
+
+
+def test_sockets_closed_in_a_batch_are_closed_at_its_end(env):
+    """A callback closes another stream whose event is in the same batch: that socket stays
+    open (its fd number is not reused) until the batch ends, its event is not delivered,
+    and both sockets are closed and both connection_lost calls made when _dispatch returns."""
+    seen = {}
+    streams = {}
+
+    def close_both(proto, data):
+        other = streams['b'] if proto is a else streams['a']
+        seen['first'] = proto
+        other.close()
+        seen['other_open'] = other.sock.fileno() != -1
+        seen['other_dead'] = other.sock in env.poller.dead
+        probe = socket.socket()
+        seen['fd_reused'] = probe.fileno() == other.fd
+        probe.close()
+        proto.transport.close()
+        seen['own_open'] = proto.transport.sock.fileno() != -1
+        seen['lost_in_batch'] = (list(a.lost), list(b.lost))
+    a, b = Proto(on_data=close_both), Proto(on_data=close_both)
+    streams['a'], peer_a = env.pair(a)
+    streams['b'], peer_b = env.pair(b)
+    peer_a.sendall(b'a')
+    peer_b.sendall(b'b')
+    deadline = time.monotonic() + 5   # both bytes arrived and the epoll has the events
+    while not (pending(streams['a'].sock) and pending(streams['b'].sock)):
+        assert time.monotonic() < deadline, 'the data did not arrive'
+        time.sleep(0.001)
+    assert select.select([env.poller.epoll.fileno()], [], [], 5)[0]
+
+    env.poller._dispatch()            # one batch, by hand: the loop does not run
+
+    assert seen['other_open'] and seen['other_dead'] and seen['own_open']
+    assert not seen['fd_reused']
+    assert seen['lost_in_batch'] == ([], [])
+    first = seen['first']
+    other = b if first is a else a
+    assert first.data in (b'a', b'b') and other.data == b'' and other.chunks == 0
+    for stream in streams.values():
+        assert_closed(env, stream)
+    assert env.poller.dead == [] and env.poller.lost == []
+    assert a.lost == [None] and b.lost == [None]
+    assert a.closed_at_lost == [True] and b.closed_at_lost == [True]
