@@ -208,7 +208,7 @@ def env():
 def assert_closed(env, stream):
     assert stream.closed and stream.is_closing()
     assert stream.sock.fileno() == -1
-    assert stream.fd not in env.poller.streams
+    assert stream.fd not in env.poller.handlers
 
 
 # -- connection -----------------------------------------------------------------------------
