@@ -31,7 +31,7 @@ class Side(asyncio.Protocol):
     def __init__(self, relay: 'Relay'):
         self.relay = relay
         self.peer: Side | None = None
-        self.transport: asyncio.Transport | None = None
+        self.transport = None     # its stream.Stream (the transport API a side uses)
         self.eof = False          # this side sent us FIN
         self.lost = False         # connection_lost was called
         self.received = 0         # bytes read from this side

@@ -4,7 +4,8 @@ A client connection is accepted by the service's `Acceptor` (accept.py) on the
 shared listening socket, checked (allow/deny, the shared limits; or, with
 `proxy_protocol.accept`, only that the peer is trusted: the rest waits for its
 header) and wrapped in a `Stream` (stream.py) on the worker's poller, whose
-protocol is a new `Relay`'s client side (relay.py). Refused clients are reset before any transport exists.
+protocol is a new `Relay`'s client side (relay.py). Refused clients are reset
+before any Stream exists.
 
 With an access log, each relay writes its line when it is forgotten (`forget`),
 and each client refused here one line (denied / limit) before it is reset.
