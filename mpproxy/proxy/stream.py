@@ -210,7 +210,7 @@ class Stream:
         if self.connecting is not None:
             if not events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                 return
-            if not self._connected():
+            if not self._connected(events):
                 return
         elif events & (EPOLLOUT | EPOLLERR | EPOLLHUP) and self.buffer:
             self._flush()
@@ -223,9 +223,13 @@ class Stream:
             if self.reading and not self.closing:
                 self._read()
 
-    def _connected(self) -> bool:
+    def _connected(self, events: int) -> bool:
+        """The connect ended: writable alone means it succeeded (a failed one raises
+        EPOLLERR/EPOLLHUP), so SO_ERROR is asked only then."""
         failed, self.connecting = self.connecting, None
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = 0
+        if events & (EPOLLERR | EPOLLHUP):
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
         if err:
             self._close_now(None)
             failed(OSError(err, os.strerror(err)))

@@ -39,6 +39,7 @@ class TcpService:
         self.wheel = Wheel(loop, log)     # the relays' timeouts
         self.listener = listener
         self.sock = sock
+        self.family = int(sock.family)    # (the property costs 0.5 us a read)
         self.pool = pool
         self.log = log
         self.sni = sni_router             # with sni_routes: server name -> pool
@@ -62,6 +63,10 @@ class TcpService:
 
     async def start(self) -> None:
         await _open_emfile_reserve(self.loop)
+        try:      # accepted sockets inherit it from the listener: no setsockopt per client
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self.acceptor.start()
 
     def _accepted(self, fd: int, address) -> None:
@@ -79,16 +84,15 @@ class TcpService:
                                  _fmt_addr(address))
             key = False
         if key is False:
-            _reset(socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd))
+            _reset(socket.socket(self.family, socket.SOCK_STREAM, 0, fd))
             if self.access is not None:
                 self.access.refused(self.listener.name, 'tcp', address, self.refused)
             return
-        sock = _socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
+        sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         relay = Relay(self, address)
         relay.limit_key = key
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             Stream.accepted(self.poller, sock, relay.client)
         except OSError as exc:
             sock.close()
