@@ -31,7 +31,9 @@ a third of the new-connection rate. A client gone before accept() returned
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 import socket
 
 BATCH = 8
@@ -46,15 +48,30 @@ EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _AGAIN = (BlockingIOError, InterruptedError)
 
 
+def _libc_accept4():
+    """libc's accept4(), for accepting without the peer's address, non-blocking at once."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).accept4
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_accept4 = _libc_accept4()
+_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
 class Acceptor:
     """Accepts on `sock` and calls `handle(fd, address)` for each connection."""
 
     __slots__ = ('loop', 'sock', 'fd', 'handle', 'ratelog', 'name', 'reading', 'paused',
                  'holds', 'stopped', 'pause', 'timer', 'exhausted', 'room', 'full_timer', 'full',
-                 'batch')
+                 'batch', 'anonymous')
 
     def __init__(self, loop, sock: socket.socket, handle, ratelog, name: str, room=None,
-                 batch: int = BATCH):
+                 batch: int = BATCH, anonymous: bool = False):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
@@ -72,6 +89,9 @@ class Acceptor:
         self.full_timer = None
         self.full = 0             # times accepting was held because room() said no
         self.batch = batch        # connections accepted per readable event, at most
+        # anonymous: the owner does not need the peer's address at once: accept4() without
+        # it, non-blocking (saves the address tuple and an ioctl); handle(fd, None)
+        self.anonymous = anonymous and _accept4 is not None
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -115,6 +135,9 @@ class Acceptor:
             self.reading = False
 
     def _on_readable(self) -> None:
+        if self.anonymous:
+            self._accept_anonymous()
+            return
         accept = self.sock._accept            # (fd, address): no socket object per connection
         handle, room = self.handle, self.room
         for _ in range(self.batch):
@@ -132,6 +155,27 @@ class Acceptor:
                 continue          # the client went away before accept() (ECONNABORTED, ...)
             handle(fd, address)
             if not self.reading:  # the handler held or stopped us
+                return
+        self.pause = PAUSE_MIN
+
+    def _accept_anonymous(self) -> None:
+        """`_on_readable` with libc's accept4(): non-blocking fds, no addresses."""
+        lfd, handle, room = self.fd, self.handle, self.room
+        for _ in range(self.batch):
+            if room is not None and not room():
+                self._hold_while_full()
+                return
+            fd = _accept4(lfd, None, None, _FLAGS)
+            if fd < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break
+                if err in EXHAUSTED:
+                    self.out_of_files('accept()', OSError(err, os.strerror(err)))
+                    return
+                continue          # EINTR, or the client went away before accept()
+            handle(fd, None)
+            if not self.reading:
                 return
         self.pause = PAUSE_MIN
 

@@ -59,7 +59,8 @@ class Relay(Preamble):
         else:
             self.client = ClientSide(self)
         self.upstream: UpstreamSide | None = None
-        self.client_addr = client_addr              # (host, port, ...) as accept() gave it
+        self.client_addr = client_addr              # (host, port, ...) as accept() gave it;
+                                                    # None: not asked (client_address())
         self.target = None                          # the server connected to
         self.candidates = None                      # iterator over the servers to try
         self.trying = None                          # the server being connected to
@@ -98,8 +99,12 @@ class Relay(Preamble):
         self._try_next()
 
     def client_address(self):
-        """The client's (host, port)."""
-        return self.client_addr
+        """The client's (host, port); asked of the socket the first time if accept() did not
+        say (None if the client is gone by then)."""
+        addr = self.client_addr
+        if addr is None and self.client.transport is not None:
+            addr = self.client_addr = self.client.transport.get_extra_info('peername')
+        return addr
 
     def _try_next(self) -> None:
         """Connect to the next candidate server, or close the client when none is left."""

@@ -58,8 +58,14 @@ class TcpService:
         self.relays: set[Relay] = set()
         self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
         room = self._room if gate is not None and gate.max_total else None
+        # Who needs the client's address at accept; otherwise a relay asks for it (getpeername)
+        # only if it logs an error about the client.
+        needs_address = (self.trusted is not None or self.acl is not None or gate is not None
+                         or access is not None or self.send_header is not None
+                         or pool.needs_client or sni_router is not None)
         self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name, room,
-                                 accept.BATCH_SHARED if shared else accept.BATCH)
+                                 accept.BATCH_SHARED if shared else accept.BATCH,
+                                 anonymous=not needs_address)
 
     async def start(self) -> None:
         await _open_emfile_reserve(self.loop)
@@ -72,6 +78,9 @@ class TcpService:
     def _accepted(self, fd: int, address) -> None:
         """A new client (an accepted fd): check it, then wrap it in a Stream."""
         self.accepted += 1
+        if address is None:              # accept4(): non-blocking, and nothing to check
+            self._take(fd, None, None)
+            return
         if self.trusted is None:
             key = self.admit(address)
         elif self.trusted.permits(address[0]):
@@ -88,11 +97,16 @@ class TcpService:
             if self.access is not None:
                 self.access.refused(self.listener.name, 'tcp', address, self.refused)
             return
+        self._take(fd, address, key)
+
+    def _take(self, fd: int, address, key) -> None:
+        """An admitted client: a Stream for its fd and a Relay."""
         sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         relay = Relay(self, address)
         relay.limit_key = key
         try:
-            sock.setblocking(False)
+            if address is not None:
+                sock.setblocking(False)
             Stream.accepted(self.poller, sock, relay.client)
         except OSError as exc:
             sock.close()
