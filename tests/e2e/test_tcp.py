@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 
 from conftest import TcpBackend, echo_handler, fd_count, free_port, rss_kib, wait_for
 
@@ -169,6 +170,24 @@ def test_upstream_refused_closes_client_promptly_and_logs(proxies):
         assert time.monotonic() - start < 2
     log = proxy.wait_log('Connection refused')
     assert f'127.0.0.1:{dead}' in log
+
+
+@pytest.mark.parametrize('extra', ['', '            allow: [127.0.0.0/8]'],
+                         ids=['address asked when logging', 'address from accept'])
+def test_connect_failure_log_names_the_client(proxies, extra):
+    # Without allow/deny, limits, PROXY protocol, access log or hashing the worker accepts
+    # without the client's address (accept4) and asks the socket only to log about it.
+    dead = free_port()
+    port = free_port()
+    proxy = proxies(tcp_config(port, f'127.0.0.1:{dead}', workers=1, extra=extra)).start()
+    with connect(port) as sock:
+        client = sock.getsockname()
+        try:
+            sock.recv(10)
+        except ConnectionResetError:
+            pass
+    log = proxy.wait_log(f'no upstream could be connected for client {client[0]}:{client[1]}')
+    assert f'client: {client[0]}:{client[1]}' in log       # the connect() failure line too
 
 
 def test_connect_timeout(proxies):
