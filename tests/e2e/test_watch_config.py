@@ -44,6 +44,12 @@ def all_from(port: int, tag: bytes, n: int = 10) -> bool:
     return all(first_bytes(port, 1) == tag for _ in range(n))
 
 
+def only_from(port: int, tag: bytes) -> bool:
+    """After 'generation N active' the old generation's workers have been told to stop
+    accepting, and do within moments: then 20 connections in a row reach `tag`."""
+    return wait_for(lambda: all_from(port, tag, 20), 5, what=f'traffic to {tag!r} only')
+
+
 def observe(seconds: float = OBSERVE) -> None:
     """A bounded observation window: the only sleep here, for checks that nothing happens."""
     time.sleep(seconds)
@@ -58,7 +64,7 @@ def test_a_plain_rewrite_reloads_without_a_signal(proxies, backends):
     log = proxy.wait_log('generation 2 active', timeout=RELOAD)
     assert 'config file changed, reloading' in log
     assert log.count('reloading configuration from') == 1
-    assert all_from(port, b'B', 20)
+    assert only_from(port, b'B')
 
 
 def same_size(*texts: str) -> list[str]:
@@ -82,7 +88,7 @@ def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp
 
     cm.update(second)                             # the kubelet's ..data swap
     proxy.wait_log('generation 2 active', timeout=RELOAD)
-    assert all_from(port, b'B', 20)
+    assert only_from(port, b'B')
 
     before = os.stat(cm.path)
     cm.update(third, same_times=True)             # nothing but the real path and inode differ
@@ -90,7 +96,7 @@ def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     assert after.st_ino != before.st_ino
     log = proxy.wait_log('generation 3 active', timeout=RELOAD)
-    assert all_from(port, b'A', 20)
+    assert only_from(port, b'A')
     assert log.count('config file changed, reloading') == 2
     assert 'is missing' not in log                # the visible path never dangled
 
@@ -112,7 +118,7 @@ def test_a_broken_file_is_tried_once_and_the_old_generation_keeps_serving(proxie
 
     proxy.write_config(watched(port, b.address))  # fixed: the change reloads
     proxy.wait_log('generation 2 active', timeout=RELOAD)
-    assert all_from(port, b'B', 20)
+    assert only_from(port, b'B')
 
 
 def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies, backends):
@@ -127,7 +133,7 @@ def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies, bac
     assert log.count('is missing') == 1 and 'reloading configuration' not in log
     proxy.write_config(watched(port, b.address))
     proxy.wait_log('generation 2 active', timeout=RELOAD)
-    assert all_from(port, b'B', 20)
+    assert only_from(port, b'B')
 
 
 def test_watch_config_is_off_by_default_and_a_reload_turns_it_on_and_off(proxies, backends):
@@ -145,7 +151,7 @@ def test_watch_config_is_off_by_default_and_a_reload_turns_it_on_and_off(proxies
     proxy.write_config(watched(port, b.address, on=False))   # seen by the watch: applied
     log = proxy.wait_log('generation 3 active', timeout=RELOAD)
     assert log.count('config file changed, reloading') == 1
-    assert all_from(port, b'B', 20)
+    assert only_from(port, b'B')
 
     proxy.write_config(watched(port, a.address, on=False))   # turned off by that reload
     observe()
@@ -178,7 +184,7 @@ def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
         proxy.wait_log('binary upgrade failed', timeout=10)
         log = proxy.wait_log(f'{old}#master: generation 2 active', timeout=RELOAD)
         assert f'{old}#master: config file changed, reloading' in log   # ... with the new file
-        assert wait_for(lambda: all_from(port, b'B', 20), 5, what='traffic to B only')
+        assert only_from(port, b'B')
     finally:
         a.close()
         b.close()
