@@ -75,7 +75,7 @@ class UpstreamPool:
     __slots__ = ('name', 'upstream', 'targets', 'balancer', 'needs_client', 'active', 'fails',
                  'window', 'down_until', 'max_fails', 'fail_timeout', 'max_conns',
                  'primary', 'backup', 'log', 'generation', 'by_key', 'since', 'position',
-                 'health', 'connect_errors', 'connect_hist', 'connect_ns')
+                 'health', 'connect_errors', 'connect_hist', 'connect_ns', 'single')
 
     def __init__(self, upstream: Upstream, log=None, resolved=None):
         """`resolved`: per server of `upstream`, its [(family, sockaddr), ...]; None: resolve here."""
@@ -133,6 +133,9 @@ class UpstreamPool:
         self.backup = frozenset(i for i, s in enumerate(servers) if s.backup)
         self.primary = frozenset(range(n)) - self.backup
         self.needs_client = bool(balancer and balancer.needs_client)
+        # one server address, not a backup, no max_conns: every first pick is that one (a
+        # down server is tried anyway when it is the only one), so candidates() skips _pick
+        self.single = n == 1 and not self.backup and not self.max_conns[0]
         self.balancer = balancer              # last: candidates() notices the swap by this
 
     def replace_targets(self, resolved) -> bool:
@@ -166,6 +169,13 @@ class UpstreamPool:
     def candidates(self, client_addr, tries: int):
         """Servers to try in turn for a new client (at most `tries`), picked lazily:
         a balancer that counts connections counts one per server actually tried."""
+        if self.single and self.health is None and tries > 0:
+            index = self.balancer.pick(client_addr, _NONE)     # (its side effects: counts)
+            self.active[index] += 1
+            return (self.targets[index],)
+        return self._candidates(client_addr, tries)
+
+    def _candidates(self, client_addr, tries: int):
         balancer = self.balancer
         if balancer is None:
             return
@@ -242,6 +252,9 @@ class UpstreamPool:
                 self.connect_hist[position * (len(CONNECT_BUCKETS) + 1)
                                   + bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
                 self.connect_ns[position] += int(seconds * 1e9)
+
+
+_NONE: frozenset = frozenset()
 
 
 def _key(target: Target) -> tuple:
