@@ -36,6 +36,8 @@ proxies in turn (A B C D, then B C D A, ...) for several rounds, and each cell i
   and HAProxy's relay buffers are 16 KiB by default (`proxy_buffer_size`, `tune.bufsize`).
 
 The numbers are noisy on a 2-core machine. Compare ratios within one run, not across runs.
+How the data path is built, and what stands in the way of the targets not met, with
+measurements: README.md, "Performance".
 
 {RUNS_MARKER}
 """
