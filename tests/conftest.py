@@ -6,6 +6,7 @@ test fails; every wait has a deadline.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -395,3 +396,14 @@ def udp_echo():
     backend = UdpEcho()
     yield backend
     backend.close()
+
+
+class ListHandler(logging.Handler):
+    """Keeps every log record (unit tests of code that logs)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)

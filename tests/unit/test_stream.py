@@ -25,19 +25,12 @@ import time
 import pytest
 import uvloop
 
+from conftest import ListHandler
+
 from mpproxy.proxy import stream as stream_mod
 from mpproxy.proxy.stream import HIGH_WATER, LOW_WATER, Poller, Stream
 
 SMALL_BUF = 4096            # SO_SNDBUF / SO_RCVBUF so that the kernel takes little and we buffer
-
-
-class ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 class Proto(asyncio.Protocol):

@@ -17,21 +17,14 @@ import time
 import pytest
 import uvloop
 
+from conftest import ListHandler
+
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.proxy.udp import UdpService
 from mpproxy.upstream.pool import UpstreamPool
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
-
-
-class ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 class Env:

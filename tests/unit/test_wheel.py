@@ -12,18 +12,11 @@ import time
 import pytest
 import uvloop
 
+from conftest import ListHandler
+
 from mpproxy.proxy.wheel import RESOLUTION, SPREAD, Wheel
 
 SLACK = 0.005             # the loop's own lateness in running a due timer
-
-
-class ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 @pytest.fixture
