@@ -172,7 +172,7 @@ class UpstreamPool:
         if self.single and self.health is None and tries > 0:
             index = self.balancer.pick(client_addr, _NONE)     # (its side effects: counts)
             self.active[index] += 1
-            return (self.targets[index],)
+            return iter((self.targets[index],))
         return self._candidates(client_addr, tries)
 
     def _candidates(self, client_addr, tries: int):
