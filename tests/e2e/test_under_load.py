@@ -220,6 +220,9 @@ def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
     streams = {r['local_port'] for r in load.status()['streams']['results']}
     owners = client_owners(port, first)
     assert streams <= set(owners), 'every stream is held by a generation 1 worker'
+    # (both, or only one of them: a worker may take all 20 streams, and one with none has
+    # nothing to drain and exits at once)
+    holders = {owners[stream] for stream in streams}
 
     seen = set(first)
     start = time.monotonic()
@@ -241,7 +244,7 @@ def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
                  what=f'new connections to {upstream} after reload {i + 1}')
         # generation 1 still holds every stream, draining
         table = titles(proxy)
-        assert all(table.get(pid, (0, 0, False))[1:] == (1, True) for pid in first), table
+        assert all(table.get(pid, (0, 0, False))[1:] == (1, True) for pid in holders), table
         status = load.status()
         assert status['streams']['outcomes'] == {'running': 20}, brief(status)
         assert status['tcp']['failed'] == 0, brief(status)
