@@ -66,8 +66,9 @@ class Relay(Preamble):
         self.trying = None                          # the server being connected to
         self.seen = 0                               # bytes relayed when the idle timer last ran
         self.quiet = 0                              # idle ticks in a row without a byte
-        self.half_timer = None                      # wheel.Entry / asyncio.TimerHandle
-        self.timer = None
+        self.half_timer = None                      # a wheel.Entry (half_close_timeout)
+        self.timer = None                           # a wheel.Entry (connect, idle, preamble)
+                                                    # or a TimerHandle (out-of-files retry)
         self.half_closed = False
         self.closing = False
         self.connecting: Stream | None = None         # the upstream socket being connected

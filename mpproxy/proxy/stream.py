@@ -1,11 +1,12 @@
-"""The relays' TCP sockets, on the worker's own edge-triggered epoll instead of uvloop transports.
+"""The relays' TCP sockets (and UDP session sockets) on the worker's own epoll, not uvloop's.
 
 A uvloop transport costs, per connection, a libuv handle set up and torn down
 by hand (ioctl, getsockname x3, getpeername x2, a poll handle re-armed with
 epoll_ctl on each pause and resume) and a Task with a coroutine for each
-upstream connect. Measured on the bench machine, a relay on uvloop transports
-tops out near 8,500 new connections a second per core, and the same relay on
-an edge-triggered epoll of its own near 12,000 (nginx: 13,900).
+upstream connect. Measured on the bench machine (scripts/bench, one worker
+pinned), mpproxy's relay on uvloop transports took about 8,500 new connections
+a second per core, and on an edge-triggered epoll of its own about 10,900
+(nginx: 12,000-14,000 in the same runs).
 
 So each worker has one `Poller`: an epoll instance whose fd uvloop watches
 (`add_reader`), so that it is served between the loop's other callbacks. Each
@@ -121,11 +122,9 @@ class Poller:
                 for sock in dead:
                     sock.close()
                 dead.clear()
-            lost = self.lost
-            while lost:
-                batch = lost[:]
-                lost.clear()
-                for protocol, exc in batch:
+            if self.lost:         # (no longer dispatching: what these close goes to call_soon)
+                lost, self.lost = self.lost, []
+                for protocol, exc in lost:
                     try:
                         protocol.connection_lost(exc)
                     except Exception:     # noqa: BLE001
@@ -150,13 +149,12 @@ class Poller:
 class Stream:
     """A non-blocking TCP socket with the transport API of a relay side."""
 
-    __slots__ = ('poller', 'loop', 'sock', 'fd', 'protocol', 'buffer', 'buffered', 'reading',
+    __slots__ = ('poller', 'sock', 'fd', 'protocol', 'buffer', 'buffered', 'reading',
                  'readable', 'hangup', 'closing', 'closed', 'made', 'write_paused',
                  'eof_pending', 'connecting', 'in_read')
 
     def __init__(self, poller: Poller, sock: socket.socket, protocol):
         self.poller = poller
-        self.loop = poller.loop
         self.sock = sock
         self.fd = sock.fileno()
         self.protocol = protocol

@@ -201,11 +201,12 @@ class TcpService:
 
 
 async def _open_emfile_reserve(loop) -> None:
-    """Make libuv open its one-time reserve fd now rather than with the first client.
+    """Make libuv open its one-time reserve fd now rather than later.
 
     libuv opens /dev/null once per loop, with the loop's first stream handle (a
-    reserve it frees on EMFILE). A worker that opens it at boot has a flat fd
-    count from its first connection on, so a leak shows as a leak.
+    reserve it frees on EMFILE). Relays do not use libuv streams (stream.py),
+    but the health checker's connects do: a worker that opens it at boot has a
+    flat fd count from then on, so a leak shows as a leak.
     """
     a, b = socket.socketpair()
     try:

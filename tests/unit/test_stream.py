@@ -25,7 +25,7 @@ import time
 import pytest
 import uvloop
 
-from conftest import ListHandler
+from conftest import ListHandler, run_loop_until, serve_env
 
 from mpproxy.proxy import stream as stream_mod
 from mpproxy.proxy.stream import HIGH_WATER, LOW_WATER, Poller, Stream
@@ -140,13 +140,7 @@ class Env:
         return stream
 
     def run_until(self, cond, timeout=5.0, what='condition'):
-        async def wait():
-            deadline = time.monotonic() + timeout
-            while not cond():
-                if time.monotonic() > deadline:
-                    raise AssertionError('timed out waiting for ' + what)
-                await asyncio.sleep(0.001)
-        self.loop.run_until_complete(wait())
+        run_loop_until(self.loop, cond, timeout, what)
 
     def turns(self, n=10):
         """Let the loop go round `n` times (before asserting that something did not happen)."""
@@ -189,13 +183,7 @@ class Env:
 
 @pytest.fixture
 def env():
-    e = Env()
-    try:
-        yield e
-    finally:
-        errors = e.loop_errors
-        e.close()
-    assert not errors, errors
+    yield from serve_env(Env())
 
 
 def assert_closed(env, stream):

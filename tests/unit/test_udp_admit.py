@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from conftest import serve_env
 from mpproxy.config.schema import (Address, Config, Listener, ProxyProtocol, Server, UdpOptions,
                                    Upstream)
 from mpproxy.proxy import limits, proxy_header
@@ -24,13 +25,7 @@ FRONT_DST = ('198.51.100.1', 53)          # ... and the address that client sent
 
 @pytest.fixture
 def env():
-    e = Env()
-    try:
-        yield e
-    finally:
-        errors = e.loop_errors
-        e.close()
-    assert not errors, errors
+    yield from serve_env(Env())
 
 
 def service(env, upstream_addr, family=V4, host='127.0.0.1', send='none', accept=False,

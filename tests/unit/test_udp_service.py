@@ -17,7 +17,7 @@ import time
 import pytest
 import uvloop
 
-from conftest import ListHandler
+from conftest import ListHandler, run_loop_until, serve_env
 
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
 from mpproxy.proxy.ratelog import RateLimitedLog
@@ -61,13 +61,7 @@ class Env:
         self.readers.append(sock.fileno())
 
     def run_until(self, cond, timeout=5.0, what='condition'):
-        async def wait():
-            deadline = time.monotonic() + timeout
-            while not cond():
-                if time.monotonic() > deadline:
-                    raise AssertionError('timed out waiting for ' + what)
-                await asyncio.sleep(0.005)
-        self.loop.run_until_complete(wait())
+        run_loop_until(self.loop, cond, timeout, what, step=0.005)
 
     def run_for(self, seconds):
         self.loop.run_until_complete(asyncio.sleep(seconds))
@@ -136,13 +130,7 @@ class EchoUpstream:
 
 @pytest.fixture
 def env():
-    e = Env()
-    try:
-        yield e
-    finally:
-        errors = e.loop_errors
-        e.close()
-    assert not errors, errors
+    yield from serve_env(Env())
 
 
 def service(env, upstream_addr, family=V4, host='127.0.0.1', idle=30.0, responses=0,

@@ -5,14 +5,12 @@ exception handler."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
 import pytest
 import uvloop
 
-from conftest import ListHandler
+from conftest import ListHandler, run_loop_until
 
 from mpproxy.proxy.wheel import RESOLUTION, SPREAD, Wheel
 
@@ -41,16 +39,6 @@ def log():
     logger.records = handler.records
     yield logger
     logger.removeHandler(handler)
-
-
-def run_until(loop, cond, timeout=5.0, what='condition'):
-    async def wait():
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError('timed out waiting for ' + what)
-            await asyncio.sleep(0.001)
-    loop.run_until_complete(wait())
 
 
 class ClockLoop:
@@ -88,7 +76,7 @@ def test_fires_never_early_and_late_by_at_most_its_bucket(loop):
         armed[delay] = loop.time()
         wheel.call_later(delay, lambda d=delay: fired.setdefault(d, loop.time()))
     assert len(wheel) == len(delays)
-    run_until(loop, lambda: len(fired) == len(delays), what='every timeout')
+    run_loop_until(loop, lambda: len(fired) == len(delays), what='every timeout')
 
     for delay in delays:
         late = fired[delay] - (armed[delay] + delay)
@@ -129,7 +117,7 @@ def test_cancel_prevents_firing_and_removes_the_entry(loop):
     also_gone.cancel()
     assert len(wheel) == 1
 
-    run_until(loop, lambda: fired, what='the sentinel')
+    run_loop_until(loop, lambda: fired, what='the sentinel')
     assert fired == ['sentinel'] and len(wheel) == 0
 
 
@@ -154,7 +142,7 @@ def test_equal_delays_armed_together_fire_together(loop):
     fired = []
     wheel, _ = arm_together(loop, 0.02, [(fired.append, i) for i in range(50)])
     assert len(wheel) == 50
-    run_until(loop, lambda: fired, what='the bucket')
+    run_loop_until(loop, lambda: fired, what='the bucket')
     assert sorted(fired) == list(range(50))             # all in the same loop callback
     assert len(wheel) == 0 and wheel.buckets == {}
 
@@ -169,8 +157,8 @@ def test_cancelling_another_entry_of_the_bucket_from_a_callback(loop, log):
         entries[me].cancel()          # its own, already fired: harmless too
     wheel, found = arm_together(loop, 0.01, [(cancel_the_other, 0), (cancel_the_other, 1)], log)
     entries.extend(found)
-    run_until(loop, lambda: fired, what='the bucket')
-    run_until(loop, lambda: not wheel.buckets, what='the bucket to be done')
+    run_loop_until(loop, lambda: fired, what='the bucket')
+    run_loop_until(loop, lambda: not wheel.buckets, what='the bucket to be done')
     assert len(fired) == 1 and len(wheel) == 0
     assert log.records == []          # nothing raised (nor was the cancelled one called)
 
@@ -182,7 +170,7 @@ def test_an_exception_in_a_callback_does_not_skip_the_others(loop, log):
         raise RuntimeError('boom')
     fns = [(fired.append, 1), (boom,), (fired.append, 2), (boom,), (fired.append, 3)]
     wheel, _ = arm_together(loop, 0.01, fns, log)
-    run_until(loop, lambda: len(fired) == 3, what='the other callbacks')
+    run_loop_until(loop, lambda: len(fired) == 3, what='the other callbacks')
     assert sorted(fired) == [1, 2, 3]
     assert [r.exc_info[0] for r in log.records] == [RuntimeError, RuntimeError]
     assert len(wheel) == 0
@@ -193,5 +181,5 @@ def test_args_are_passed(loop):
     got = []
     marker = object()
     wheel.call_later(0.005, lambda *args: got.append(args), 1, 'two', marker)
-    run_until(loop, lambda: got, what='the callback')
+    run_loop_until(loop, lambda: got, what='the callback')
     assert got == [(1, 'two', marker)]
