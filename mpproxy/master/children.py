@@ -52,9 +52,9 @@ class Children:
     def _worker_exited(self, pid: int, status: int) -> None:
         if pid == self.upgrade_pid:
             self.upgrade_pid = None
+            upgrade.restore_pidfile(self.pidfile)     # before the log line: whoever reads it
             log.error('binary upgrade failed: the new master (pid %d) exited with code %d; '
                       'this master goes on serving', pid, os.waitstatus_to_exitcode(status))
-            upgrade.restore_pidfile(self.pidfile)
             if not self.stopping:     # take the service back, should the new one have had it
                 notify.send(READY=1, STATUS='binary upgrade failed; serving from this master',
                             MAINPID=os.getpid())
