@@ -42,7 +42,7 @@ from mpproxy.proxy import handoff
 from mpproxy.proxy.limits import LimitTable
 from mpproxy.proxy.ratelog import RateLimitedLog
 from mpproxy.proxy.sni import SniRouter
-from mpproxy.proxy.stream import Poller
+from mpproxy.proxy.stream import Poller, prime_allocator
 from mpproxy.proxy.tcp import TcpService
 from mpproxy.proxy.udp import UdpService
 from mpproxy.proxy.udp_session import GateLimit
@@ -160,6 +160,7 @@ class Worker(Handover):
         loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, WORKER_SIGNALS)
         self._start_metrics()
         gc.freeze()               # what booting made lives as long as the worker: never rescan it
+        prime_allocator()         # reads of READ_SIZE from the heap, not from mmap()
         spec.control.setblocking(False)
         loop.add_reader(spec.control.fileno(), self._on_control)
         self._send(b'r')

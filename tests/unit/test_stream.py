@@ -555,3 +555,48 @@ def test_sockets_closed_in_a_batch_are_closed_at_its_end(env):
     assert env.poller.dead == [] and env.poller.lost == []
     assert a.lost == [None] and b.lost == [None]
     assert a.closed_at_lost == [True] and b.closed_at_lost == [True]
+
+
+# -- prime_allocator ------------------------------------------------------------------------
+_MAPPED_READS = '''
+import ctypes, socket, sys
+from mpproxy.proxy.stream import READ_SIZE, prime_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
+        'fordblks', 'keepcost')]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == 'primed':
+    prime_allocator()
+a, b = socket.socketpair()
+before = libc.mallinfo2().hblks
+held = []
+for _ in range(8):                  # small reads, kept (as a relay's write buffer would)
+    a.send(b'x' * 100)
+    held.append(b.recv(READ_SIZE))
+print(libc.mallinfo2().hblks - before)
+'''
+
+
+def _mapped_blocks_after_reads(mode: str) -> int:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, '-c', _MAPPED_READS, mode], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return int(out.stdout)
+
+
+def test_prime_allocator_keeps_reads_off_mmap():
+    """Every recv(READ_SIZE) of a fresh process is an mmap()ed block (glibc: over its first
+    mmap threshold); after prime_allocator() none is."""
+    try:
+        unprimed = _mapped_blocks_after_reads('unprimed')
+    except Exception as exc:                     # noqa: BLE001
+        pytest.skip(f'no glibc mallinfo2 here: {exc}')
+    if unprimed == 0:
+        pytest.skip('this allocator does not map READ_SIZE blocks: nothing to prime')
+    assert unprimed == 8
+    assert _mapped_blocks_after_reads('primed') == 0
