@@ -51,6 +51,7 @@ MAX_EVENTS = 1024         # events taken per batch; the rest come on the loop's 
 IOV_MAX = 1024            # buffers sendmsg() takes at once (more: EMSGSIZE)
 
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_CONNECTING = (0, errno.EINPROGRESS)
 
 
 def prime_allocator() -> None:
@@ -66,7 +67,6 @@ def prime_allocator() -> None:
     """
     block = bytes(READ_SIZE + 65536)      # zero-filled: calloc(), mapped at this size
     del block
-_CONNECTING = (0, errno.EINPROGRESS)
 
 
 class Poller:
