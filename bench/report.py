@@ -24,7 +24,8 @@ proxies in turn (A B C D, then B C D A, ...) for several rounds, and each cell i
 
 - `!` marks a cell where a correctness check failed in some round. wrk: non-2xx/3xx responses or
   socket errors. iperf3: an error. UDP: a reply that differs from its request, or a missing one.
-- `mpproxy/nginx` is the ratio of the medians. For memory, lower is better.
+- `mpproxy/nginx` is the ratio of the medians. For memory, lower is better. A ratio that two
+  decimals would round across its target is shown with three (1.098 against >= 1.1).
 - HAProxy does not proxy UDP (n/a).
 - "proxy CPU %" is the CPU time the proxy's worker(s) used during the measurement, as a median
   in % of one core.
@@ -80,11 +81,13 @@ def ratio_and_verdict(name: str, results: dict[str, Sample | None]) -> tuple[str
         return '', ''
     r = mp.value / ng.value
     op, target = w.target
-    met = r >= target if op == '>=' else r <= target
-    if mp.bad:
-        met = False
+
+    def holds(x: float) -> bool:
+        return x >= target if op == '>=' else x <= target
+
+    met = holds(r) and not mp.bad
     shown = f'{r:.2f}'
-    if (float(shown) >= target if op == '>=' else float(shown) <= target) != met:
+    if holds(float(shown)) != holds(r):
         shown = f'{r:.3f}'        # 1.098 is not 1.10: never round across the target
     return shown, ('met' if met else 'missed')
 

@@ -60,7 +60,7 @@ def prime_allocator() -> None:
     recv() allocates READ_SIZE bytes and shrinks them to what came. glibc serves
     a block over its mmap threshold (128 KiB at first) with mmap(), and a shrunk
     one stays mapped until freed: each read would cost a mapping, a page fault
-    and an unmapping (about 17 µs against 4 on the bench machine). Freeing one
+    and an unmapping (about 17 µs a read against 4, in a micro-benchmark here). Freeing one
     mapped block raises the threshold to its size (mallopt(3), "dynamic mmap
     threshold"), which a worker's first client to hang up did by chance; this
     does it at boot, so that clients that never hang up are served as fast.
