@@ -60,10 +60,11 @@ def prime_allocator() -> None:
     recv() allocates READ_SIZE bytes and shrinks them to what came. glibc serves
     a block over its mmap threshold (128 KiB at first) with mmap(), and a shrunk
     one stays mapped until freed: each read would cost a mapping, a page fault
-    and an unmapping (about 17 µs a read against 4, in a micro-benchmark here). Freeing one
-    mapped block raises the threshold to its size (mallopt(3), "dynamic mmap
-    threshold"), which a worker's first client to hang up did by chance; this
-    does it at boot, so that clients that never hang up are served as fast.
+    and an unmapping (about 17 µs a read against 4, in a micro-benchmark here).
+    Freeing one mapped block raises the threshold to its size (mallopt(3),
+    "dynamic mmap threshold"), which a worker's first client to hang up did by
+    chance; this does it at boot, so that clients that never hang up are
+    served as fast.
     """
     block = bytes(READ_SIZE + 65536)      # zero-filled: calloc(), mapped at this size
     del block
