@@ -103,18 +103,24 @@ def test_hash_keeps_a_client_on_one_server_across_reloads(proxies):
 
 def test_udp_sessions_follow_the_weights(proxies):
     a, b = UdpEcho(prefix=b'A'), UdpEcho(prefix=b'B')
+    clients: list[socket.socket] = []
     try:
         port = free_port(socket.SOCK_DGRAM)
         servers = server_lines((a.address, 3), (b.address, 1))
         proxies(upstream_config(port, servers, 'round_robin', protocol='udp')).start(wait_workers=1)
         counts = {b'A': 0, b'B': 0}
-        for _ in range(40):                     # 40 clients: 40 sessions
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
-                c.settimeout(2)
-                c.sendto(b'x', ('127.0.0.1', port))
-                counts[c.recv(10)[:1]] += 1
+        # 40 clients, all kept open: 40 distinct source ports, so 40 sessions (the port of a
+        # closed client may be given to the next one, which would join its session)
+        for _ in range(40):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            clients.append(c)
+            c.settimeout(2)
+            c.sendto(b'x', ('127.0.0.1', port))
+            counts[c.recv(10)[:1]] += 1
         assert counts == {b'A': 30, b'B': 10}, counts
     finally:
+        for c in clients:
+            c.close()
         a.close()
         b.close()
 
