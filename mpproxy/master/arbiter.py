@@ -1,12 +1,21 @@
 """The arbiter: the master's main loop, its signals, and the reload transaction.
 
-(Reaping and reconciling the worker table is the `Children` mixin, children.py.)
+Signal handlers only queue the signal; `turn()` polls a `selectors` selector over the
+signal wake-up pipe, the workers' control sockets and the admin endpoint, dispatches each
+queued signal to `handle_<name>()`, and lets the worker table reap and reconcile
+(gunicorn's arbiter, nginx's cycle). No asyncio loop and no thread ever runs here. Each
+step of a turn runs under the `Guard` (guard.py): an exception nobody planned for is
+logged at `crit` and the master goes on.
 
-Signal handlers only queue the signal; `run()` polls a `selectors` selector over
-the signal wake-up pipe and the workers' control sockets, then dispatches each
-queued signal to `handle_<name>()`, reaps children, and lets `manage_workers()`
-move the worker table towards its target (gunicorn's arbiter, nginx's cycle).
-No asyncio loop and no thread ever runs here.
+A reload is a transaction (nginx's `ngx_init_cycle`):
+
+    load + check the file ─▶ build the generation (build.py: sockets, admin socket, shared
+    blocks; all or nothing) ─▶ fork its workers (table.py) ─▶ all serve: commit (the
+    config, the admin socket, the error log) and drain the old generation
+
+A failure at any step undoes what that reload made and logs one line,
+`reload failed, keeping the running configuration: <cause>`; the running generation
+never notices. `self.config` is always the serving generation's config.
 """
 
 from __future__ import annotations
@@ -18,58 +27,49 @@ import time
 
 import setproctitle
 
-from mpproxy.config import ConfigError, accounts, load, nofile
-from mpproxy.config.accounts import Credentials
+from mpproxy.config import ConfigError, load, nofile
 from mpproxy.config.schema import Config
-from mpproxy.errors import MpproxyError, StartupError
+from mpproxy.errors import EXIT_FAILURE, MpproxyError, StartupError
 from mpproxy.master import daemon, notify, upgrade
-from mpproxy.master.children import Children, _fmt
+from mpproxy.master.build import Builder, prepare_access_log
+from mpproxy.master.guard import Guard
 from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.status import Observer
+from mpproxy.master.table import WorkerTable, fmt
 from mpproxy.master.watch import ConfigWatch
-from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
-                                    close_handoff, drain_with_handoff)
-from mpproxy.observe import access
+from mpproxy.master.workers import Generation
 from mpproxy.observe import log as logmod
-from mpproxy.proxy import limits
 
 log = logmod.log
 
 SIGNALS = ('HUP', 'QUIT', 'TERM', 'INT', 'USR1', 'USR2', 'CHLD')
-TERM_GRACE = 1.0          # after TERM, SIGKILL what is still alive
-CLOSE_SLACK = 1.5         # a worker closes by itself at shutdown_timeout; TERM only after this
+RELOAD_FAILED = 'reload failed, keeping the running configuration: '
 
 
-class Arbiter(Children):
+class Arbiter:
     def __init__(self, config: Config, config_arg: str, ready_fd: int | None = None):
-        self.config = config
+        self.config = config                        # the serving generation's (committed)
         self.config_arg = config_arg
         self.ready_fd = ready_fd
+        self.selector = selectors.DefaultSelector()
         self.sockets = SocketSet()
-        self.generations: list[Generation] = []     # oldest first
-        self.next_generation = 1
+        self.table = WorkerTable(self.selector, retire=self._retire)
+        self.observer = Observer(self.selector, self.table, config.path)
+        self.builder = Builder(self.sockets, self.observer)
+        self.guard = Guard()
         self.pidfile: PidFile | None = None
         self.signals: list[int] = []
-        self.selector = selectors.DefaultSelector()
-        self.stopping: str | None = None            # None | 'quit' | 'term'
-        self.stop_deadline: float | None = None
-        self.backoff: dict[int, tuple[int, float]] = {}   # slot -> (failures, not before)
         self.exit_code = 0
         self.started = False                        # the first generation became active
         self.upgrade_pid: int | None = None         # the new master started by USR2
         self.upgraded_from: int | None = None       # the old master that started this one
-        self.limits: limits.LimitTable | None = None  # connection counts shared by all workers
-        self.observer = Observer(self)              # metrics totals and the admin endpoint
-        self.watch = ConfigWatch(config.path)         # watch_config: polled by run()
+        self.watch = ConfigWatch(config.path)       # watch_config: polled by turn()
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
         """Bind, lock, fork: raises StartupError before any worker exists."""
         setproctitle.setproctitle(f'mpproxy: master -c {self.config_arg}')
-        credentials = _credentials(self.config)
-        _prepare_access_log(self.config, credentials)
-        limit_index = self._limit_index(self.config)
         if self.config.pid_file:
             self.pidfile = PidFile(self.config.pid_file)
             self.pidfile.acquire()
@@ -77,20 +77,21 @@ class Arbiter(Children):
         if inherited:
             self.sockets.adopt(inherited)
         try:
-            bound = self.sockets.acquire(self.config)
             self.observer.start(self.config)
+            generation = self.builder.build(self.config, [])
         except BaseException:
+            self.observer.close()
             if self.pidfile:
                 self.pidfile.release()
             raise
         if inherited:
-            self.sockets.release([bound])   # inherited sockets this config does not listen on
+            self.sockets.release([generation.bound])   # inherited sockets not listened on
             self.upgraded_from = os.getppid()
             log.log(logmod.NOTICE, 'binary upgrade: listening sockets inherited from pid %d',
                     os.getppid())
         _log_warnings(self.config)
         self._install_signals()
-        self._new_generation(self.config, bound, credentials, limit_index)
+        self.table.add(generation)
         self.manage_workers()
 
     def _install_signals(self) -> None:
@@ -116,51 +117,56 @@ class Arbiter(Children):
     def run(self) -> int:
         try:
             while True:
-                for key, _ in self.selector.select(self._timeout()):
-                    key.data()
-                while self.signals:
-                    sig = self.signals.pop(0)
-                    name = signal.Signals(sig).name[3:].lower()
-                    getattr(self, 'handle_' + name)()
-                if self._watching() and self.watch.poll():
-                    self.handle_hup()                 # the file changed: exactly what HUP does
-                self.reap()
-                self.manage_workers()
-                self.observer.tick()
-                if self.stopping and not self._live_workers():
+                self.turn()
+                if self.table.stopping and not self.table.live_workers():
                     break
         finally:
             self._shutdown()
         return self.exit_code
 
+    def turn(self, timeout: float | None = None) -> None:
+        """One turn of the loop; every step under the guard (guard.py)."""
+        guard = self.guard
+        ready = guard.run('polling', self.selector.select,
+                          self._timeout() if timeout is None else timeout)
+        if ready is None:
+            time.sleep(0.1)                       # the poll itself failed: do not spin
+            ready = ()
+        for key, _ in ready:
+            guard.run(_step_name(key.data), key.data)
+        while self.signals:
+            name = signal.Signals(self.signals.pop(0)).name[3:].lower()
+            guard.run('handle_' + name, getattr(self, 'handle_' + name))
+        if self._watching():
+            guard.run('the config watcher', self._poll_watch)
+        guard.run('reaping', self.table.reap)
+        guard.run('manage_workers', self.manage_workers)
+        guard.run('the admin endpoint', self.observer.tick)
+
+    def manage_workers(self) -> None:
+        """Let the table move towards its target, then act on what it reports."""
+        self.table.manage(self.config.max_draining_generations)
+        for event in self.table.events():
+            self.guard.run(f'the {event[0]} event', getattr(self, '_on_' + event[0]), *event[1:])
+
+    def _poll_watch(self) -> None:
+        if self.watch.poll():
+            self.handle_hup()                     # the file changed: exactly what HUP does
+
     def _watching(self) -> bool:
         """watch_config is on, and this master neither stops nor has a new master from USR2
         alive (that one watches the file itself; see watch.py)."""
-        return self.config.watch_config and not self.stopping and self.upgrade_pid is None
+        return self.config.watch_config and not self.table.stopping and self.upgrade_pid is None
 
     def _timeout(self) -> float:
-        return 0.05 if self.stopping else 0.25
+        return 0.05 if self.table.stopping else 0.25
 
-    def _live_workers(self) -> list[WorkerHandle]:
-        return [w for g in self.generations for w in g.workers.values()]
-
-    def _on_control(self, worker: WorkerHandle) -> None:
-        try:
-            data = worker.control.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b''
-        if not data:
-            self.selector.unregister(worker.control)
-            return
-        worker.last_beat = time.monotonic()
-        if b'r' in data and not worker.ready:
-            worker.ready = True
+    def _retire(self, worker) -> None:
+        self.observer.retire(worker)
 
     # -- signals ----------------------------------------------------------------------------
     def handle_hup(self) -> None:
-        if self.stopping:
+        if self.table.stopping:
             return
         log.log(logmod.NOTICE, 'reloading configuration from %s', self.config.path)
         self._notify(RELOADING=1, MONOTONIC_USEC=notify.monotonic_usec(),
@@ -168,28 +174,23 @@ class Arbiter(Children):
         self.reload()
 
     def handle_quit(self) -> None:
-        if self.stopping:
+        if self.table.stopping:
             return
         log.log(logmod.NOTICE, 'graceful shutdown (QUIT): draining for up to %ss',
-                _fmt(self.config.shutdown_timeout))
-        self.stopping = 'quit'
+                fmt(self.config.shutdown_timeout))
         self._notify_stopping('graceful shutdown (QUIT): draining')
-        for generation in self.generations:
-            self._drain(generation)
+        self.table.quit()
         self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
         if self.upgrade_pid is not None:
             self.observer.close()    # the new master answers on the admin socket now
         # else the admin endpoint stays up while draining: /readyz says 503, /healthz 200
 
     def handle_term(self) -> None:
-        if self.stopping == 'term':
+        if self.table.stopping == 'term':
             return
         log.log(logmod.NOTICE, 'fast shutdown')
-        self.stopping = 'term'
         self._notify_stopping('fast shutdown')
-        self.stop_deadline = time.monotonic() + TERM_GRACE
-        for generation in self.generations:
-            generation.signal_all(signal.SIGTERM)
+        self.table.term()
         self.sockets.close_all()
         self.observer.close()
 
@@ -198,19 +199,19 @@ class Arbiter(Children):
     def handle_usr1(self) -> None:
         log.log(logmod.NOTICE, 'reopening log files')
         logmod.reopen()
-        active = next((g for g in self.generations if g.state == ACTIVE), None)
+        active = self.table.active()
         if active is not None and active.credentials is not None:
             logmod.chown(active.credentials.uid)      # nginx's way: so its workers can reopen it
-        for generation in self.generations:
+        for generation in self.table.generations:
             try:                                  # the access log: created, theirs, then reopened
-                _prepare_access_log(generation.config, generation.credentials)
+                prepare_access_log(generation.config, generation.credentials)
             except StartupError as exc:
                 log.error('%s', exc)
             generation.signal_all(signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
         """Binary upgrade: exec a new master from the installed program, sockets inherited."""
-        if self.stopping:
+        if self.table.stopping:
             return
         if self.upgrade_pid is not None:
             log.warning('binary upgrade already in progress (new master pid %d); ignoring USR2',
@@ -227,84 +228,41 @@ class Arbiter(Children):
         notify.send(STATUS=f'binary upgrade: new master pid {self.upgrade_pid} starting')
 
     def handle_chld(self) -> None:
-        pass                      # reap() runs after every dispatch
+        pass                      # the table reaps after every dispatch
 
     # -- reload -----------------------------------------------------------------------------
     def reload(self) -> None:
-        """Parse, validate and bind into a new generation; on failure keep the old one."""
+        """Load and build a new generation; on any failure keep the running one as it is."""
         self.watch.loading()                  # what is read now counts as tried (watch.py)
         try:
             config = load(self.config.path)
-            self._check_reloadable(config)
-            credentials = _credentials(config)
-            _prepare_access_log(config, credentials)
-            limit_index = self._limit_index(config)
-            bound = self.sockets.acquire(config)
-            try:
-                admin = self.observer.prepare(config)
-            except StartupError:
-                self.sockets.release([g.bound for g in self.generations])   # what acquire bound
-                raise
+            if config.pid_file != self.config.pid_file:
+                raise StartupError('pid_file cannot change on reload; restart to change it')
         except ConfigError as exc:
-            log.error('reload failed, keeping the running configuration: %s',
-                      '; '.join(exc.problems))
-            self._reload_done('reload failed, keeping the running configuration: '
-                              + '; '.join(exc.problems))
+            self._reload_failed('; '.join(exc.problems))
             return
-        except (MpproxyError, OSError) as exc:
-            log.error('reload failed, keeping the running configuration: %s', exc)
-            self._reload_done(f'reload failed, keeping the running configuration: {exc}')
+        except MpproxyError as exc:
+            self._reload_failed(str(exc))
             return
-        for generation in self.generations:
-            if generation.state == STARTING:     # superseded before it was ready
-                self._drain(generation, quiet=True)
-        if config.workers != self.config.workers and any(l.protocol == 'udp' for l in config.listeners):
-            log.warning('workers changed from %d to %d: UDP flows re-hash to other workers',
-                        self.config.workers, config.workers)
-        if config.log_level != self.config.log_level or config.error_log != self.config.error_log:
-            try:
-                logmod.setup(config.error_log, config.log_level)
-            except OSError as exc:
-                log.error('cannot open error log %s: %s; keeping the old one',
-                          config.error_log, exc.strerror)
-        self.config = config
-        self.observer.commit(admin)
-        _log_warnings(config)
-        self._new_generation(config, bound, credentials, limit_index)
-
-    def _check_reloadable(self, config: Config) -> None:
-        if config.pid_file != self.config.pid_file:
-            raise StartupError('pid_file cannot change on reload; restart to change it')
-
-    def _limit_index(self, config: Config) -> dict:
-        """Limit indices for `config`'s limited listeners; the shared table is made the first
-        time a config has a limit and lives as long as the master (StartupError if full)."""
-        if self.limits is None:
-            if not limits.wanted(config):
-                return {}
-            self.limits = limits.LimitTable.allocate(limits.slots_for(config))
+        for generation in self.table.starting():       # superseded before it was ready
+            self.table.supersede(generation)
+            self.builder.discard(generation, self.table.generations, superseded=True)
         try:
-            return self.limits.assign(config, [g.config for g in self.generations])
-        except limits.LimitsFull as exc:
-            raise StartupError(str(exc)) from None
+            generation = self.builder.build(config, self.table.generations)
+        except (MpproxyError, OSError) as exc:
+            self._reload_failed(_cause(exc))
+            return
+        self.table.add(generation)
 
-    def _new_generation(self, config: Config, bound, credentials: Credentials | None,
-                        limit_index: dict) -> Generation:
-        generation = Generation(self.next_generation, config, bound, credentials,
-                                self.limits, limit_index)
-        self.next_generation += 1
-        self.generations.append(generation)
-        return generation
+    def _reload_failed(self, cause: str) -> None:
+        log.error('%s%s', RELOAD_FAILED, cause)
+        self._reload_done(RELOAD_FAILED + cause)
 
-    def _promote(self, generation: Generation) -> None:
-        """All workers of a starting generation serve: it becomes active, the old one drains
-        (handing its UDP sessions slot by slot to the new workers)."""
-        generation.state = ACTIVE
-        for other in self.generations:
-            if other is not generation and other.state in (ACTIVE, STARTING):
-                self._drain(other, quiet=other.state == STARTING, successors=generation)
-        for worker in generation.workers.values():
-            close_handoff(worker)
+    # -- what the worker table reports ------------------------------------------------------
+    def _on_ready(self, generation: Generation) -> None:
+        """Every worker of `generation` serves: it becomes the running configuration."""
+        self.table.promote(generation)
+        self._commit(generation)
         self.sockets.shutdown_unused(generation.bound)
         if not self.started:
             self.started = True
@@ -318,22 +276,48 @@ class Arbiter(Children):
             log.log(logmod.NOTICE, 'generation %d active', generation.number)
             self._reload_done(f'serving: generation {generation.number} active')
 
-    def _drain(self, generation: Generation, quiet: bool = False,
-               successors: Generation | None = None) -> None:
-        if generation.state == DRAINING:
+    def _commit(self, generation: Generation) -> None:
+        old, config = self.config, generation.config
+        self.config = config
+        self.observer.commit(generation.admin)
+        if config.workers != old.workers and any(l.protocol == 'udp' for l in config.listeners):
+            log.warning('workers changed from %d to %d: UDP flows re-hash to other workers',
+                        old.workers, config.workers)
+        if config.log_level != old.log_level or config.error_log != old.error_log:
+            try:
+                logmod.setup(config.error_log, config.log_level)
+            except OSError as exc:
+                log.error('cannot open error log %s: %s; keeping the old one',
+                          config.error_log, exc.strerror)
+        if generation.number > 1:
+            _log_warnings(config)
+
+    def _on_failed(self, generation: Generation, why: str) -> None:
+        """`generation` never served: undo it; a reload keeps the old one, a start stops."""
+        self.builder.discard(generation, self.table.generations)
+        if self.started:
+            self._reload_failed(f'generation {generation.number}: {why}')
             return
-        generation.state = DRAINING
-        generation.deadline = time.monotonic() + generation.config.shutdown_timeout + CLOSE_SLACK
-        if not quiet:
-            log.info('generation %d draining (%d worker(s))', generation.number,
-                     len(generation.workers))
-        for slot, worker in generation.workers.items():
-            close_handoff(worker)             # it never got sessions: nothing to wait for
-            new = successors.workers.get(slot) if successors else None
-            if new is not None and new.handoff_peer is not None:
-                drain_with_handoff(worker, new)
-            else:
-                worker.signal(signal.SIGQUIT)
+        log.error('cannot start: %s', why)
+        daemon.report(self.ready_fd, f'mpproxy: cannot start: {why}\n')
+        self.ready_fd = None
+        self.exit_code = EXIT_FAILURE
+        self.handle_term()
+
+    def _on_finished(self, generation: Generation) -> None:
+        self.sockets.release([g.bound for g in self.table.generations])
+        log.info('generation %d finished', generation.number)
+
+    def _on_child(self, pid: int, status: int) -> None:
+        if pid != self.upgrade_pid:
+            return
+        self.upgrade_pid = None
+        upgrade.restore_pidfile(self.pidfile)     # before the log line: whoever reads it
+        log.error('binary upgrade failed: the new master (pid %d) exited with code %d; '
+                  'this master goes on serving', pid, os.waitstatus_to_exitcode(status))
+        if not self.table.stopping:   # take the service back, should the new one have had it
+            notify.send(READY=1, STATUS='binary upgrade failed; serving from this master',
+                        MAINPID=os.getpid())
 
     # -- systemd (sd_notify) ----------------------------------------------------------------
     def _notify(self, **fields) -> None:
@@ -351,40 +335,31 @@ class Arbiter(Children):
 
     def _reload_done(self, status: str) -> None:
         """READY=1 after RELOADING=1, once no new generation is still starting."""
-        if not any(g.state == STARTING for g in self.generations):
+        if not self.table.starting():
             self._notify(READY=1, STATUS=status)
 
     def _shutdown(self) -> None:
         self.sockets.close_all()
         self.observer.close()
-        for worker in self._live_workers():
-            worker.signal(signal.SIGKILL)
+        self.table.kill_all()
         if self.pidfile:
             self.pidfile.release()
         log.log(logmod.NOTICE, 'mpproxy exited')
 
 
-def _credentials(config: Config) -> Credentials | None:
-    """Whom the workers of `config` switch to: None unless `user` is set and the master is
-    root (else `user` is ignored, with the warning of `_log_warnings`)."""
-    if config.user is None or os.geteuid() != 0:
-        return None
-    try:
-        return accounts.resolve(config.user, config.group)
-    except ValueError as exc:          # the loader checked; the account went away since
-        raise StartupError(f'user {config.user}: {exc}') from None
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, MpproxyError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
-def _prepare_access_log(config: Config, credentials: Credentials | None) -> None:
-    """Create `config`'s access log file and give it to the user its workers switch to, so
-    that they can open (and on USR1 reopen) it by path; StartupError when it cannot be."""
-    if config.access_log is None:
-        return
-    path = config.access_log.path
-    try:
-        access.prepare(path, credentials.uid if credentials is not None else None)
-    except OSError as exc:
-        raise StartupError(f'cannot open access log {path}: {exc.strerror or exc}') from None
+def _step_name(callback) -> str:
+    """How the guard names a ready socket's handler in its log line."""
+    callback = getattr(callback, 'func', callback)        # a functools.partial
+    owner = getattr(callback, '__self__', None)
+    if owner is not None:
+        return f'{type(owner).__name__}.{callback.__name__}'
+    return getattr(callback, '__qualname__', repr(callback))
 
 
 def _log_warnings(config: Config) -> None:

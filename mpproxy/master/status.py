@@ -2,9 +2,9 @@
 and the probes /healthz (every worker slot has a live worker with a recent heartbeat) and
 /readyz (serving and not draining: 503 from QUIT on, so a load balancer stops sending first).
 
-The arbiter owns one `Observer`. It reads the workers' snapshot areas
-(observe/metrics.py) only when a page is asked for, and once more when a worker is
-reaped (`retire`: its counters join the retired totals, its area is unmapped).
+The arbiter owns one `Observer`; it reads the worker table, never the arbiter. It reads
+the workers' snapshot areas (observe/metrics.py) only when a page is asked for, and once
+more when a worker is reaped (`retire`: its counters join the retired totals, its area is unmapped).
 
 `admin.listen` follows the reload transaction like a listener: an unchanged address
 keeps its socket, a new one is bound before the new generation is committed (a bind
@@ -34,12 +34,13 @@ BEAT_STALE = 3.0          # seconds without a heartbeat (one a second) that make
 
 
 class Observer:
-    def __init__(self, arbiter):
-        self.arbiter = arbiter
+    def __init__(self, selector, table, config_path: str):
+        self.table = table
+        self.config_path = config_path
         self.totals = prometheus.Totals()
         self.started = time.time()
         self.started_monotonic = time.monotonic()
-        self.admin = admin.AdminServer(arbiter.selector, {'/metrics': self.metrics_page,
+        self.admin = admin.AdminServer(selector, {'/metrics': self.metrics_page,
                                                           '/status': self.status_page,
                                                           '/healthz': self.healthz_page,
                                                           '/readyz': self.readyz_page}, log)
@@ -60,6 +61,12 @@ class Observer:
 
     def commit(self, prepared) -> None:
         self.admin.serve(*prepared)
+
+    def discard(self, prepared) -> None:
+        """A prepared admin socket that will not be served (its reload failed): closed,
+        unless it is the one being served."""
+        if prepared is not None and prepared[1] is not None and prepared[1] is not self.admin.sock:
+            prepared[1].close()
 
     def _bind(self, config: Config):
         if config.admin is None:
@@ -92,7 +99,7 @@ class Observer:
     def _live(self) -> list[tuple[WorkerHandle, object]]:
         """(worker, its snapshot) for every live worker that published, oldest generation first."""
         out = []
-        for generation in self.arbiter.generations:
+        for generation in self.table.generations:
             for slot in sorted(generation.workers):
                 worker = generation.workers[slot]
                 values = worker.metrics.read() if worker.metrics is not None else None
@@ -104,7 +111,7 @@ class Observer:
         return self.totals.collect((w.generation.layout, values, w.slot) for w, values in live)
 
     def _active(self):
-        generations = self.arbiter.generations
+        generations = self.table.generations
         return next((g for g in reversed(generations) if g.state == ACTIVE),
                     generations[-1] if generations else None)
 
@@ -114,7 +121,7 @@ class Observer:
         samples['mpproxy_info'] = {(('version', __version__),): 1}
         samples['mpproxy_start_time_seconds'] = {(): self.started}
         workers: dict = {}
-        for generation in self.arbiter.generations:
+        for generation in self.table.generations:
             key = (('state', generation.state),)
             workers[key] = workers.get(key, 0) + len(generation.workers)
         samples['mpproxy_workers'] = workers
@@ -142,15 +149,15 @@ class Observer:
 
     def unhealthy(self) -> str | None:
         now = time.monotonic()
-        arbiter = self.arbiter
-        stale = [w for w in arbiter._live_workers() if now - w.last_beat > BEAT_STALE]
+        table = self.table
+        stale = [w for w in table.live_workers() if now - w.last_beat > BEAT_STALE]
         if stale:
             w = stale[0]
             return (f'worker {w.slot} (pid {w.pid}) gave no heartbeat for '
                     f'{now - w.last_beat:.1f}s')
-        if arbiter.stopping:
+        if table.stopping:
             return None           # draining: the slots empty one by one, as they should
-        active = next((g for g in arbiter.generations if g.state == ACTIVE), None)
+        active = table.active()
         if active is None:
             return 'no active generation'
         missing = [slot for slot in range(active.config.workers)
@@ -160,10 +167,10 @@ class Observer:
         return None
 
     def unready(self) -> str | None:
-        arbiter = self.arbiter
-        if arbiter.stopping:
-            return 'draining' if arbiter.stopping == 'quit' else 'stopping'
-        active = next((g for g in arbiter.generations if g.state == ACTIVE), None)
+        table = self.table
+        if table.stopping:
+            return 'draining' if table.stopping == 'quit' else 'stopping'
+        active = table.active()
         if active is None or not any(w.ready for w in active.workers.values()):
             return 'no serving worker'
         return None
@@ -177,9 +184,9 @@ class Observer:
         live = self._live()
         samples = self._samples(live)
         snapshots = {id(w): values for w, values in live}
-        arbiter, active = self.arbiter, self._active()
+        table, active = self.table, self._active()
         workers = []
-        for generation in arbiter.generations:
+        for generation in table.generations:
             for slot in sorted(generation.workers):
                 worker = generation.workers[slot]
                 values = snapshots.get(id(worker))
@@ -196,12 +203,12 @@ class Observer:
             'version': __version__,
             'master': {'pid': os.getpid(), 'started': round(self.started, 3),
                        'uptime': round(now - self.started_monotonic, 3)},
-            'config': {'path': arbiter.config.path,
+            'config': {'path': self.config_path,
                        'loaded': None if active is None else round(_wall(active.loaded_at), 3),
                        'generation': None if active is None else active.number},
             'generations': [{'number': g.number, 'state': g.state, 'workers': len(g.workers),
                              'loaded': round(_wall(g.loaded_at), 3)}
-                            for g in arbiter.generations],
+                            for g in table.generations],
             'workers': workers,
             'listeners': _listeners(active, samples),
             'upstreams': _upstreams(active, samples),

@@ -1,10 +1,12 @@
-"""The worker table: generations of worker processes and how one is forked.
+"""The master's records of its workers and generations, and how one worker is forked.
 
+(Which workers exist over time, and reaching the target, is `table.WorkerTable`.)
 A generation is the set of workers started from one loaded config::
 
     STARTING --every slot said 'r'--> ACTIVE --newer generation active / QUIT--> DRAINING --all exited--> gone
         |                                                                           |
-        +-- a worker died before it was ready: the reload failed, TERM -------------+
+        +-- a worker died before it was ready, a fork failed, or START_TIMEOUT: ----+
+            the reload failed (rolled back: `failed`), its workers get TERM
 
 Only one generation is ACTIVE; the master respawns its dead workers. A
 STARTING generation becomes ACTIVE only when all its workers are serving, so
@@ -24,7 +26,6 @@ from mpproxy.master.sockets import Bound
 from mpproxy.observe import log as logmod
 from mpproxy.observe import metrics
 from mpproxy.proxy.limits import LimitTable
-from mpproxy.upstream import health
 from mpproxy.worker import process
 
 log = logmod.log
@@ -63,12 +64,16 @@ class WorkerHandle:
 
 
 class Generation:
+    """What one loaded config runs on: built whole by `build.Builder` before any worker of it
+    is forked (sockets, shared blocks, the admin socket it wants), then its workers."""
+
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
-                 'loaded_at', 'health', 'limits', 'limit_index', 'layout')
+                 'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'failed')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
-                 limits: LimitTable | None = None, limit_index: dict | None = None):
+                 limits: LimitTable | None = None, limit_index: dict | None = None,
+                 health_block=None, admin=None):
         self.number = number
         self.config = config
         self.bound = bound
@@ -77,10 +82,12 @@ class Generation:
         self.workers: dict[int, WorkerHandle] = {}     # slot -> live worker
         self.deadline: float | None = None             # DRAINING: when to TERM what is left
         self.loaded_at = time.monotonic()
-        self.health = health.allocate(config)          # shared with its workers, or None
+        self.health = health_block                     # shared with its workers, or None
         self.limit_index = limit_index or {}           # listener key -> limit index
         self.limits = limits if self.limit_index else None   # the master's table, if it counts
         self.layout = metrics.Layout(config)           # what its workers' metrics values are
+        self.admin = admin                             # (address, socket) it serves admin on
+        self.failed = False                            # it never served: rolled back
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers.values():
@@ -94,13 +101,23 @@ class Generation:
 def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerHandle:
     """Fork one worker for `slot`; the child never returns from here.
 
+    Raises OSError (fork's EAGAIN or ENOMEM, EMFILE for its sockets) with nothing left
+    behind: no socket, limit slot or metrics block of the attempt stays open.
+
     With `take_over`, the worker waits for the UDP sessions of the slot's current
     worker on a socketpair whose other end the master keeps in `handoff_peer`.
     """
+    made: list = []                 # what to undo if the fork fails
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    made += (master_end, worker_end)
     peer = successor = None
-    if take_over:
-        peer, successor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        if take_over:
+            peer, successor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            made += (peer, successor)
+    except BaseException:
+        _undo(made)
+        raise
     limit_slot = _take_limit_slot(generation, slot)
     area = _metrics_area(generation, slot)
     spec = process.WorkerSpec(
@@ -123,6 +140,7 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
             generation.limits.free_slot(limit_slot)
         if area is not None:
             area.close()
+        _undo(made)
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -135,6 +153,11 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
         successor.close()
         handle.handoff_peer = peer
     return handle
+
+
+def _undo(sockets: list) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _take_limit_slot(generation: Generation, slot: int) -> int | None:

@@ -139,9 +139,10 @@ def test_reload_whose_workers_cannot_start_is_ready_again(proxies, notify_socket
         assert notify_socket.next().keys == RELOADING
         failed = notify_socket.next(20)
         assert failed.keys == ['READY', 'STATUS'], failed
-        assert failed.fields['STATUS'].startswith('reload failed: generation 2: '), failed
-        assert 'keeping the running generation' in failed.fields['STATUS']
-        assert 'reload failed: generation 2' in proxy.log()
+        assert failed.fields['STATUS'].startswith(
+            'reload failed, keeping the running configuration: generation 2: worker 0 exited '
+            'with code 3 before it was ready'), failed
+        assert 'reload failed, keeping the running configuration: generation 2:' in proxy.log()
     finally:
         dns.close()
 
@@ -292,8 +293,8 @@ def test_unit_has_the_directives_mpproxy_needs():
     assert int(service['LimitNOFILE'][0]) >= 65536
     # The stop deadline outlasts the master's own: shutdown_timeout, then close and kill slack.
     from mpproxy.config.loader import load
-    from mpproxy.master.arbiter import CLOSE_SLACK
-    from mpproxy.master.children import KILL_GRACE
+    from mpproxy.master.table import CLOSE_SLACK
+    from mpproxy.master.table import KILL_GRACE
     default = load(str(ROOT / 'etc' / 'mpproxy.yaml')).shutdown_timeout
     assert int(service['TimeoutStopSec'][0].rstrip('s')) > default + CLOSE_SLACK + KILL_GRACE
     caps = service['CapabilityBoundingSet'][0].split()

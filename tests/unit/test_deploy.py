@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from mpproxy.config import ConfigError, load
-from mpproxy.master import arbiter, children
+from mpproxy.master import table
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / 'deploy'
@@ -42,7 +42,7 @@ KUSTOMIZATIONS = sorted(KUBERNETES.rglob('kustomization.yaml'))
 VERSIONS = ('1.29', kubernetes_validate.latest_version())
 # A stopped master's workers close at shutdown_timeout; the master TERMs them CLOSE_SLACK
 # later and SIGKILLs them KILL_GRACE after that (README, "Drain deadline").
-EXIT_SLACK = arbiter.CLOSE_SLACK + children.KILL_GRACE
+EXIT_SLACK = table.CLOSE_SLACK + table.KILL_GRACE
 
 
 # -- the files, parsed ---------------------------------------------------------------------

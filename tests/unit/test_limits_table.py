@@ -458,15 +458,10 @@ ARBITER_SCRIPT = textwrap.dedent('''
         while not until():
             if time.monotonic() > deadline:
                 raise SystemExit(f'timed out waiting for {what}')
-            for key, _ in arb.selector.select(0.05):
-                key.data()
-            while arb.signals:
-                getattr(arb, 'handle_' + signal.Signals(arb.signals.pop(0)).name[3:].lower())()
-            arb.reap()
-            arb.manage_workers()
+            arb.turn(0.05)
 
     def slots(arb):
-        return sorted((w.limit_slot for g in arb.generations for w in g.workers.values()),
+        return sorted((w.limit_slot for g in arb.table.generations for w in g.workers.values()),
                       key=lambda s: -1 if s is None else s)
 
     out = {}
@@ -475,34 +470,34 @@ ARBITER_SCRIPT = textwrap.dedent('''
     arb = Arbiter(load(path), path)
     arb.start()
     try:
-        gen = arb.generations[0]
+        gen = arb.table.generations[0]
         turn(arb, lambda: gen.state == 'active', 'generation 1')
         out['index1'] = list(gen.limit_index.values())
         out['slots1'] = slots(arb)
         victim = gen.workers[1]
-        arb.limits.area(victim.limit_slot).gate(0, 0, 0).add(b'\\x01\\x02\\x03\\x04')
-        out['counted'] = arb.limits.total(0)
+        arb.builder.limits.area(victim.limit_slot).gate(0, 0, 0).add(b'\\x01\\x02\\x03\\x04')
+        out['counted'] = arb.builder.limits.total(0)
         os.kill(victim.pid, signal.SIGKILL)
         turn(arb, lambda: 1 in gen.workers and gen.workers[1] is not victim, 'a respawn')
-        out['after_kill'] = arb.limits.total(0)
+        out['after_kill'] = arb.builder.limits.total(0)
         out['slots_respawned'] = slots(arb)
         write(tcp(port, 'max_connections: 20') + tcp(port2, 'max_connections_per_ip: 1'))
         arb.reload()
-        gen2 = arb.generations[-1]
+        gen2 = arb.table.generations[-1]
         turn(arb, lambda: gen2.state == 'active', 'generation 2')
         out['index2'] = sorted(gen2.limit_index.values())
         out['slots_both'] = slots(arb)
-        turn(arb, lambda: len(arb.generations) == 1, 'generation 1 to finish')
+        turn(arb, lambda: len(arb.table.generations) == 1, 'generation 1 to finish')
         out['slots2'] = slots(arb)
         write(tcp(port))                        # no limits: no slots taken
         arb.reload()
-        gen3 = arb.generations[-1]
-        turn(arb, lambda: gen3.state == 'active' and len(arb.generations) == 1, 'generation 3')
+        gen3 = arb.table.generations[-1]
+        turn(arb, lambda: gen3.state == 'active' and len(arb.table.generations) == 1, 'generation 3')
         out['slots3'] = slots(arb)
-        out['free'] = sorted(arb.limits._free_slots)[:4]
+        out['free'] = sorted(arb.builder.limits._free_slots)[:4]
     finally:
         arb.handle_term()
-        turn(arb, lambda: not arb._live_workers(), 'the workers to stop')
+        turn(arb, lambda: not arb.table.live_workers(), 'the workers to stop')
         arb._shutdown()
     print(json.dumps(out))
 ''')
