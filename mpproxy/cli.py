@@ -15,6 +15,7 @@ from mpproxy import __version__
 from mpproxy.errors import EXIT_FAILURE, EXIT_OK, ConfigError, MpproxyError
 
 DEFAULT_CONFIG = '/etc/mpproxy/mpproxy.yaml'
+RELOAD_WAIT = 60.0        # -s reload: how long to wait for the outcome
 SIGNAL_NAMES = {'reload': signal.SIGHUP, 'stop': signal.SIGTERM,
                 'quit': signal.SIGQUIT, 'reopen': signal.SIGUSR1}
 
@@ -84,6 +85,8 @@ def _send_signal(config, name: str) -> int:
         return EXIT_FAILURE
     try:
         pid = read_pid(config.pid_file)
+        if name == 'reload':
+            return _reload(pid)
         os.kill(pid, SIGNAL_NAMES[name])
     except MpproxyError as exc:
         print(f'mpproxy: {exc}', file=sys.stderr)
@@ -95,6 +98,30 @@ def _send_signal(config, name: str) -> int:
         print(f'mpproxy: not allowed to signal pid {pid}', file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _reload(pid: int) -> int:
+    """Ask the master for a reload and report its outcome (master/control.py); a master
+    that does not answer there gets HUP, as with `kill -HUP`."""
+    from mpproxy.master import control
+
+    try:
+        answer = control.request_reload(pid, RELOAD_WAIT)
+    except TimeoutError:
+        print(f'mpproxy: reload asked of pid {pid}; no outcome within {RELOAD_WAIT:g}s '
+              f'(see the error log)', file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f'mpproxy: reload of pid {pid}: {exc.strerror or exc}', file=sys.stderr)
+        return EXIT_FAILURE
+    if answer is None:
+        os.kill(pid, signal.SIGHUP)
+        print(f'mpproxy: sent HUP to pid {pid}; it has no control socket here, so its outcome '
+              f'is only in the error log', file=sys.stderr)
+        return EXIT_OK
+    ok, text = answer
+    print(f'mpproxy: {text}', file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILURE
 
 
 def _serve(config, args) -> int:

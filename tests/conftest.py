@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -217,6 +219,16 @@ def proxies(tmp_path):
     for proxy in made:
         proxy.cleanup()
         print(f'--- {proxy.log_path} ---\n{proxy.log()[-4000:]}')   # shown when the test fails
+
+
+@pytest.fixture
+def open_dir():
+    """A directory everyone can reach but only root may write (pytest's tmp_path is
+    root's alone): for files that a process running as nobody must read."""
+    path = Path(tempfile.mkdtemp(prefix='mpproxy-open-'))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_cli(*args, timeout: float = 20.0, env=None) -> subprocess.CompletedProcess:

@@ -32,6 +32,7 @@ from mpproxy.config.schema import Config
 from mpproxy.errors import EXIT_FAILURE, MpproxyError, StartupError
 from mpproxy.master import daemon, notify, upgrade
 from mpproxy.master.build import Builder, prepare_access_log
+from mpproxy.master.control import ControlEndpoint
 from mpproxy.master.guard import Guard
 from mpproxy.master.pidfile import PidFile
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
@@ -65,6 +66,8 @@ class Arbiter:
         self.upgrade_pid: int | None = None         # the new master started by USR2
         self.upgraded_from: int | None = None       # the old master that started this one
         self.watch = ConfigWatch(config.path)       # watch_config: polled by turn()
+        self.control = ControlEndpoint(self.selector, self._reload_requested, log)
+        self.reloads = 0                            # reloads started, numbered for control.py
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,6 +94,7 @@ class Arbiter:
                     os.getppid())
         _log_warnings(self.config)
         self._install_signals()
+        self.control.open()
         self.table.add(generation)
         self.manage_workers()
 
@@ -142,6 +146,7 @@ class Arbiter:
         guard.run('reaping', self.table.reap)
         guard.run('manage_workers', self.manage_workers)
         guard.run('the admin endpoint', self.observer.tick)
+        guard.run('the control socket', self.control.tick)
 
     def manage_workers(self) -> None:
         """Let the table move towards its target, then act on what it reports."""
@@ -164,9 +169,14 @@ class Arbiter:
     def _retire(self, worker) -> None:
         self.observer.retire(worker)
 
+    def _reload_requested(self) -> None:
+        """`mpproxy -s reload` asked over the control socket: exactly what HUP does."""
+        self.signals.append(signal.SIGHUP)
+
     # -- signals ----------------------------------------------------------------------------
     def handle_hup(self) -> None:
         if self.table.stopping:
+            self.control.abandon('the master is stopping; no reload')
             return
         log.log(logmod.NOTICE, 'reloading configuration from %s', self.config.path)
         self._notify(RELOADING=1, MONOTONIC_USEC=notify.monotonic_usec(),
@@ -179,6 +189,7 @@ class Arbiter:
         log.log(logmod.NOTICE, 'graceful shutdown (QUIT): draining for up to %ss',
                 fmt(self.config.shutdown_timeout))
         self._notify_stopping('graceful shutdown (QUIT): draining')
+        self.control.abandon('the master is stopping (QUIT); no reload')
         self.table.quit()
         self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
         if self.upgrade_pid is not None:
@@ -190,6 +201,7 @@ class Arbiter:
             return
         log.log(logmod.NOTICE, 'fast shutdown')
         self._notify_stopping('fast shutdown')
+        self.control.abandon('the master is stopping; no reload')
         self.table.term()
         self.sockets.close_all()
         self.observer.close()
@@ -234,29 +246,35 @@ class Arbiter:
     def reload(self) -> None:
         """Load and build a new generation; on any failure keep the running one as it is."""
         self.watch.loading()                  # what is read now counts as tried (watch.py)
+        self.reloads += 1
+        reload = self.reloads
+        self.control.starting(reload)
         try:
             config = load(self.config.path)
             if config.pid_file != self.config.pid_file:
                 raise StartupError('pid_file cannot change on reload; restart to change it')
         except ConfigError as exc:
-            self._reload_failed('; '.join(exc.problems))
+            self._reload_failed(reload, '; '.join(exc.problems))
             return
         except MpproxyError as exc:
-            self._reload_failed(str(exc))
+            self._reload_failed(reload, str(exc))
             return
         for generation in self.table.starting():       # superseded before it was ready
             self.table.supersede(generation)
             self.builder.discard(generation, self.table.generations, superseded=True)
+            self.control.supersede(generation.reload, reload)
         try:
             generation = self.builder.build(config, self.table.generations)
         except (MpproxyError, OSError) as exc:
-            self._reload_failed(_cause(exc))
+            self._reload_failed(reload, _cause(exc))
             return
+        generation.reload = reload
         self.table.add(generation)
 
-    def _reload_failed(self, cause: str) -> None:
+    def _reload_failed(self, reload: int | None, cause: str) -> None:
         log.error('%s%s', RELOAD_FAILED, cause)
         self._reload_done(RELOAD_FAILED + cause)
+        self.control.answer(reload, False, RELOAD_FAILED + cause)
 
     # -- what the worker table reports ------------------------------------------------------
     def _on_ready(self, generation: Generation) -> None:
@@ -275,6 +293,8 @@ class Arbiter:
         else:
             log.log(logmod.NOTICE, 'generation %d active', generation.number)
             self._reload_done(f'serving: generation {generation.number} active')
+            self.control.answer(generation.reload, True,
+                                f'serving: generation {generation.number} active')
 
     def _commit(self, generation: Generation) -> None:
         old, config = self.config, generation.config
@@ -296,7 +316,7 @@ class Arbiter:
         """`generation` never served: undo it; a reload keeps the old one, a start stops."""
         self.builder.discard(generation, self.table.generations)
         if self.started:
-            self._reload_failed(f'generation {generation.number}: {why}')
+            self._reload_failed(generation.reload, f'generation {generation.number}: {why}')
             return
         log.error('cannot start: %s', why)
         daemon.report(self.ready_fd, f'mpproxy: cannot start: {why}\n')
@@ -339,6 +359,7 @@ class Arbiter:
             self._notify(READY=1, STATUS=status)
 
     def _shutdown(self) -> None:
+        self.control.close()
         self.sockets.close_all()
         self.observer.close()
         self.table.kill_all()

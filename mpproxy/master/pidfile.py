@@ -26,11 +26,19 @@ class PidFile:
             os.close(fd)
             raise
         self.fd = fd
-        self.write(os.getpid())
+        try:
+            self.write(os.getpid())
+        except OSError as exc:           # ENOSPC, EDQUOT: no half-made pid file is left
+            self.release()
+            raise StartupError(f'cannot write pid file {self.path}: {exc.strerror}') from None
 
     def write(self, pid: int) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f'{pid}\n'.encode(), 0)
+        """Write `pid` over what the file holds, then cut it to length: on a full disk an
+        overwrite of the file's page still succeeds, where truncating first would leave
+        the file empty once the write fails."""
+        data = f'{pid}\n'.encode()
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
 
     def release(self) -> None:
         if self.fd is None:

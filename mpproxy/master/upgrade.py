@@ -41,18 +41,20 @@ def spawn_new_master(config_path: str, sockets: SocketSet, more_env: dict | None
     for fd in more_fds:
         os.set_inheritable(fd, True)
     argv = [sys.executable, '-m', 'mpproxy', '-c', config_path]
-    pid = os.fork()
-    if pid == 0:
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT,
-                        signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            os.execve(sys.executable, argv, env)
-        finally:
-            os._exit(127)
-    for fd in (*sockets.fds(), *more_fds):
-        os.set_inheritable(fd, False)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT,
+                            signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+    finally:                      # the workers forked later must not inherit them
+        for fd in (*sockets.fds(), *more_fds):
+            os.set_inheritable(fd, False)
     return pid
 
 
@@ -85,4 +87,7 @@ def restore_pidfile(pidfile: PidFile | None) -> None:
             log.error('cannot restore pid file %s: %s', path, exc.strerror)
             return
         pidfile.path = path
-        pidfile.write(os.getpid())
+        try:                      # it holds our pid already; the write only makes sure
+            pidfile.write(os.getpid())
+        except OSError as exc:    # ENOSPC: the file kept its content (the pid)
+            log.warning('cannot rewrite pid file %s: %s', path, exc.strerror)

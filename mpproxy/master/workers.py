@@ -68,7 +68,8 @@ class Generation:
     is forked (sockets, shared blocks, the admin socket it wants), then its workers."""
 
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
-                 'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'failed')
+                 'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'failed',
+                 'reload')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
@@ -88,6 +89,7 @@ class Generation:
         self.layout = metrics.Layout(config)           # what its workers' metrics values are
         self.admin = admin                             # (address, socket) it serves admin on
         self.failed = False                            # it never served: rolled back
+        self.reload: int | None = None                 # the reload that made it (control.py)
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers.values():

@@ -189,13 +189,7 @@ class Worker(Handover):
         if self.spec.handoff is not None:
             keep.add(self.spec.handoff.fileno())
         keep.update(sock.fileno() for _, sock in self.spec.sockets)
-        for handler in log.handlers:
-            stream = getattr(handler, 'stream', None)
-            if stream is not None:
-                try:
-                    keep.add(stream.fileno())
-                except (OSError, ValueError):
-                    pass
+        keep.update(logmod.fds())
         for name in os.listdir('/proc/self/fd'):
             fd = int(name)
             if fd not in keep:

@@ -421,15 +421,6 @@ def test_s_reopen_moves_new_lines_to_a_new_file_and_loses_none(proxies, tmp_path
     assert 'cannot reopen' not in proxy.log()
 
 
-@pytest.fixture
-def open_dir():
-    """A directory the workers' user can reach but not write (pytest's tmp_path is root's)."""
-    path = Path(tempfile.mkdtemp(prefix='mpproxy-access-'))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @ROOT_ONLY
 def test_usr1_reopen_with_workers_as_nobody(proxies, open_dir, tcp_echo):
     """As nginx: the master creates the new file and gives it to the workers' user."""
