@@ -287,6 +287,11 @@ class WorkerTable:
         timeout = generation.config.worker_timeout
         for worker in generation.workers.values():
             if not worker.killed and now - worker.last_beat > timeout:
+                # Read what it sent first: after the master itself was stopped (SIGSTOP, a
+                # starved host) the poll that woke it may have returned nothing, and its
+                # beats still wait unread in the socket.
+                self._on_control(worker)
+            if not worker.killed and now - worker.last_beat > timeout:
                 log.error('worker %d (pid %d) gave no heartbeat for %ss, killing it',
                           worker.slot, worker.pid, fmt(timeout))
                 worker.signal(signal.SIGKILL)

@@ -128,8 +128,11 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
         handoff=successor, health=generation.health, credentials=generation.credentials,
         limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index,
         metrics=area)
-    for handler in log.handlers:
-        handler.flush()
+    for handler in log.handlers:     # the child must not write the master's pending lines
+        try:
+            handler.flush()
+        except (OSError, ValueError):    # a full disk under stderr: those lines are lost
+            pass
     # The child keeps these blocked until its loop handles them, so a QUIT or TERM sent
     # while it boots waits for it instead of killing it (or reaching the master's handler).
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, process.WORKER_SIGNALS)

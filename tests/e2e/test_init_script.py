@@ -117,7 +117,8 @@ def test_start_status_reload_restart_stop(service, tcp_echo):
         service.write(port, backend.address)
         result = service.run('reload')
         assert result.returncode == 0, result.stderr
-        wait_for(lambda: echo_roundtrip(port, b'x') == b'new:x', 10, what='the reloaded upstream')
+        assert f'reloaded (pid {pid}): serving: generation 2 active' in result.stdout
+        assert echo_roundtrip(port, b'x') == b'new:x'            # it had happened on return
         assert service.pid() == pid
 
         good = service.config.read_text()

@@ -27,8 +27,8 @@ def test_hup_while_fork_fails_keeps_the_running_configuration(pids_cgroup, proxi
     log = expect_log(proxy, 'reload failed')
     assert_alive(proxy)
     line = next(l for l in log.splitlines() if 'reload failed' in l)
-    assert re.search(r'reload failed, keeping the running configuration: cannot fork worker \d+'
-                     r'\b.*: Resource temporarily unavailable', line), line
+    assert re.search(r'reload failed, keeping the running configuration: generation 2: '
+                     r'cannot fork worker \d+: Resource temporarily unavailable$', line), line
     assert serves(old, 10)
     assert sorted(proxy.serving_workers()) == workers
     wait_for(lambda: refuses(new), 5, what=f'the new port {new} to be closed again (rollback)')
