@@ -422,6 +422,19 @@ class ListHandler(logging.Handler):
         self.records.append(record)
 
 
+@pytest.fixture
+def log_records():
+    """Every record mpproxy's logger emits during the test, at any level."""
+    from mpproxy.observe import log as logmod
+    handler = ListHandler()
+    logmod.log.addHandler(handler)
+    old = logmod.log.level
+    logmod.log.setLevel(logging.DEBUG)
+    yield handler.records
+    logmod.log.removeHandler(handler)
+    logmod.log.setLevel(old)
+
+
 def run_loop_until(loop, cond, timeout: float = 5.0, what: str = 'condition',
                    step: float = 0.001) -> None:
     """Run `loop` until `cond()` holds (checked every `step` s); AssertionError after `timeout`."""

@@ -208,8 +208,9 @@ class AdminServer:
             return
         try:
             status, content_type, body = handler()
-        except Exception:         # noqa: BLE001 - a bug in a page must never stop the master
-            self.log.exception('admin: error while serving %s', target)
+        except Exception as exc:  # noqa: BLE001 - a bug in a page must never stop the master
+            self.log.critical('unexpected error in the admin page %s: %s: %s; answered 500',
+                              target.split('?', 1)[0], type(exc).__name__, exc, exc_info=True)
             status, content_type, body = 500, 'text/plain', b'internal error\n'
         self._respond(conn, method, status, content_type, body)
 

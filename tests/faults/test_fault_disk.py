@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 import signal
+import textwrap
 
 import pytest
 
-from conftest import alive, free_port, wait_for
+from conftest import alive, free_port, run_cli, wait_for
 from mechanisms import (assert_alive, config, echo_roundtrip, expect_log, first_byte,  # noqa: F401
                         full_tmpfs, read_pid, serves, stop_pid, tagged_backend)
 
@@ -102,3 +103,18 @@ def test_usr2_whose_new_master_cannot_write_the_pid_file(full_tmpfs, proxies, tc
         started = re.findall(r'new master pid (\d+)', proxy.log())
         for pid in ({int(p) for p in started} | {read_pid(pid_file)}) - {None, old}:
             stop_pid(pid)
+
+
+def test_start_with_the_pid_file_on_a_full_disk_fails_in_one_line_and_leaves_no_file(
+        full_tmpfs, tmp_path, tcp_echo):
+    pid_file = full_tmpfs.dir / 'mpproxy.pid'
+    path = tmp_path / 'mpproxy.yaml'
+    path.write_text(textwrap.dedent(config([(free_port(), tcp_echo.address)],
+                                           extra=f'pid_file: {pid_file}')))
+    full_tmpfs.fill()
+    done = run_cli('-c', str(path))
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        f'cannot write pid file {pid_file}: No space left on device'), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not pid_file.exists()

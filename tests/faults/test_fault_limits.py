@@ -46,16 +46,21 @@ def write_huge_config(path, normal: str, size: int) -> None:
         f.write(b'\n')
 
 
-def test_reload_out_of_memory_reaches_the_masters_last_resort_guard(proxies, tcp_echo):
+@pytest.mark.parametrize('trigger, step', [('hup', 'handle_hup'),
+                                           ('watch_config', 'the config watcher')])
+def test_reload_out_of_memory_reaches_the_masters_last_resort_guard(proxies, tcp_echo, trigger,
+                                                                    step):
     port = free_port()
-    normal = config([(port, tcp_echo.address)])
+    normal = config([(port, tcp_echo.address)],
+                    extra='watch_config: true' if trigger == 'watch_config' else '')
     proxy = proxies(normal).start(wait_workers=2)
     workers = sorted(proxy.workers())
     with AddressSpaceClamp(proxy.pid) as clamp:
         clamp.clamp(30 << 20)
         write_huge_config(proxy.config_path, normal, 96 << 20)
-        proxy.signal(signal.SIGHUP)
-        log = expect_log(proxy, r'\[crit\].*unexpected error')
+        if trigger == 'hup':
+            proxy.signal(signal.SIGHUP)        # else the watcher sees the new file by itself
+        log = expect_log(proxy, rf'\[crit\].*unexpected error in {step}: MemoryError')
         assert_alive(proxy)
         crit = re.search(r'^.*\[crit\].*unexpected error.*$', log, re.M)
         assert 'Traceback' in log[crit.end():], log[crit.start():][:3000]

@@ -12,10 +12,15 @@ from mpproxy.observe import log as logmod
 
 @pytest.fixture
 def error_log(tmp_path):
+    """The error log set up to a file, and the logger put back as it was afterwards."""
+    logger = logmod.log
+    saved = (logger.handlers[:], logger.level, logger.propagate, logmod._handler, logmod._target)
     path = tmp_path / 'error.log'
     logmod.setup(str(path), 'info')
     yield path
-    logmod.setup('stderr', 'info')
+    logmod._handler.close()
+    logger.handlers[:], level, logger.propagate, logmod._handler, logmod._target = saved
+    logger.setLevel(level)
 
 
 def _handler_fd() -> int:
