@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mpproxy.proxy import proxy_header
+from mpproxy.proxy.edge import proxy_header
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,8 @@ and validating the YAML file with `file:line: key.path` problems (`loader.py`,
 `checks.py`), durations and addresses (`values.py`), the effective config
 as YAML for `mpproxy -T` (`dump.py`), `user`/`group` lookups (`accounts.py`) and
 the open-files estimate behind the warnings of `-t` (`nofile.py`).
-May import: mpproxy.errors, the standard library and PyYAML; nothing else of mpproxy.
+May import: errors.
+(Besides the standard library and PyYAML.)
 """
 
 from mpproxy.config.dump import dump

@@ -1,4 +1,6 @@
 """A demo echo backend (TCP and UDP) that `scripts/run` puts behind the example config.
 
-Owns nothing the proxy uses; may import only the standard library and uvloop.
+Owns nothing the proxy uses.
+May import: nothing.
+(Besides the standard library and uvloop.)
 """

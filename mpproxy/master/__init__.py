@@ -8,7 +8,8 @@ records and the fork), committing it (`arbiter.py`); the listening sockets (bind
 reuse, diff), the pid file, daemonising, sd_notify (systemd), the binary upgrade, the
 `-s reload` control socket (`control.py`), the config watcher, and (`status.py`) the
 metrics totals of exited workers and the admin endpoint's pages.
-May import: config, worker (to run a child after fork), upstream (the health block it
-allocates per generation), proxy (the connection-limit table it allocates once and
-whose slots it hands out and frees), observe, errors.
+May import: config, errors, worker, upstream, shared, observe.
+(worker: to run a child after fork; upstream: the health block it allocates per
+generation; shared: the connection-limit table it allocates once and whose slots it
+hands out and frees. Never proxy/: the master touches no data-path code.)
 """

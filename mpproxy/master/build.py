@@ -33,7 +33,7 @@ from mpproxy.master.sockets import SocketSet
 from mpproxy.master.workers import Generation
 from mpproxy.observe import access
 from mpproxy.observe import log as logmod
-from mpproxy.proxy import limits
+from mpproxy.shared import limits
 from mpproxy.upstream import health
 
 log = logmod.log

@@ -25,7 +25,7 @@ from mpproxy.config.schema import Config
 from mpproxy.master.sockets import Bound
 from mpproxy.observe import log as logmod
 from mpproxy.observe import metrics
-from mpproxy.proxy.limits import LimitTable
+from mpproxy.shared.limits import LimitTable
 from mpproxy.worker import process
 
 log = logmod.log

@@ -5,6 +5,7 @@ Owns: logging set-up for the master and the workers, log levels, reopening log f
 (`metrics.py`); the master's totals and the Prometheus text format (`prometheus.py`);
 the non-blocking HTTP server of `admin.listen` (`admin.py`); `mpproxy status`'s view
 (`status_view.py`).
-May import: config, errors, and upstream.pool's histogram buckets; nothing from master/, worker/
-or proxy/ (metrics.py reads the services' and pools' counters by their attribute names).
+May import: config, errors, upstream.
+(upstream: pool's histogram buckets. metrics.py reads the services' and pools' counters by
+their attribute names.)
 """

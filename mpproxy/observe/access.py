@@ -79,7 +79,7 @@ def _open(path: str) -> tuple[int, int | None]:
 
 
 class AccessLog:
-    """One worker's access log writer. `errors` is a RateLimitedLog (proxy/ratelog.py)."""
+    """One worker's access log writer. `errors` is a RateLimitedLog (proxy/io/ratelog.py)."""
 
     __slots__ = ('path', 'format', 'loop', 'errors', 'fd', 'piece', 'lines', 'size', 'carry',
                  'timer', 'blocked', 'dropped', '_names', '_sec', '_iso', '_clf', '_entry')

@@ -1,15 +1,18 @@
 """The data path: what happens to client bytes and datagrams inside a worker.
 
-Owns: the TCP relay (`tcp.py`), UDP sessions (`udp.py`: the service, session life and
-replies; `udp_admit.py`: the listener's readers and who gets a session, PROXY protocol per
-datagram; `udp_session.py`: session, table, counters, the per-IP limit seam) and their
-helpers, and the connection limits shared by all workers (`limits.py`; the master allocates
-its table).
-`proxy_header.py` reads and writes PROXY protocol v1/v2 headers (pure, no I/O).
-`stream.py` owns the worker's `Poller` (an epoll of its own that uvloop watches) and the
-`Stream`s (relay sockets with the transport API); UDP session sockets are watched there too.
-`wheel.py`: the relays' coarse timeouts.
+One sub-package per concern, so that one walk of one connection stays in one folder:
+  io/     the worker's own epoll (`stream.Poller`), the relay sockets with the transport
+          API (`stream.Stream`), the relays' coarse timeouts (`wheel.py`), rate-limited log
+          lines (`ratelog.py`): no protocol knowledge
+  edge/   pure rules and parsers over bytes and addresses: allow/deny (`acl.py`), the PROXY
+          protocol header (`proxy_header.py`), the TLS ClientHello's SNI and the routes
+          (`sni.py`): no I/O
+  tcp/    the TCP listener service, its own accept path, the relay and its sides, the
+          preamble (PROXY header, SNI peek)
+  udp/    the UDP listener service, its readers and admission, sessions and their table,
+          IP_PKTINFO, the session hand-over on reload
 Each listener becomes one service object with the same small interface:
 `start()`, `drain()` (stop taking new clients), `busy()` and `close()`.
-May import: config, upstream, observe. Never imports master/ or worker/.
+tcp/ and udp/ never import each other; nothing here imports master/ or worker/.
+May import: nothing.
 """

@@ -2,5 +2,6 @@
 
 Owns: resolving server addresses into socket addresses (in the worker, never in the
 master), the balancers (one module each), passive health, backup and max_conns.
-May import: config (and takes a logger from its caller).
+May import: config, errors.
+(It takes a logger from its caller.)
 """

@@ -4,5 +4,6 @@ Owns: resetting what the fork inherited (signals, wake-up fd, foreign fds), the
 open-files limit and the switch to `user` (`privileges.py`), the worker's own
 uvloop loop, its services (one per listener), the UDP sessions handed over on a
 reload (`handover.py`), the heartbeat, drain and exit.
-May import: config, proxy, upstream, observe, errors; never master/.
+May import: config, errors, proxy, upstream, shared, observe.
+(Never master/.)
 """

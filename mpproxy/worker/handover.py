@@ -2,7 +2,7 @@
 
 `Handover` is a mixin of `process.Worker` (it owns no state of its own). A new worker
 started with a handoff socket keeps its UDP listeners unread until the sessions of
-its slot's predecessor arrived (`_on_handoff`, batches decoded by proxy/handoff.py)
+its slot's predecessor arrived (`_on_handoff`, batches decoded by proxy/udp/handoff.py)
 or the master closed the socket, then starts reading (`_start_udp`). A draining
 worker told to hand over sends every live session, with its connected upstream
 socket, to the successor (`_hand_over`).
@@ -13,8 +13,8 @@ from __future__ import annotations
 import socket
 
 from mpproxy.observe import log as logmod
-from mpproxy.proxy import handoff
-from mpproxy.proxy.udp import UdpService
+from mpproxy.proxy.udp import handoff
+from mpproxy.proxy.udp.service import UdpService
 
 log = logmod.log
 

@@ -38,16 +38,15 @@ from mpproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, WorkerBootError
 from mpproxy.observe import access
 from mpproxy.observe import log as logmod
 from mpproxy.observe import metrics
-from mpproxy.proxy import handoff
-from mpproxy.proxy.limits import LimitTable
-from mpproxy.proxy.ratelog import RateLimitedLog
-from mpproxy.proxy.sni import SniRouter
-from mpproxy.proxy.stream import Poller, prime_allocator
-from mpproxy.proxy.tcp import TcpService
-from mpproxy.proxy.udp import UdpService
-from mpproxy.proxy.udp_session import GateLimit
-from mpproxy.upstream import discovery
-from mpproxy.upstream import health
+from mpproxy.proxy.edge.sni import SniRouter
+from mpproxy.proxy.io.ratelog import RateLimitedLog
+from mpproxy.proxy.io.stream import Poller, prime_allocator
+from mpproxy.proxy.tcp.service import TcpService
+from mpproxy.proxy.udp import handoff
+from mpproxy.proxy.udp.service import UdpService
+from mpproxy.proxy.udp.session import GateLimit
+from mpproxy.shared.limits import LimitTable
+from mpproxy.upstream import discovery, health
 from mpproxy.upstream.pool import UpstreamPool
 from mpproxy.worker import privileges
 from mpproxy.worker.handover import Handover
@@ -122,7 +121,7 @@ class Worker(Handover):
         self.limit_area = None
         self.access: access.AccessLog | None = None
         self.publisher: metrics.Publisher | None = None
-        self.poller: Poller | None = None     # the relays' sockets (proxy/stream.py)
+        self.poller: Poller | None = None     # the relays' sockets (proxy/io/stream.py)
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:

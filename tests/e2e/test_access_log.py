@@ -25,7 +25,7 @@ import pytest
 from conftest import (TcpBackend, UdpEcho, free_port, rss_kib, run_cli,
                       wait_for)
 from test_tcp import recv_all
-from mpproxy.proxy import proxy_header
+from mpproxy.proxy.edge import proxy_header
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0,
                                reason='switching users needs the tests to run as root')

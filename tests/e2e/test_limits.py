@@ -15,7 +15,7 @@ import time
 from conftest import TcpBackend, echo_handler, free_port, wait_for
 from test_proxy_protocol import PAYLOAD, exchange, pp_config
 from test_tcp import tcp_config
-from mpproxy.proxy import proxy_header
+from mpproxy.proxy.edge import proxy_header
 
 
 def held(port: int, source: str = '127.0.0.1', timeout: float = 3.0) -> socket.socket | None:

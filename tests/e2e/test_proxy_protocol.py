@@ -17,7 +17,7 @@ from conftest import HeaderEcho, free_port, wait_for
 from test_balancing import server_lines, upstream_config
 from test_lifecycle import tagged_backend
 from test_tcp import recv_all, tcp_config
-from mpproxy.proxy import proxy_header
+from mpproxy.proxy.edge import proxy_header
 
 PAYLOAD = b'hello through the proxy'
 

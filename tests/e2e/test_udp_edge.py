@@ -16,7 +16,7 @@ import pytest
 
 from conftest import UdpEcho, UdpServer, free_port, wait_for
 from test_udp import assert_clean, client, roundtrip, udp_config
-from mpproxy.proxy import proxy_header
+from mpproxy.proxy.edge import proxy_header
 
 CLIENT = ('203.0.113.7', 5555)            # the real client a spoofed proxy in front names
 CLIENT_DST = ('198.51.100.1', 53)

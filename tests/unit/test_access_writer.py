@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mpproxy.observe import access
-from mpproxy.proxy.ratelog import RateLimitedLog
+from mpproxy.proxy.io.ratelog import RateLimitedLog
 
 # 2026-11-25 12:00:00.1235 UTC (milliseconds are cut, not rounded)
 NOW = 1795608000.1235

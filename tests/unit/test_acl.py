@@ -1,4 +1,4 @@
-from mpproxy.proxy.acl import Acl
+from mpproxy.proxy.edge.acl import Acl
 
 
 def test_deny_first_then_allow():

@@ -4,7 +4,7 @@ import json
 import os
 import socket
 
-from mpproxy.proxy import handoff
+from mpproxy.proxy.udp import handoff
 
 
 def pair():

@@ -1,4 +1,4 @@
-"""Connection limits shared by all workers (mpproxy/proxy/limits.py), and the master's wiring.
+"""Connection limits shared by all workers (mpproxy/shared/limits.py), and the master's wiring.
 
 Several areas of one table in this process stand for several workers; the fork tests use
 real child processes writing the same shared block at the same time.
@@ -15,12 +15,13 @@ import textwrap
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, free_port
 from mpproxy.config.schema import Address, Config, Listener, UdpOptions
-from mpproxy.proxy import limits
-from mpproxy.proxy.limits import LimitsFull, LimitTable, ip_key
+from mpproxy.shared import limits
+from mpproxy.shared.limits import LimitsFull, LimitTable, ip_key
 
 IPS = [ip_key(f'192.0.2.{i}') for i in range(1, 60)]
 A, B, C = IPS[:3]

@@ -15,7 +15,7 @@ import pytest
 from mpproxy.config import load
 from mpproxy.observe import metrics, prometheus
 from mpproxy.observe.metrics import _CURRENT, _SEQ, Area, Layout, Publisher
-from mpproxy.proxy.udp_session import UdpStats
+from mpproxy.proxy.udp.session import UdpStats
 from mpproxy.upstream.pool import CONNECT_BUCKETS, UpstreamPool
 
 ROOT = Path(__file__).resolve().parent.parent.parent

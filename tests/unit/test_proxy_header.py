@@ -4,10 +4,11 @@ import array
 import socket
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mpproxy.proxy.proxy_header import (
-    DONE, INVALID, MAX_V1, MORE, V2_SIGNATURE, ProxyHeader, parse, v1, v2)
+from mpproxy.proxy.edge.proxy_header import (DONE, INVALID, MAX_V1, MORE, V2_SIGNATURE, ProxyHeader,
+                                             parse, v1, v2)
 
 SIG = '0d0a0d0a000d0a515549540a'
 # TCP over IPv4, 192.0.2.1:1234 -> 198.51.100.2:80: PROXY (21), INET+STREAM (11), 12 bytes

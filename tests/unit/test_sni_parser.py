@@ -1,9 +1,10 @@
 """parse_sni on real ClientHellos from Python's ssl module, on fragments and on garbage."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import client_hello
-from mpproxy.proxy.sni import FOUND, MORE, NOT_TLS, SniRouter, parse_sni
+from mpproxy.proxy.edge.sni import FOUND, MORE, NOT_TLS, SniRouter, parse_sni
 
 
 def test_real_client_hello_gives_the_name():

@@ -1,4 +1,4 @@
-"""Poller and Stream (proxy/stream.py) in-process: a uvloop loop, real TCP connections over
+"""Poller and Stream (proxy/io/stream.py) in-process: a uvloop loop, real TCP connections over
 127.0.0.1.
 
 Each test wraps one side of a loopback connection in a Stream (the accepted side, or a
@@ -28,9 +28,8 @@ import pytest
 import uvloop
 
 from conftest import ListHandler, run_loop_until, serve_env
-
-from mpproxy.proxy import stream as stream_mod
-from mpproxy.proxy.stream import HIGH_WATER, LOW_WATER, Poller, Stream
+from mpproxy.proxy.io import stream as stream_mod
+from mpproxy.proxy.io.stream import HIGH_WATER, LOW_WATER, Poller, Stream
 
 SMALL_BUF = 4096            # SO_SNDBUF / SO_RCVBUF so that the kernel takes little and we buffer
 
@@ -562,7 +561,7 @@ def test_sockets_closed_in_a_batch_are_closed_at_its_end(env):
 # -- prime_allocator ------------------------------------------------------------------------
 _MAPPED_READS = '''
 import ctypes, socket, sys
-from mpproxy.proxy.stream import READ_SIZE, prime_allocator
+from mpproxy.proxy.io.stream import READ_SIZE, prime_allocator
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

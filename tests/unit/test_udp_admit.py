@@ -8,16 +8,17 @@ import logging
 import os
 
 import pytest
+from test_udp_service import V4, V6, CountingLimit, EchoUpstream, Env
 
 from conftest import serve_env
 from mpproxy.config.schema import (Address, Config, Listener, ProxyProtocol, Server, UdpOptions,
                                    Upstream)
-from mpproxy.proxy import limits, proxy_header
-from mpproxy.proxy.udp import UdpService
-from mpproxy.proxy.udp_admit import MAX_PAYLOAD, _unmapped
-from mpproxy.proxy.udp_session import GateLimit
+from mpproxy.proxy.edge import proxy_header
+from mpproxy.proxy.udp.admit import MAX_PAYLOAD, _unmapped
+from mpproxy.proxy.udp.service import UdpService
+from mpproxy.proxy.udp.session import GateLimit
+from mpproxy.shared import limits
 from mpproxy.upstream.pool import UpstreamPool
-from test_udp_service import V4, V6, CountingLimit, EchoUpstream, Env
 
 FRONT = ('203.0.113.7', 4000)             # the real client a proxy in front names
 FRONT_DST = ('198.51.100.1', 53)          # ... and the address that client sent to

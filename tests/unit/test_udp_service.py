@@ -18,10 +18,9 @@ import pytest
 import uvloop
 
 from conftest import ListHandler, run_loop_until, serve_env
-
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
-from mpproxy.proxy.ratelog import RateLimitedLog
-from mpproxy.proxy.udp import UdpService
+from mpproxy.proxy.io.ratelog import RateLimitedLog
+from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import UpstreamPool
 
 V4, V6 = socket.AF_INET, socket.AF_INET6

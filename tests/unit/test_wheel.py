@@ -1,4 +1,4 @@
-"""Wheel (proxy/wheel.py): coarse relay timeouts, on a real uvloop loop (firing times measured
+"""Wheel (proxy/io/wheel.py): coarse relay timeouts, on a real uvloop loop (firing times measured
 with loop.time()) and, where only the bucketing is checked, on a loop whose clock the test sets.
 Every wait has a deadline; the loop is closed in teardown and no exception may reach its
 exception handler."""
@@ -11,8 +11,7 @@ import pytest
 import uvloop
 
 from conftest import ListHandler, run_loop_until
-
-from mpproxy.proxy.wheel import RESOLUTION, SPREAD, Wheel
+from mpproxy.proxy.io.wheel import RESOLUTION, SPREAD, Wheel
 
 SLACK = 0.005             # the loop's own lateness in running a due timer
 

@@ -23,7 +23,7 @@ import json
 import socket
 import time
 
-from mpproxy.proxy.udp_session import Session
+from mpproxy.proxy.udp.session import Session
 from mpproxy.upstream.pool import Target
 
 BATCH = 64                # fds per message (SCM_RIGHTS allows 253)

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import socket
 
-from mpproxy.proxy import pktinfo, proxy_header
-from mpproxy.proxy.udp_session import UNANSWERED
+from mpproxy.proxy.edge import proxy_header
+from mpproxy.proxy.udp import pktinfo
+from mpproxy.proxy.udp.session import UNANSWERED
 
 BATCH = 64                # datagrams read per reader callback, per socket
 MAX_PAYLOAD = {socket.AF_INET: 65507, socket.AF_INET6: 65527}     # by upstream socket family

@@ -19,12 +19,14 @@ import socket
 import struct
 
 from mpproxy.config.schema import Listener
-from mpproxy.proxy import accept, acl, limits, proxy_header, sni
-from mpproxy.proxy.accept import Acceptor
-from mpproxy.proxy.ratelog import RateLimitedLog
-from mpproxy.proxy.relay import Relay, _fmt_addr
-from mpproxy.proxy.stream import Poller, Stream
-from mpproxy.proxy.wheel import Wheel
+from mpproxy.proxy.edge import acl, proxy_header, sni
+from mpproxy.proxy.io.ratelog import RateLimitedLog
+from mpproxy.proxy.io.stream import Poller, Stream
+from mpproxy.proxy.io.wheel import Wheel
+from mpproxy.proxy.tcp import accept
+from mpproxy.proxy.tcp.accept import Acceptor
+from mpproxy.proxy.tcp.relay import Relay, _fmt_addr
+from mpproxy.shared import limits
 from mpproxy.upstream.pool import UpstreamPool
 
 

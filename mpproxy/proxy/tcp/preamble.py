@@ -18,7 +18,7 @@ every chunk, and with `eof=True` when the client half-closes.
 
 from __future__ import annotations
 
-from mpproxy.proxy import proxy_header, sni
+from mpproxy.proxy.edge import proxy_header, sni
 
 PROXY_TIMEOUT = 3.0       # a client must send its whole PROXY header within this
 MAX_PROXY_HEADER = 8192   # bytes; v2 allows 64 KiB of TLVs, no real proxy sends that many

@@ -28,14 +28,14 @@ import time
 from typing import TYPE_CHECKING
 
 from mpproxy.config.schema import Keepalive
-from mpproxy.proxy import accept
-from mpproxy.proxy.preamble import Preamble
-from mpproxy.proxy.sides import (_DISCARD, ClientSide, Side, ThrottledClientSide,
-                                 ThrottledUpstreamSide, UpstreamSide)
-from mpproxy.proxy.stream import Stream
+from mpproxy.proxy.io.stream import Stream
+from mpproxy.proxy.tcp import accept
+from mpproxy.proxy.tcp.preamble import Preamble
+from mpproxy.proxy.tcp.sides import (_DISCARD, ClientSide, Side, ThrottledClientSide,
+                                     ThrottledUpstreamSide, UpstreamSide)
 
 if TYPE_CHECKING:
-    from mpproxy.proxy.tcp import TcpService
+    from mpproxy.proxy.tcp.service import TcpService
 
 IDLE_TICKS = 4
 

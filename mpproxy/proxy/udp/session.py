@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
-from mpproxy.proxy import limits
+from mpproxy.shared import limits
 
 TALKING = 1.0             # seconds; see SessionTable
 

@@ -18,7 +18,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mpproxy.proxy.relay import Relay
+    from mpproxy.proxy.tcp.relay import Relay
 
 SLACK = 0.001             # seconds: a throttled side ahead by less than this is not paused
 

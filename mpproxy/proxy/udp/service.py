@@ -55,19 +55,19 @@ cause).
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import socket
 from collections import OrderedDict
 from functools import partial
 
-import _socket
-
-from mpproxy.proxy import acl, handoff, pktinfo
-from mpproxy.proxy.ratelog import RateLimitedLog
-from mpproxy.proxy.stream import Poller
-from mpproxy.proxy.udp_admit import Admission
-from mpproxy.proxy.udp_session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
+from mpproxy.proxy.edge import acl
+from mpproxy.proxy.io.ratelog import RateLimitedLog
+from mpproxy.proxy.io.stream import Poller
+from mpproxy.proxy.udp import handoff, pktinfo
+from mpproxy.proxy.udp.admit import Admission
+from mpproxy.proxy.udp.session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
 
 BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
 MIN_SWEEP = 0.05         # seconds; the expiry timer's period is

@@ -1,0 +1,9 @@
+"""UDP: the listener service and its sessions.
+
+Owns: `service.UdpService` (one per UDP listener: session life and replies), the
+listener's readers and who gets a session, with PROXY protocol per datagram (`admit.py`),
+the session, its table, counters and the per-IP limit seam (`session.py`), IP_PKTINFO
+for wildcard listeners (`pktinfo.py`), and handing sessions to the next worker on a
+reload (`handoff.py`).
+May import: config, errors, upstream, shared, observe, proxy.io, proxy.edge.
+"""
