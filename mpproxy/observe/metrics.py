@@ -1,7 +1,10 @@
 """Metrics shared with the master: what each worker counts, published once a second.
 
 Counting costs the data path nothing new: the services and pools keep plain Python
-ints (TcpService.accepted, UdpStats, UpstreamPool.connect_errors, ...). Once a second,
+ints (TcpService.accepted, UdpStats, UpstreamPool.connect_errors, ...), and each service
+says what they mean through one method, `counters()`, a dict keyed by the names of
+TCP_SERIES / UDP_SERIES; the publisher finds a service by its listener's key (protocol,
+host, port), never by position. Once a second,
 on its heartbeat, and once more when it exits, a worker's `Publisher` copies them into
 the worker's `Area`: an anonymous MAP_SHARED block the master allocated just before
 forking it (one block per worker process, unmapped by the master after it has read
@@ -136,62 +139,43 @@ FAMILIES = (
 )
 BY_NAME = {family.name: family for family in FAMILIES}
 
-# A listener's values, in the order the publisher writes them: (family, extra labels).
+# A listener's series: (the key of its service's `counters()`, family, extra labels), in the
+# order the publisher writes them. TcpService.counters() and UdpService.counters() return a
+# dict with exactly these keys (tests/unit/test_metrics.py checks the real services).
 TCP_SERIES = (
-    ('mpproxy_tcp_connections_accepted_total', ()),
-    ('mpproxy_tcp_connections_refused_total', (('reason', 'denied'),)),
-    ('mpproxy_tcp_connections_refused_total', (('reason', 'limit'),)),
-    ('mpproxy_tcp_connections_refused_total', (('reason', 'proxy_header'),)),
-    ('mpproxy_tcp_connections_failed_total', ()),
-    ('mpproxy_tcp_received_bytes_total', ()),
-    ('mpproxy_tcp_sent_bytes_total', ()),
-    ('mpproxy_tcp_connections_active', ()),
+    ('accepted', 'mpproxy_tcp_connections_accepted_total', ()),
+    ('denied', 'mpproxy_tcp_connections_refused_total', (('reason', 'denied'),)),
+    ('limited', 'mpproxy_tcp_connections_refused_total', (('reason', 'limit'),)),
+    ('bad_headers', 'mpproxy_tcp_connections_refused_total', (('reason', 'proxy_header'),)),
+    ('failed', 'mpproxy_tcp_connections_failed_total', ()),
+    ('received_bytes', 'mpproxy_tcp_received_bytes_total', ()),
+    ('sent_bytes', 'mpproxy_tcp_sent_bytes_total', ()),
+    ('active', 'mpproxy_tcp_connections_active', ()),
 )
-
-
-def _tcp_values(svc) -> tuple:
-    """A TcpService's values, as TCP_SERIES."""
-    received, sent = svc.received, svc.sent
-    for relay in svc.relays:                  # open connections: what they relayed so far
-        received += relay.client.received
-        upstream = relay.upstream
-        if upstream is not None:
-            sent += upstream.received
-    return (svc.accepted, svc.denied, svc.limited, svc.bad_headers, svc.failed, received, sent,
-            len(svc.relays))
-
-
 UDP_SERIES = (
-    ('mpproxy_udp_datagrams_received_total', ()),
-    ('mpproxy_udp_datagrams_sent_total', ()),
-    ('mpproxy_udp_datagrams_dropped_total', ()),
-    ('mpproxy_udp_datagrams_refused_total', (('reason', 'denied'),)),
-    ('mpproxy_udp_datagrams_refused_total', (('reason', 'untrusted'),)),
-    ('mpproxy_udp_datagrams_refused_total', (('reason', 'proxy_header'),)),
-    ('mpproxy_udp_received_bytes_total', ()),
-    ('mpproxy_udp_sent_bytes_total', ()),
-    ('mpproxy_udp_sessions_created_total', ()),
-    ('mpproxy_udp_sessions_adopted_total', ()),
-    ('mpproxy_udp_sessions_ended_total', (('reason', 'expired'),)),
-    ('mpproxy_udp_sessions_ended_total', (('reason', 'completed'),)),
-    ('mpproxy_udp_sessions_ended_total', (('reason', 'failed'),)),
-    ('mpproxy_udp_sessions_ended_total', (('reason', 'evicted'),)),
-    ('mpproxy_udp_sessions_ended_total', (('reason', 'closed'),)),
-    ('mpproxy_udp_sessions_ended_total', (('reason', 'handed_over'),)),
-    ('mpproxy_udp_sessions_refused_total', (('reason', 'table_full'),)),
-    ('mpproxy_udp_sessions_refused_total', (('reason', 'per_ip'),)),
-    ('mpproxy_udp_sessions_active', ()),
+    ('datagrams_received', 'mpproxy_udp_datagrams_received_total', ()),
+    ('datagrams_sent', 'mpproxy_udp_datagrams_sent_total', ()),
+    ('datagrams_dropped', 'mpproxy_udp_datagrams_dropped_total', ()),
+    ('refused_denied', 'mpproxy_udp_datagrams_refused_total', (('reason', 'denied'),)),
+    ('refused_untrusted', 'mpproxy_udp_datagrams_refused_total', (('reason', 'untrusted'),)),
+    ('refused_proxy_header', 'mpproxy_udp_datagrams_refused_total',
+     (('reason', 'proxy_header'),)),
+    ('received_bytes', 'mpproxy_udp_received_bytes_total', ()),
+    ('sent_bytes', 'mpproxy_udp_sent_bytes_total', ()),
+    ('sessions_created', 'mpproxy_udp_sessions_created_total', ()),
+    ('sessions_adopted', 'mpproxy_udp_sessions_adopted_total', ()),
+    ('ended_expired', 'mpproxy_udp_sessions_ended_total', (('reason', 'expired'),)),
+    ('ended_completed', 'mpproxy_udp_sessions_ended_total', (('reason', 'completed'),)),
+    ('ended_failed', 'mpproxy_udp_sessions_ended_total', (('reason', 'failed'),)),
+    ('ended_evicted', 'mpproxy_udp_sessions_ended_total', (('reason', 'evicted'),)),
+    ('ended_closed', 'mpproxy_udp_sessions_ended_total', (('reason', 'closed'),)),
+    ('ended_handed_over', 'mpproxy_udp_sessions_ended_total', (('reason', 'handed_over'),)),
+    ('refused_table_full', 'mpproxy_udp_sessions_refused_total', (('reason', 'table_full'),)),
+    ('refused_per_ip', 'mpproxy_udp_sessions_refused_total', (('reason', 'per_ip'),)),
+    ('active', 'mpproxy_udp_sessions_active', ()),
 )
-
-
-def _udp_values(s) -> tuple:
-    """A UdpService's values (from its UdpStats), as UDP_SERIES."""
-    return (s.datagrams_in, s.datagrams_out, s.dropped, s.denied, s.untrusted, s.bad_headers,
-            s.bytes_in, s.bytes_out, s.sessions_created, s.sessions_adopted, s.sessions_expired,
-            s.sessions_completed, s.sessions_failed,
-            s.sessions_evicted_unanswered + s.sessions_evicted_idle, s.sessions_closed,
-            s.sessions_handed_out, s.sessions_refused, s.sessions_refused_per_ip,
-            s.sessions_active)
+TCP_KEYS = tuple(key for key, _, _ in TCP_SERIES)
+UDP_KEYS = tuple(key for key, _, _ in UDP_SERIES)
 
 
 def used_upstreams(config: Config) -> list[str]:
@@ -215,13 +199,16 @@ class Layout:
     def __init__(self, config: Config):
         entries = []
         offset = 1                            # value 0: the publish time
-        self.listeners: list[str] = []       # protocol of each listener, in config order
+        # (listener key: protocol, host, port; its counters' keys). Not the name: a tcp and a
+        # udp listener on one address share their default name.
+        self.listeners: list[tuple[tuple, tuple[str, ...]]] = []
         for listener in config.listeners:
             base = (('listener', listener.name),)
-            for name, extra in TCP_SERIES if listener.protocol == 'tcp' else UDP_SERIES:
+            series = TCP_SERIES if listener.protocol == 'tcp' else UDP_SERIES
+            for _, name, extra in series:
                 entries.append((name, base + extra, BY_NAME[name].kind, offset, 0))
                 offset += 1
-            self.listeners.append(listener.protocol)
+            self.listeners.append((listener.key, TCP_KEYS if series is TCP_SERIES else UDP_KEYS))
         self.upstreams: list[tuple[str, int]] = []     # (name, number of servers)
         for name in used_upstreams(config):
             servers = config.upstreams[name].servers
@@ -311,19 +298,20 @@ class Area:
 class Publisher:
     """A worker's side: collects its counters and writes them into its area."""
 
-    def __init__(self, area: Area, layout: Layout, services: list, pools: dict):
-        if not area.matches(layout) or len(services) != len(layout.listeners):
+    def __init__(self, area: Area, layout: Layout, services: dict, pools: dict):
+        """`services`: listener key (`Listener.key`) -> its service (with `counters()`)."""
+        if not area.matches(layout) or set(services) != {key for key, _ in layout.listeners}:
             raise ValueError('the metrics area does not match this configuration')
         self.area = area
-        self.sources = [(protocol == 'tcp', service)
-                        for protocol, service in zip(layout.listeners, services)]
+        self.sources = [(services[key], keys) for key, keys in layout.listeners]
         self.upstreams = [(pools.get(name), n) for name, n in layout.upstreams]
         self.size = layout.size
 
     def collect(self) -> list[int]:
         values = [time.monotonic_ns()]
-        for tcp, service in self.sources:
-            values += _tcp_values(service) if tcp else _udp_values(service.stats)
+        for service, keys in self.sources:
+            counters = service.counters()
+            values += [counters[key] for key in keys]
         now = time.monotonic()
         for pool, n in self.upstreams:
             values += _pool_values(pool, n, now)

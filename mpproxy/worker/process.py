@@ -111,6 +111,7 @@ class Worker(Handover):
         self.config = spec.config
         self.loop: asyncio.AbstractEventLoop | None = None
         self.services: list = []
+        self.by_listener: dict = {}           # Listener.key -> its service (metrics)
         self.pools: dict[str, UpstreamPool] = {}
         self.checker: health.Checker | None = None
         self.exit_code = EXIT_OK
@@ -250,6 +251,7 @@ class Worker(Handover):
                                      None if gate is None else GateLimit(gate), self.access,
                                      self.poller)
             self.services.append(service)
+            self.by_listener[listener.key] = service
         if self.spec.health is not None:
             offsets, _ = health.layout(self.config)
             for name, offset in offsets.items():
@@ -297,7 +299,7 @@ class Worker(Handover):
             return
         try:
             self.publisher = metrics.Publisher(self.spec.metrics, metrics.Layout(self.config),
-                                               self.services, self.pools)
+                                               self.by_listener, self.pools)
         except ValueError as exc:
             log.error('worker %d: metrics disabled: %s', self.spec.slot, exc)
 

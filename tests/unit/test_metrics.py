@@ -3,19 +3,23 @@ master's retired totals and the Prometheus text format."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
+import socket
 import time
 from array import array
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from mpproxy.config import load
 from mpproxy.observe import metrics, prometheus
 from mpproxy.observe.metrics import _CURRENT, _SEQ, Area, Layout, Publisher
-from mpproxy.proxy.udp.session import UdpStats
+from mpproxy.proxy.tcp.service import TcpService
+from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import CONNECT_BUCKETS, UpstreamPool
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -31,34 +35,25 @@ def config(tmp_path, listeners=None, extra=''):
     return load(str(path))
 
 
-class FakeSide:
-    def __init__(self, received):
-        self.received = received
+class Counted:
+    """Stands in for a listener's service in the publisher's tests: its `counters()` are
+    what a test sets (the real services' counters are checked below)."""
 
+    def __init__(self, keys):
+        self.values = dict.fromkeys(keys, 0)
 
-class FakeRelay:
-    def __init__(self, up, down):
-        self.client, self.upstream = FakeSide(up), (None if down is None else FakeSide(down))
-
-
-class FakeTcp:
-    def __init__(self):
-        self.accepted = self.denied = self.limited = self.bad_headers = self.failed = 0
-        self.received = self.sent = 0
-        self.relays = set()
-
-
-class FakeUdp:
-    def __init__(self):
-        self.stats = UdpStats()
+    def counters(self):
+        return self.values
 
 
 def publisher(cfg, area=None):
     layout = Layout(cfg)
     area = area or Area.allocate(layout)
-    services = [FakeTcp() if l.protocol == 'tcp' else FakeUdp() for l in cfg.listeners]
+    services = [Counted(metrics.TCP_KEYS if l.protocol == 'tcp' else metrics.UDP_KEYS)
+                for l in cfg.listeners]
     pools = {name: UpstreamPool(cfg.upstreams[name]) for name, _ in layout.upstreams}
-    return Publisher(area, layout, services, pools), services, pools, layout, area
+    by_key = {l.key: svc for l, svc in zip(cfg.listeners, services)}
+    return Publisher(area, layout, by_key, pools), services, pools, layout, area
 
 
 def snapshot(layout, values, worker=0):
@@ -72,10 +67,9 @@ def snapshot(layout, values, worker=0):
 def test_a_snapshot_carries_every_counter_of_listeners_and_servers(tmp_path):
     cfg = config(tmp_path)
     pub, (tcp, udp), pools, layout, area = publisher(cfg)
-    tcp.accepted, tcp.denied, tcp.failed, tcp.received, tcp.sent = 7, 2, 1, 100, 50
-    tcp.relays = {FakeRelay(10, 5), FakeRelay(3, None)}      # open: counted as they are
-    udp.stats.datagrams_in, udp.stats.sessions_evicted_idle = 9, 2
-    udp.stats.sessions_evicted_unanswered, udp.stats.sessions_active = 1, 4
+    tcp.values.update(accepted=7, denied=2, failed=1, received_bytes=113, sent_bytes=55,
+                      active=2)
+    udp.values.update(datagrams_received=9, ended_evicted=3, active=4)
     pool = pools['pool']
     pool.succeeded(pool.targets[1], 0.003)
     pool.failed(pool.targets[0])                              # max_fails 1: down now
@@ -301,3 +295,60 @@ def test_every_family_is_documented_in_the_readme():
     section = readme.split('### Metrics reference', 1)[1].split('\n## ', 1)[0]
     for family in metrics.FAMILIES:
         assert f'`{family.name}`' in section, family.name
+
+
+def test_the_real_services_count_under_every_key_the_metrics_read(tmp_path):
+    """The publisher reads `counters()` by key: the real TcpService and UdpService must give
+    every key of TCP_SERIES / UDP_SERIES, each from the counter it names."""
+    cfg = config(tmp_path)
+    loop = uvloop.new_event_loop()
+    tsock = socket.socket()
+    usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        tsock.bind(('127.0.0.1', 0))
+        tsock.listen()
+        usock.bind(('127.0.0.1', 0))
+        pool = UpstreamPool(cfg.upstreams['pool'])
+        log = logging.getLogger('test')
+        tcp = TcpService(loop, cfg.listeners[0], tsock, pool, log)
+        udp = UdpService(loop, cfg.listeners[1], usock, pool, log)
+        assert list(tcp.counters()) == list(metrics.TCP_KEYS)
+        assert list(udp.counters()) == list(metrics.UDP_KEYS)
+        (tcp.accepted, tcp.denied, tcp.limited, tcp.bad_headers, tcp.failed, tcp.received,
+         tcp.sent) = range(1, 8)
+        assert tcp.counters() == {'accepted': 1, 'denied': 2, 'limited': 3, 'bad_headers': 4,
+                                  'failed': 5, 'received_bytes': 6, 'sent_bytes': 7, 'active': 0}
+        stats = udp.stats
+        for i, name in enumerate(stats.__slots__):
+            setattr(stats, name, 100 + i)
+        expected = {'datagrams_received': 'datagrams_in', 'datagrams_sent': 'datagrams_out',
+                    'datagrams_dropped': 'dropped', 'refused_denied': 'denied',
+                    'refused_untrusted': 'untrusted', 'refused_proxy_header': 'bad_headers',
+                    'received_bytes': 'bytes_in', 'sent_bytes': 'bytes_out',
+                    'sessions_created': 'sessions_created',
+                    'sessions_adopted': 'sessions_adopted', 'ended_expired': 'sessions_expired',
+                    'ended_completed': 'sessions_completed', 'ended_failed': 'sessions_failed',
+                    'ended_closed': 'sessions_closed', 'ended_handed_over': 'sessions_handed_out',
+                    'refused_table_full': 'sessions_refused',
+                    'refused_per_ip': 'sessions_refused_per_ip', 'active': 'sessions_active'}
+        got = udp.counters()
+        assert got['ended_evicted'] == stats.sessions_evicted_unanswered + stats.sessions_evicted_idle
+        assert {key: got[key] for key in expected} == \
+            {key: getattr(stats, attr) for key, attr in expected.items()}
+    finally:
+        tsock.close()
+        usock.close()
+        loop.close()
+
+
+def test_a_tcp_and_a_udp_listener_that_share_a_name_keep_their_own_counts(tmp_path):
+    cfg = config(tmp_path, '  - {listen: "127.0.0.1:8000", upstream: pool}\n'
+                           '  - {listen: "127.0.0.1:8000", protocol: udp, upstream: pool}\n')
+    assert cfg.listeners[0].name == cfg.listeners[1].name
+    pub, (tcp, udp), _, layout, area = publisher(cfg)
+    tcp.values['accepted'], udp.values['datagrams_received'] = 5, 8
+    pub.publish()
+    s = snapshot(layout, area.read())
+    labels = (('listener', cfg.listeners[0].name), ('worker', '0'))
+    assert s['mpproxy_tcp_connections_accepted_total'][labels] == 5
+    assert s['mpproxy_udp_datagrams_received_total'][labels] == 8

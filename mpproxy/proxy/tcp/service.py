@@ -69,6 +69,19 @@ class TcpService:
                                  accept.BATCH_SHARED if shared else accept.BATCH,
                                  anonymous=not needs_address)
 
+    def counters(self) -> dict[str, int]:
+        """What this listener counted, keyed as observe/metrics.py's TCP_SERIES; open
+        connections count the bytes they relayed so far."""
+        received, sent = self.received, self.sent
+        for relay in self.relays:
+            received += relay.client.received
+            upstream = relay.upstream
+            if upstream is not None:
+                sent += upstream.received
+        return {'accepted': self.accepted, 'denied': self.denied, 'limited': self.limited,
+                'bad_headers': self.bad_headers, 'failed': self.failed,
+                'received_bytes': received, 'sent_bytes': sent, 'active': len(self.relays)}
+
     async def start(self) -> None:
         await _open_emfile_reserve(self.loop)
         try:      # accepted sockets inherit it from the listener: no setsockopt per client

@@ -157,6 +157,10 @@ class UdpService(Admission):
             if self._sessions and not self._closed:
                 self._timer = self._loop.call_later(self._period, self._sweep)
 
+    def counters(self) -> dict[str, int]:
+        """What this listener counted, keyed as observe/metrics.py's UDP_SERIES."""
+        return self.stats.counters()
+
     def busy(self) -> bool:
         """True while any session is open."""
         return bool(self._sessions)

@@ -54,6 +54,24 @@ class UdpStats:
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
 
+    def counters(self) -> dict[str, int]:
+        """Keyed as observe/metrics.py's UDP_SERIES."""
+        return {'datagrams_received': self.datagrams_in, 'datagrams_sent': self.datagrams_out,
+                'datagrams_dropped': self.dropped, 'refused_denied': self.denied,
+                'refused_untrusted': self.untrusted, 'refused_proxy_header': self.bad_headers,
+                'received_bytes': self.bytes_in, 'sent_bytes': self.bytes_out,
+                'sessions_created': self.sessions_created,
+                'sessions_adopted': self.sessions_adopted,
+                'ended_expired': self.sessions_expired,
+                'ended_completed': self.sessions_completed,
+                'ended_failed': self.sessions_failed,
+                'ended_evicted': self.sessions_evicted_unanswered + self.sessions_evicted_idle,
+                'ended_closed': self.sessions_closed,
+                'ended_handed_over': self.sessions_handed_out,
+                'refused_table_full': self.sessions_refused,
+                'refused_per_ip': self.sessions_refused_per_ip,
+                'active': self.sessions_active}
+
     def __repr__(self) -> str:
         return 'UdpStats(%s)' % ', '.join('%s=%d' % kv for kv in self.as_dict().items())
 
