@@ -103,6 +103,15 @@ def parse_address(text, *, listen: bool = False) -> Address:
     return Address(host, _port(port))
 
 
+def format_sockaddr(addr) -> str:
+    """A socket address (host, port, ...) as people write it: `1.2.3.4:80`, `[::1]:80`;
+    `-` for none. The one formatter of client and server addresses in logs."""
+    if not addr:
+        return '-'
+    host, port = addr[0], addr[1]
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+
+
 def _port(text) -> int:
     if isinstance(text, str):
         text = text.strip()

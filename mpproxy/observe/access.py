@@ -40,6 +40,8 @@ import select
 import stat
 import time
 
+from mpproxy.config.values import format_sockaddr
+
 BUFFER = 64 * 1024        # bytes pending that trigger a write
 FLUSH_INTERVAL = 1.0      # seconds: pending lines are written at least this often
 MAX_PENDING = 1 << 20     # bytes; past this (writes blocked) new lines are dropped
@@ -114,9 +116,9 @@ class AccessLog:
         name = self._names.get(listener)
         if name is None:
             name = self._names[listener] = self._name(listener)
-        line = self._entry(int((now - sec) * 1000), name, protocol, _addr(client),
-                           _addr(upstream) if upstream else None, status, bytes_in, bytes_out,
-                           connect_time, duration, datagrams)
+        line = self._entry(int((now - sec) * 1000), name, protocol, format_sockaddr(client),
+                           format_sockaddr(upstream) if upstream else None, status, bytes_in,
+                           bytes_out, connect_time, duration, datagrams)
         self._add(line)
 
     def refused(self, listener: str, protocol: str, client, status: str) -> None:
@@ -264,11 +266,6 @@ class AccessLog:
         os.close(self.fd)
         self.fd = -1
         self.errors.flush()
-
-
-def _addr(addr) -> str:
-    host, port = addr[0], addr[1]
-    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
 
 
 def _plain(s: str) -> bool:

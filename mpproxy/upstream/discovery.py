@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 
 from mpproxy.config.schema import Address, Upstream
+from mpproxy.config.values import format_sockaddr
 from mpproxy.errors import WorkerBootError
 from mpproxy.upstream.pool import UpstreamPool
 from mpproxy.upstream.resolver import ResolveError, Resolver
@@ -122,7 +123,7 @@ async def refresh_once(pool: UpstreamPool, resolver: Resolver, resolved: list, f
     changed = pool.replace_targets(resolved)
     if changed and log is not None:
         log.info('upstream %s: servers now %s', upstream.name,
-                 ', '.join(_text(t.sockaddr) for t in pool.targets) or 'none')
+                 ', '.join(format_sockaddr(t.sockaddr) for t in pool.targets) or 'none')
     return changed
 
 
@@ -131,9 +132,6 @@ def _stable(addresses: list) -> list:
     return sorted(addresses, key=lambda a: (a[0], a[1][0], a[1][1]))
 
 
-def _text(sockaddr: tuple) -> str:
-    host, port = sockaddr[:2]
-    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
 
 
 async def unresolvable(config) -> list[str]:

@@ -18,6 +18,7 @@ every chunk, and with `eof=True` when the client half-closes.
 
 from __future__ import annotations
 
+from mpproxy.config.values import format_sockaddr
 from mpproxy.proxy.edge import proxy_header, sni
 
 PROXY_TIMEOUT = 3.0       # a client must send its whole PROXY header within this
@@ -80,7 +81,7 @@ class Preamble:
             svc.bad_headers += 1
             svc.ratelog.warning(('proxy header', reason or 'eof'),
                                 'tcp %s: client %s: %s; closing', svc.listener.name,
-                                _fmt(self.client_addr),
+                                format_sockaddr(self.client_addr),
                                 reason or 'closed before its PROXY protocol header ended')
             self.abort()
             return
@@ -106,7 +107,7 @@ class Preamble:
         pool = router.route(name) if state == sni.FOUND else router.default
         if pool is None:
             self.service.log.info('client %s: %s, and no default route; closing',
-                                  _fmt(self.client_addr),
+                                  format_sockaddr(self.client_addr),
                                   f'no route for server name {name!r}' if state == sni.FOUND
                                   else 'not a TLS ClientHello')
             self.status = 'no_route'
@@ -125,18 +126,12 @@ class Preamble:
             svc.bad_headers += 1
             svc.ratelog.warning(('proxy header', 'timeout'),
                                 'tcp %s: client %s sent no complete PROXY protocol header in '
-                                '%gs; closing', svc.listener.name, _fmt(self.client_addr),
+                                '%gs; closing', svc.listener.name, format_sockaddr(self.client_addr),
                                 PROXY_TIMEOUT)
             self.abort()
         else:
             self.service.log.info('client %s sent no complete ClientHello in %gs; closing',
-                                  _fmt(self.client_addr), SNI_TIMEOUT)
+                                  format_sockaddr(self.client_addr), SNI_TIMEOUT)
             self.status = 'no_route'
             self.close()
 
-
-def _fmt(addr) -> str:
-    if not addr:
-        return '-'
-    host, port = addr[0], addr[1]
-    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'

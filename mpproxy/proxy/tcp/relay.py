@@ -28,6 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mpproxy.config.schema import Keepalive
+from mpproxy.config.values import format_sockaddr
 from mpproxy.proxy.io.stream import Stream
 from mpproxy.proxy.tcp import accept
 from mpproxy.proxy.tcp.preamble import Preamble
@@ -116,7 +117,7 @@ class Relay(Preamble):
             self.service.failed += 1
             self.service.log.error('no upstream could be connected for client %s, listener: %s; '
                                    'closing the client connection',
-                                   _fmt_addr(self.client_address()), self.service.listener.name)
+                                   format_sockaddr(self.client_address()), self.service.listener.name)
             self.close()
             return
         self.trying = target
@@ -165,7 +166,7 @@ class Relay(Preamble):
             self.service.log.error('no file for an upstream connection in %gs, client: %s, '
                                    'listener: %s; closing the client connection',
                                    self.service.listener.connect_timeout,
-                                   _fmt_addr(self.client_address()), self.service.listener.name)
+                                   format_sockaddr(self.client_address()), self.service.listener.name)
             self.close()
             return
         self.pool.release(self.trying)
@@ -174,7 +175,7 @@ class Relay(Preamble):
         self.status = 'timeout' if exc is None else 'upstream_refused'
         self.service.log.warning('connect() to %s failed (%s) while connecting to upstream, '
                                  'client: %s, listener: %s', self.trying.label, reason,
-                                 _fmt_addr(self.client_address()), self.service.listener.name)
+                                 format_sockaddr(self.client_address()), self.service.listener.name)
         self._try_next()
 
     def _wait_for_files(self, exc: OSError) -> bool:
@@ -289,7 +290,7 @@ class Relay(Preamble):
             self.quiet += 1
             if self.quiet > IDLE_TICKS:
                 self.service.log.info('idle timeout, closing client %s',
-                                      _fmt_addr(self.client_address()))
+                                      format_sockaddr(self.client_address()))
                 self.status = 'idle_timeout'
                 self.close()
                 return
@@ -300,7 +301,7 @@ class Relay(Preamble):
         self.half_timer = None
         if not self.closing:
             self.service.log.info('half-close timeout, closing client %s',
-                                  _fmt_addr(self.client_address()))
+                                  format_sockaddr(self.client_address()))
             self.status = 'idle_timeout'
             self.close()
 
@@ -394,11 +395,4 @@ def _set_keepalive(transport, ka: Keepalive) -> None:
 
 def _oserror_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
-
-
-def _fmt_addr(addr) -> str:
-    if not addr:
-        return '-'
-    host, port = addr[0], addr[1]
-    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
 

@@ -19,13 +19,14 @@ import socket
 import struct
 
 from mpproxy.config.schema import Listener
+from mpproxy.config.values import format_sockaddr
 from mpproxy.proxy.edge import acl, proxy_header, sni
 from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.stream import Poller, Stream
 from mpproxy.proxy.io.wheel import Wheel
 from mpproxy.proxy.tcp import accept
 from mpproxy.proxy.tcp.accept import Acceptor
-from mpproxy.proxy.tcp.relay import Relay, _fmt_addr
+from mpproxy.proxy.tcp.relay import Relay
 from mpproxy.shared import limits
 from mpproxy.upstream.pool import UpstreamPool
 
@@ -105,7 +106,7 @@ class TcpService:
             self.refused = 'denied'
             self.ratelog.warning('untrusted', 'tcp %s: client %s is not in '
                                  'proxy_protocol.trusted; closing', self.listener.name,
-                                 _fmt_addr(address))
+                                 format_sockaddr(address))
             key = False
         if key is False:
             _reset(socket.socket(self.family, socket.SOCK_STREAM, 0, fd))
@@ -127,7 +128,7 @@ class TcpService:
             sock.close()
             self._release(key)
             self.ratelog.error(('wrap', exc.errno), 'tcp %s: cannot take client %s: %s',
-                               self.listener.name, _fmt_addr(address), exc.strerror or exc)
+                               self.listener.name, format_sockaddr(address), exc.strerror or exc)
 
     def admit(self, address):
         """allow/deny, then the shared limits, for a client at `address`.
@@ -139,7 +140,7 @@ class TcpService:
             self.denied += 1
             self.refused = 'denied'
             self.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
-                              self.listener.name, _fmt_addr(address))
+                              self.listener.name, format_sockaddr(address))
             return False
         gate = self.gate
         if gate is None:
@@ -151,7 +152,7 @@ class TcpService:
         self.limited += 1
         self.refused = 'limit'
         self.ratelog.warning(('limit', why), 'tcp %s: client %s refused: %s (%d) reached',
-                             self.listener.name, _fmt_addr(address), why,
+                             self.listener.name, format_sockaddr(address), why,
                              gate.max_total if why == 'max_connections' else gate.max_per_ip)
         return False
 
