@@ -89,9 +89,9 @@ class Preamble:
         if not header.local:      # LOCAL (the proxy's own health check): the peer is the client
             self.client_addr = header.source
             self.local_addr = header.destination
-        key = svc.admit(self.client_addr)
-        if key is False:
-            self.status = svc.refused
+        key, refused = svc.admit(self.client_addr)
+        if refused is not None:
+            self.status = refused
             self.abort()
             return
         self.limit_key = key

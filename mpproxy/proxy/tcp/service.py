@@ -31,6 +31,11 @@ from mpproxy.shared import limits
 from mpproxy.upstream.pool import UpstreamPool
 
 
+ADMITTED = (None, None)                  # admit(): nothing counted, nothing refused
+REFUSED_DENIED = (None, 'denied')
+REFUSED_LIMIT = (None, 'limit')
+
+
 class TcpService:
     """One TCP listener in one worker: accepts on the (shared) socket, runs the relays."""
 
@@ -53,7 +58,6 @@ class TcpService:
         self.gate = gate                  # the shared limits, or None
         self.denied = self.limited = self.bad_headers = 0
         self.access = access              # the worker's observe.access.AccessLog, or None
-        self.refused = 'denied'           # why admit() last refused: access log status
         # metrics (observe/metrics.py): clients accepted; clients closed because no upstream
         # could be connected; bytes read from clients and from upstreams by relays that ended
         self.accepted = self.failed = self.received = self.sent = 0
@@ -98,20 +102,19 @@ class TcpService:
             self._take(fd, None, None)
             return
         if self.trusted is None:
-            key = self.admit(address)
+            key, refused = self.admit(address)
         elif self.trusted.permits(address[0]):
-            key = None                    # checked once its PROXY header tells who it is
+            key, refused = ADMITTED       # checked once its PROXY header tells who it is
         else:
             self.denied += 1
-            self.refused = 'denied'
             self.ratelog.warning('untrusted', 'tcp %s: client %s is not in '
                                  'proxy_protocol.trusted; closing', self.listener.name,
                                  format_sockaddr(address))
-            key = False
-        if key is False:
+            key, refused = None, 'denied'
+        if refused is not None:
             _reset(socket.socket(self.family, socket.SOCK_STREAM, 0, fd))
             if self.access is not None:
-                self.access.refused(self.listener.name, 'tcp', address, self.refused)
+                self.access.refused(self.listener.name, 'tcp', address, refused)
             return
         self._take(fd, address, key)
 
@@ -130,38 +133,34 @@ class TcpService:
             self.ratelog.error(('wrap', exc.errno), 'tcp %s: cannot take client %s: %s',
                                self.listener.name, format_sockaddr(address), exc.strerror or exc)
 
-    def admit(self, address):
-        """allow/deny, then the shared limits, for a client at `address`.
-
-        Returns the client's key in the limits (None when nothing is counted), or False
-        when the client is refused (counted and logged here).
-        """
+    def admit(self, address) -> tuple[bytes | None, str | None]:
+        """allow/deny, then the shared limits, for a client at `address`: (its key in the
+        limits or None when nothing is counted, None) when admitted; (None, the access
+        log's status: 'denied' or 'limit') when refused, counted and logged here."""
         if self.acl is not None and not self.acl.permits(address[0]):
             self.denied += 1
-            self.refused = 'denied'
             self.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
                               self.listener.name, format_sockaddr(address))
-            return False
+            return REFUSED_DENIED
         gate = self.gate
         if gate is None:
-            return None
+            return ADMITTED
         key = limits.ip_key(address[0])
         why = gate.try_acquire(key)
         if why is None:
-            return key
+            return key, None
         self.limited += 1
-        self.refused = 'limit'
         self.ratelog.warning(('limit', why), 'tcp %s: client %s refused: %s (%d) reached',
                              self.listener.name, format_sockaddr(address), why,
                              gate.max_total if why == 'max_connections' else gate.max_per_ip)
-        return False
+        return REFUSED_LIMIT
 
     def _room(self) -> bool:
         gate = self.gate
         return gate.count(gate.index) < gate.max_total
 
     def _release(self, key) -> None:
-        if key is not None and key is not False:
+        if key is not None:
             self.gate.release(key)
 
     def forget(self, relay: Relay) -> None:
