@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from conftest import free_port
+from helpers.net import free_port
 
 
 def config(port: int, upstream: str, protocol: str, rules: str) -> str:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (TcpBackend, UdpEcho, free_port, rss_kib, run_cli,
-                      wait_for)
-from test_tcp import recv_all
+from helpers.backends import TcpBackend, UdpEcho
+from helpers.net import free_port, recv_all
+from helpers.proc import rss_kib, run_cli, wait_for
 from mpproxy.proxy.edge import proxy_header
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0,

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
 import socket
 import time
 
-from conftest import TcpBackend, alive, cmdline, fd_count, free_port, run_cli, wait_for
-from test_lifecycle import listening_inodes, recv_exactly, socket_inodes, tagged_backend
-from test_tcp import connect, echo_roundtrip, tcp_config
-from test_udp import client, udp_config
+from helpers.backends import TcpBackend, tagged_backend
+from helpers.configs import tcp_config, udp_config, with_admin
+from helpers.net import client, connect, echo_roundtrip, free_port, get, recv_exactly
+from helpers.proc import (alive, cmdline, fd_count, listening_inodes, run_cli, socket_inodes,
+                          wait_for)
 
 PROM_CT = 'text/plain; version=0.0.4; charset=utf-8'
 HIST = 'mpproxy_upstream_connect_duration_seconds'
-
-
-def with_admin(config: str, admin_port: int) -> str:
-    return config.replace('workers: ', f'admin: {{listen: "127.0.0.1:{admin_port}"}}\n'
-                                       f'        workers: ', 1)
-
-
-def get(port: int, path: str, method: str = 'GET', timeout: float = 5.0):
-    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
-    try:
-        conn.request(method, path)
-        response = conn.getresponse()
-        return response.status, response.getheader('Content-Type'), response.read()
-    finally:
-        conn.close()
 
 
 def scrape(port: int) -> dict:

@@ -6,29 +6,10 @@ import signal
 import socket
 import subprocess
 
-from conftest import UdpEcho, free_port, wait_for
-from test_lifecycle import tagged_backend, first_bytes
-
-
-def upstream_config(port: int, servers: str, balance: str, workers: int = 1, extra: str = '',
-                    protocol: str = 'tcp') -> str:
-    return f"""
-        workers: {workers}
-        upstreams:
-          pool:
-            balance: {balance}
-{extra}
-            servers:
-{servers}
-        listeners:
-          - listen: "127.0.0.1:{port}"
-            protocol: {protocol}
-            upstream: pool
-    """
-
-
-def server_lines(*entries) -> str:
-    return ''.join(f'              - {{address: "{addr}", weight: {w}}}\n' for addr, w in entries)
+from helpers.backends import UdpEcho, tagged_backend
+from helpers.configs import server_lines, upstream_config
+from helpers.net import first_bytes, free_port
+from helpers.proc import wait_for
 
 
 def test_weighted_round_robin_matches_weights(proxies):

@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import yaml
 
-from conftest import ROOT, alive, free_port, run_cli, wait_for
-from test_tcp import echo_roundtrip, tcp_config
+from helpers.configs import tcp_config
+from helpers.net import echo_roundtrip, free_port
+from helpers.proc import ROOT, alive, run_cli, wait_for
 
 BROKEN = [
     # (config text, expected line number, expected key path and message fragment)

@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import signal
 import socket
-import struct
 import threading
 import time
 
 import pytest
 
-from conftest import UdpServer, free_port, run_cli, wait_for
-from test_lifecycle import first_bytes
-
-
-class DnsServer(UdpServer):
-    """Answers A queries from `records` (name -> [ipv4, ...]); AAAA gets no data; unknown
-    names get NXDOMAIN. `silent = True` makes it stop answering."""
-
-    def __init__(self, records: dict[str, list[str]]):
-        self.records = records
-        self.silent = False
-        self.queries = 0
-        super().__init__()
-
-    def answer(self, data: bytes, addr) -> bytes | None:
-        self.queries += 1
-        if self.silent or len(data) < 17:
-            return None
-        labels, i = [], 12
-        while data[i]:
-            labels.append(data[i + 1:i + 1 + data[i]].decode().lower())
-            i += 1 + data[i]
-        qtype, = struct.unpack_from('!H', data, i + 1)
-        question = data[12:i + 5]
-        ips = self.records.get('.'.join(labels))
-        rcode = 3 if ips is None else 0
-        answers = [socket.inet_aton(ip) for ip in ips or ()] if qtype == 1 else []
-        out = data[:2] + struct.pack('!HHHHH', 0x8180 | rcode, 1, len(answers), 0, 0) + question
-        for rdata in answers:
-            out += b'\xc0\x0c' + struct.pack('!HHIH', 1, 1, 1, 4) + rdata
-        return out
+from helpers.backends import DnsServer
+from helpers.configs import dns_config
+from helpers.net import first_bytes, free_port
+from helpers.proc import run_cli, wait_for
 
 
 class Tagged:
@@ -79,20 +51,6 @@ def dns():
     server = DnsServer({})
     yield server
     server.close()
-
-
-def dns_config(port: int, dns_port: int, server: str, resolve: str | None = '500ms') -> str:
-    return f"""
-        workers: 1
-        resolver: ["127.0.0.1:{dns_port}"]
-        upstreams:
-          web:
-            {f'resolve: {resolve}' if resolve else ''}
-            servers: ["{server}"]
-        listeners:
-          - listen: "127.0.0.1:{port}"
-            upstream: web
-    """
 
 
 def test_new_connections_follow_dns_and_a_silent_dns_keeps_the_last_set(proxies, dns):

@@ -11,8 +11,9 @@ import socket
 import textwrap
 import time
 
-from conftest import free_port, wait_for
-from test_tcp import connect, tcp_config
+from helpers.configs import tcp_config
+from helpers.net import connect, free_port
+from helpers.proc import wait_for
 
 NOFILE = 40           # a worker needs ~15 at rest; each relay takes 2 more
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import socket
 
-from conftest import TcpBackend, UdpEcho, free_port, wait_for
-from test_balancing import upstream_config
-from test_lifecycle import first_bytes, tagged_backend
+from helpers.backends import TcpBackend, UdpEcho, tagged_backend
+from helpers.configs import upstream_config
+from helpers.net import first_bytes, free_port
+from helpers.proc import wait_for
 
 
 def test_tcp_check_takes_a_dead_server_out_and_back_in_for_all_workers(proxies):

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TcpBackend, alive, children, echo_handler, free_port, port_free, wait_for
-from test_tcp import connect, echo_roundtrip
+from helpers.backends import TcpBackend, echo_handler
+from helpers.net import connect, echo_roundtrip, free_port, port_free
+from helpers.proc import ROOT, alive, children, wait_for
 
 INIT = ROOT / 'etc' / 'init.d' / 'mpproxy'
 LOGROTATE = ROOT / 'etc' / 'logrotate.d' / 'mpproxy'

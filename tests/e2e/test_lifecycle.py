@@ -7,32 +7,10 @@ import signal
 import socket
 import time
 
-from conftest import TcpBackend, alive, cmdline, echo_handler, fd_count, free_port, port_free, wait_for
-from test_tcp import connect, echo_roundtrip, recv_all, tcp_config
-
-
-def tagged_backend(tag: bytes) -> TcpBackend:
-    """A backend that answers every connection with its tag, then echoes."""
-    def handler(conn):
-        conn.sendall(tag)
-        echo_handler(conn)
-    return TcpBackend(handler)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    """`n` bytes from `sock`, or fewer when it reaches EOF first."""
-    data = b''
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def first_bytes(port: int, n: int) -> bytes:
-    with connect(port) as sock:
-        return recv_exactly(sock, n)
+from helpers.backends import tagged_backend
+from helpers.configs import tcp_config
+from helpers.net import connect, echo_roundtrip, first_bytes, free_port, port_free, recv_all
+from helpers.proc import alive, cmdline, fd_count, listening_inodes, socket_inodes, wait_for
 
 
 def test_process_titles(proxies, tcp_echo):
@@ -101,25 +79,6 @@ def test_hup_that_cannot_bind_keeps_old_generation(proxies, tcp_echo):
         assert 'generation 2' not in log
     finally:
         taken.close()
-
-
-def listening_inodes(port: int) -> set[str]:
-    """Inodes of the TCP sockets listening on `port` (from /proc/net/tcp)."""
-    with open('/proc/net/tcp') as f:
-        rows = [r.split() for r in f.read().splitlines()[1:]]
-    return {r[9] for r in rows if r[3] == '0A' and int(r[1].split(':')[1], 16) == port}
-
-
-def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in os.listdir(f'/proc/{pid}/fd'):
-        try:
-            target = os.readlink(f'/proc/{pid}/fd/{fd}')
-        except OSError:
-            continue
-        if target.startswith('socket:['):
-            inodes.add(target[8:-1])
-    return inodes
 
 
 def test_unchanged_listener_keeps_its_socket_across_reload(proxies, tcp_echo):

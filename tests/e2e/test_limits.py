@@ -12,9 +12,10 @@ import socket
 import threading
 import time
 
-from conftest import TcpBackend, echo_handler, free_port, wait_for
-from test_proxy_protocol import PAYLOAD, exchange, pp_config
-from test_tcp import tcp_config
+from helpers.backends import TcpBackend, echo_handler
+from helpers.configs import pp_config, tcp_config
+from helpers.net import PAYLOAD, exchange, free_port
+from helpers.proc import wait_for
 from mpproxy.proxy.edge import proxy_header
 
 

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Proxy, free_port, run_cli, wait_for
-from test_tcp import echo_roundtrip
-from test_udp import client, roundtrip
+from helpers.net import client, echo_roundtrip, free_port, roundtrip
+from helpers.proc import Proxy, run_cli, wait_for
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0,
                                reason='switching users needs the tests to run as root')

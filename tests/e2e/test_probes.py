@@ -12,9 +12,9 @@ import signal
 import socket
 import textwrap
 
-from conftest import free_port, wait_for
-from test_admin import get, with_admin
-from test_tcp import tcp_config
+from helpers.configs import tcp_config, with_admin
+from helpers.net import free_port, get
+from helpers.proc import wait_for
 
 
 def code(port: int, path: str) -> int | None:

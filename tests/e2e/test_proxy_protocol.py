@@ -1,6 +1,6 @@
 """PROXY protocol over TCP, end to end: `send` to the upstream, `accept` from trusted peers.
 
-A `HeaderEcho` backend (conftest) records everything a connection sent before the client's
+A `HeaderEcho` backend (helpers.backends) records everything a connection sent before the client's
 payload (the header mpproxy wrote) and echoes the rest, so each test sees both what the
 upstream was told and that the client's bytes went through unaltered.
 """
@@ -13,37 +13,12 @@ import time
 
 import pytest
 
-from conftest import HeaderEcho, free_port, wait_for
-from test_balancing import server_lines, upstream_config
-from test_lifecycle import tagged_backend
-from test_tcp import recv_all, tcp_config
+from helpers.backends import HeaderEcho, tagged_backend
+from helpers.configs import pp_config, server_lines, upstream_config
+from helpers.net import PAYLOAD, exchange, free_port, recv_all
+from helpers.proc import wait_for
 from mpproxy.proxy.edge import proxy_header
 
-PAYLOAD = b'hello through the proxy'
-
-
-def pp_config(port: int, upstream: str, send='none', accept=False, trusted=('127.0.0.1/32',),
-              extra='', host='127.0.0.1', workers=1) -> str:
-    lines = f'            proxy_protocol: {{send: {send}'
-    if accept:
-        lines += f', accept: true, trusted: [{", ".join(trusted)}]'
-    return tcp_config(port, upstream, workers=workers, host=host, extra=lines + '}\n' + extra)
-
-
-def exchange(port: int, data: bytes, host='127.0.0.1', source=None, timeout=5.0) -> bytes:
-    """Send `data`, half-close, read to EOF (b'' when the proxy resets or closes)."""
-    family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        if source:
-            s.bind((source, 0))
-        try:
-            s.connect((host, port))
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            return recv_all(s)
-        except OSError:
-            return b''
 
 
 def echo_payload(host: str, port: int) -> int:

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from conftest import TcpBackend, free_port
-from test_tcp import connect, echo_roundtrip, recv_all, tcp_config
+from helpers.backends import TcpBackend
+from helpers.configs import tcp_config
+from helpers.net import connect, echo_roundtrip, free_port, recv_all
 
 SIZE = 600_000
 RATE = 200_000

@@ -10,9 +10,10 @@ import textwrap
 
 import pytest
 
-from conftest import free_port, run_cli, wait_for
-from test_dns import DnsServer, dns_config
-from test_tcp import echo_roundtrip, tcp_config
+from helpers.backends import DnsServer
+from helpers.configs import dns_config, tcp_config
+from helpers.net import echo_roundtrip, free_port
+from helpers.proc import run_cli, wait_for
 
 NOBODY = 65534
 

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, alive, free_port, run_cli, wait_for
-from test_dns import DnsServer, dns_config
-from test_tcp import echo_roundtrip, tcp_config
-from test_upgrade import read_pid, upgrade_config
+from helpers.backends import DnsServer
+from helpers.configs import dns_config, tcp_config, upgrade_config
+from helpers.net import echo_roundtrip, free_port
+from helpers.proc import ROOT, alive, read_pid, run_cli, wait_for
 
 UNIT = ROOT / 'etc' / 'mpproxy.service'
 RELOADING = ['RELOADING', 'MONOTONIC_USEC', 'STATUS']

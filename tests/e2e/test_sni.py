@@ -6,7 +6,9 @@ from __future__ import annotations
 import socket
 import time
 
-from conftest import TcpBackend, client_hello, free_port, wait_for
+from helpers.backends import TcpBackend
+from helpers.net import client_hello, free_port
+from helpers.proc import wait_for
 
 
 class Recorder:

@@ -11,49 +11,10 @@ import time
 
 import pytest
 
-from conftest import TcpBackend, echo_handler, fd_count, free_port, rss_kib, wait_for
-
-
-def listener_config(protocol: str, port: int, upstream: str, workers: int = 2, extra: str = '',
-                    host='127.0.0.1') -> str:
-    """A config with one listener on host:port in front of one upstream server."""
-    listen = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
-    return f"""
-        workers: {workers}
-        listeners:
-          - listen: "{listen}"
-            protocol: {protocol}
-            upstream: ["{upstream}"]
-{extra}
-    """
-
-
-def tcp_config(port: int, upstream: str, workers: int = 2, extra: str = '', host='127.0.0.1') -> str:
-    return listener_config('tcp', port, upstream, workers, extra, host)
-
-
-def connect(port: int, host='127.0.0.1', timeout: float = 5.0) -> socket.socket:
-    return socket.create_connection((host, port), timeout=timeout)
-
-
-def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:
-    chunks, total = [], 0
-    while total < limit:
-        data = sock.recv(65536)
-        if not data:
-            break
-        chunks.append(data)
-        total += len(data)
-    return b''.join(chunks)
-
-
-def echo_roundtrip(port: int, payload: bytes, host='127.0.0.1') -> bytes:
-    with connect(port, host) as sock:
-        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
-        sender.start()
-        got = recv_all(sock)
-        sender.join(10)
-    return got
+from helpers.backends import TcpBackend, echo_handler
+from helpers.configs import tcp_config
+from helpers.net import connect, echo_roundtrip, free_port, recv_all
+from helpers.proc import fd_count, rss_kib, wait_for
 
 
 def test_one_mib_echo_is_byte_exact_across_workers(proxies, tcp_echo):

@@ -13,28 +13,11 @@ import socket
 import threading
 import time
 
-from conftest import TcpBackend, UdpEcho, echo_handler, free_port, wait_for
-from test_lifecycle import socket_inodes
-from test_tcp import echo_roundtrip, listener_config
+from helpers.backends import TcpBackend, UdpEcho, echo_handler
+from helpers.configs import udp_config
+from helpers.net import RECV_TIMEOUT, client, echo_roundtrip, free_port, roundtrip
+from helpers.proc import assert_clean, socket_inodes, wait_for
 
-RECV_TIMEOUT = 2.0
-
-
-def udp_config(port: int, upstream: str, workers: int = 2, extra: str = '',
-               host: str = '127.0.0.1') -> str:
-    return listener_config('udp', port, upstream, workers, extra, host)
-
-
-def client(family: int = socket.AF_INET, timeout: float = RECV_TIMEOUT) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.settimeout(timeout)
-    return sock
-
-
-def roundtrip(sock: socket.socket, payload: bytes, dest: tuple) -> tuple[bytes, tuple]:
-    """Send one datagram to `dest`; return the reply and the address it came from."""
-    sock.sendto(payload, dest)
-    return sock.recvfrom(70000)
 
 
 def proc_udp_sockets(port: int) -> set[str]:
@@ -48,11 +31,6 @@ def proc_udp_sockets(port: int) -> set[str]:
             continue
         inodes.update(r[9] for r in rows if int(r[1].rsplit(':', 1)[1], 16) == port)
     return inodes
-
-
-def assert_clean(proxy) -> None:
-    log = proxy.log()
-    assert 'Traceback' not in log and 'unexpected error' not in log and 'crashed' not in log, log
 
 
 # -- sessions ------------------------------------------------------------------------------

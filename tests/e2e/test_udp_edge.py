@@ -14,8 +14,10 @@ import socket
 
 import pytest
 
-from conftest import UdpEcho, UdpServer, free_port, wait_for
-from test_udp import assert_clean, client, roundtrip, udp_config
+from helpers.backends import UdpEcho, UdpServer
+from helpers.configs import udp_config
+from helpers.net import client, free_port, roundtrip
+from helpers.proc import assert_clean, wait_for
 from mpproxy.proxy.edge import proxy_header
 
 CLIENT = ('203.0.113.7', 5555)            # the real client a spoofed proxy in front names

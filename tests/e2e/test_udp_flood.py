@@ -21,8 +21,10 @@ import time
 
 import pytest
 
-from conftest import UdpEcho, fd_count, free_port, rss_kib, wait_for
-from test_udp import assert_clean, udp_config
+from helpers.backends import UdpEcho
+from helpers.configs import udp_config
+from helpers.net import free_port
+from helpers.proc import assert_clean, fd_count, rss_kib, wait_for
 
 CAP = 200
 TALKERS = 20

@@ -7,8 +7,10 @@ import socket
 import threading
 import time
 
-from conftest import UdpEcho, free_port, wait_for
-from test_udp import udp_config
+from helpers.backends import UdpEcho
+from helpers.configs import udp_config
+from helpers.net import free_port
+from helpers.proc import wait_for
 
 
 class Pinger:

@@ -25,9 +25,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, alive, children, cmdline, fd_count, free_port, wait_for
-from test_lifecycle import socket_inodes
-from test_tcp import connect, echo_roundtrip
+from helpers.net import connect, echo_roundtrip, free_port
+from helpers.proc import ROOT, alive, children, cmdline, fd_count, socket_inodes, wait_for
 
 LOADGEN = ROOT / 'tests' / 'loadgen.py'
 LOAD_SECONDS = int(os.environ.get('MPPROXY_LOAD_SECONDS', '30'))

@@ -6,8 +6,10 @@ import os
 import signal
 import threading
 
-from conftest import UdpEcho, alive, children, cmdline, free_port, wait_for
-from test_tcp import echo_roundtrip, tcp_config
+from helpers.backends import UdpEcho
+from helpers.configs import upgrade_config
+from helpers.net import echo_roundtrip, free_port
+from helpers.proc import alive, children, cmdline, read_pid, wait_for
 
 
 class Prober:
@@ -38,19 +40,6 @@ class Prober:
     def finish(self):
         self.stop.set()
         self.thread.join(10)
-
-
-def read_pid(path) -> int | None:
-    try:
-        text = open(path).read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def upgrade_config(tmp_path, port, upstream, extra='') -> str:
-    return tcp_config(port, upstream).replace(
-        'workers: 2', f'workers: 2\n        pid_file: {tmp_path}/mpproxy.pid') + extra
 
 
 def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp_path, tcp_echo):

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from configmap import ConfigMapDir
-from conftest import children, cmdline, free_port, wait_for
-from test_lifecycle import first_bytes, tagged_backend
-from test_tcp import tcp_config
-from test_upgrade import read_pid
+from helpers.backends import tagged_backend
+from helpers.configmap import ConfigMapDir
+from helpers.configs import tcp_config
+from helpers.net import first_bytes, free_port
+from helpers.proc import children, cmdline, read_pid, wait_for
 
 RELOAD = 10.0           # deadline for a change to be applied
 OBSERVE = 3.5           # a window in which nothing must happen: > 2 polls of 1 s, plus slack

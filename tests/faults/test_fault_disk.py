@@ -8,9 +8,11 @@ import textwrap
 
 import pytest
 
-from conftest import alive, free_port, run_cli, wait_for
-from mechanisms import (assert_alive, config, echo_roundtrip, expect_log, first_byte,  # noqa: F401
-                        full_tmpfs, read_pid, serves, stop_pid, tagged_backend)
+from helpers.backends import tagged_backend
+from helpers.faults import (assert_alive, config, echo_roundtrip, expect_log, first_byte, serves,
+                            stop_pid)
+from helpers.net import free_port
+from helpers.proc import alive, read_pid, run_cli, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

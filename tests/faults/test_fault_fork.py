@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from conftest import children, cmdline, free_port, wait_for
-from mechanisms import (assert_alive, config, expect_log, pids_cgroup, read_pid,  # noqa: F401
-                        refuses, serves, stop_pid, worker_slot)
+from helpers.faults import assert_alive, config, expect_log, refuses, serves, stop_pid, worker_slot
+from helpers.net import free_port
+from helpers.proc import children, cmdline, read_pid, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,9 +8,10 @@ import textwrap
 
 import pytest
 
-from conftest import free_port, wait_for
-from mechanisms import (AddressSpaceClamp, NofileClamp, assert_alive, config, expect_log,
-                        refuses, serves)
+from helpers.faults import (AddressSpaceClamp, NofileClamp, assert_alive, config, expect_log,
+                            refuses, serves)
+from helpers.net import free_port
+from helpers.proc import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,8 +8,10 @@ import time
 
 import pytest
 
-from conftest import TcpBackend, alive, echo_handler, free_port, wait_for
-from mechanisms import Client, assert_alive, config, expect_log, serves
+from helpers.backends import TcpBackend, echo_handler
+from helpers.faults import Client, assert_alive, config, expect_log, serves
+from helpers.net import free_port
+from helpers.proc import alive, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from helpers.proc import wait_for
 from mpproxy.master import control
 
 

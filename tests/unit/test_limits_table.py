@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, free_port
+from helpers.net import free_port
+from helpers.proc import ROOT
 from mpproxy.config.schema import Address, Config, Listener, UdpOptions
 from mpproxy.shared import limits
 from mpproxy.shared.limits import LimitsFull, LimitTable, ip_key

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import client_hello
+from helpers.net import client_hello
 from mpproxy.proxy.edge.sni import FOUND, MORE, NOT_TLS, SniRouter, parse_sni
 
 

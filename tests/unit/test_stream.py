@@ -27,7 +27,7 @@ import time
 import pytest
 import uvloop
 
-from conftest import ListHandler, run_loop_until, serve_env
+from helpers.unit import ListHandler, run_loop_until, serve_env
 from mpproxy.proxy.io import stream as stream_mod
 from mpproxy.proxy.io.stream import HIGH_WATER, LOW_WATER, Poller, Stream
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from configmap import ConfigMapDir
+from helpers.configmap import ConfigMapDir
 from mpproxy.master.watch import MISSING, ConfigWatch, identity
 
 CONFIG = 'listeners: [{listen: "127.0.0.1:8000", upstream: ["127.0.0.1:9000"]}]\n'

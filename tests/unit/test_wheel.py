@@ -10,7 +10,7 @@ import logging
 import pytest
 import uvloop
 
-from conftest import ListHandler, run_loop_until
+from helpers.unit import ListHandler, run_loop_until
 from mpproxy.proxy.io.wheel import RESOLUTION, SPREAD, Wheel
 
 SLACK = 0.005             # the loop's own lateness in running a due timer

@@ -15,8 +15,8 @@ that skips the test and says which mechanism is missing.
 - `AddressSpaceClamp`: the soft RLIMIT_AS of a running process at its VmSize plus a margin,
   so that a large allocation fails with MemoryError.
 
-Plus the few config and traffic helpers the scenarios share (tests/e2e's are not importable
-from here when only this directory runs).
+Their fixtures (`pids_cgroup`, `full_tmpfs`) are in tests/conftest.py. Plus the few
+config and traffic helpers the scenarios share.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TcpBackend, alive, cmdline, echo_handler, wait_for
+from helpers.proc import alive, cmdline, wait_for
 
 
 def _read(path) -> str:
@@ -193,14 +193,6 @@ class PidsCgroup:
             time.sleep(0.05)          # polling interval: a zombie's charge goes when it is reaped
 
 
-@pytest.fixture
-def pids_cgroup():
-    """A `PidsCgroup`, removed at teardown (request it before `proxies` so that it is removed
-    after the proxies are stopped)."""
-    with PidsCgroup() as cgroup:
-        yield cgroup
-
-
 # -- ENOSPC: a small full tmpfs -------------------------------------------------------------
 
 class FullTmpfs:
@@ -283,13 +275,6 @@ def _write_until_full(fd: int, byte: bytes) -> int:
         if n < chunk:
             chunk = n
     return written
-
-
-@pytest.fixture
-def full_tmpfs(tmp_path):
-    """A `FullTmpfs` (not filled yet), unmounted at teardown (request it before `proxies`)."""
-    with FullTmpfs(tmp_path) as fs:
-        yield fs
 
 
 # -- EMFILE: RLIMIT_NOFILE of a running process ---------------------------------------------
@@ -425,25 +410,9 @@ def refuses(port: int) -> bool:
         return True
 
 
-def tagged_backend(tag: bytes) -> TcpBackend:
-    """A backend that answers every connection with `tag`, then echoes."""
-    def handler(conn):
-        conn.sendall(tag)
-        echo_handler(conn)
-    return TcpBackend(handler)
-
-
 def first_byte(port: int) -> bytes:
     with connect(port) as sock:
         return sock.recv(1)
-
-
-def read_pid(path) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def worker_slot(pid: int) -> int:

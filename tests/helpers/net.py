@@ -1,0 +1,142 @@
+"""The client side on loopback: free ports, TCP connections and echo round trips, UDP
+clients, a PROXY-protocol exchange, an HTTP request, a TLS ClientHello. Every socket has a
+timeout and every read a bound."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+
+RECV_TIMEOUT = 2.0          # a UDP client's per-recv timeout
+PAYLOAD = b'hello through the proxy'
+
+
+def free_port(kind=socket.SOCK_STREAM, host='127.0.0.1') -> int:
+    """A port free for both TCP and UDP on `host` right now."""
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        try:
+            with socket.socket(family, other) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError('no free port')
+
+
+def port_free(port: int, host: str = '127.0.0.1') -> bool:
+    """True when a TCP socket can bind `port` now (nothing holds it any more)."""
+    try:
+        with socket.socket() as s:
+            s.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
+# -- TCP -------------------------------------------------------------------------------------
+
+def connect(port: int, host='127.0.0.1', timeout: float = 5.0) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:
+    chunks, total = [], 0
+    while total < limit:
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+        total += len(data)
+    return b''.join(chunks)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """`n` bytes from `sock`, or fewer when it reaches EOF first."""
+    data = b''
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def echo_roundtrip(port: int, payload: bytes, host='127.0.0.1') -> bytes:
+    """Send `payload` (from a thread), half-close, and read to EOF: what came back."""
+    with connect(port, host) as sock:
+        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        got = recv_all(sock)
+        sender.join(10)
+    return got
+
+
+def first_bytes(port: int, n: int) -> bytes:
+    """The first `n` bytes a new connection to `port` receives (a tagged backend's tag)."""
+    with connect(port) as sock:
+        return recv_exactly(sock, n)
+
+
+def exchange(port: int, data: bytes, host='127.0.0.1', source=None, timeout=5.0) -> bytes:
+    """Send `data`, half-close, read to EOF (b'' when the proxy resets or closes)."""
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        if source:
+            s.bind((source, 0))
+        try:
+            s.connect((host, port))
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            return recv_all(s)
+        except OSError:
+            return b''
+
+
+# -- UDP -------------------------------------------------------------------------------------
+
+def client(family: int = socket.AF_INET, timeout: float = RECV_TIMEOUT) -> socket.socket:
+    """A UDP client socket with a per-recv timeout."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    return sock
+
+
+def roundtrip(sock: socket.socket, payload: bytes, dest: tuple) -> tuple[bytes, tuple]:
+    """Send one datagram to `dest`; return the reply and the address it came from."""
+    sock.sendto(payload, dest)
+    return sock.recvfrom(70000)
+
+
+# -- HTTP, TLS -------------------------------------------------------------------------------
+
+def get(port: int, path: str, method: str = 'GET', timeout: float = 5.0):
+    """(status, Content-Type, body) of one HTTP request to 127.0.0.1:`port`."""
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.getheader('Content-Type'), response.read()
+    finally:
+        conn.close()
+
+
+def client_hello(server_name=None) -> bytes:
+    """The ClientHello Python's ssl module sends for `server_name` (a real TLS client's)."""
+    import ssl
+    ctx = ssl.create_default_context()
+    if server_name is None:
+        ctx.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
