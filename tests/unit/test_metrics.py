@@ -314,8 +314,9 @@ def test_the_real_services_count_under_every_key_the_metrics_read(tmp_path):
         udp = UdpService(loop, cfg.listeners[1], usock, pool, log)
         assert list(tcp.counters()) == list(metrics.TCP_KEYS)
         assert list(udp.counters()) == list(metrics.UDP_KEYS)
-        (tcp.accepted, tcp.denied, tcp.limited, tcp.bad_headers, tcp.failed, tcp.received,
-         tcp.sent) = range(1, 8)
+        for i, name in enumerate(('accepted', 'denied', 'limited', 'bad_headers', 'failed',
+                                  'received', 'sent')):
+            setattr(tcp.counts, name, i + 1)
         assert tcp.counters() == {'accepted': 1, 'denied': 2, 'limited': 3, 'bad_headers': 4,
                                   'failed': 5, 'received_bytes': 6, 'sent_bytes': 7, 'active': 0}
         stats = udp.stats

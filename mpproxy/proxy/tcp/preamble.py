@@ -31,14 +31,14 @@ class Preamble:
 
     def begin(self, transport) -> None:
         """The client is accepted: read its preamble, or route it at once."""
-        if self.service.trusted is not None:
+        if self.ctx.trusted is not None:
             self._await('proxy', PROXY_TIMEOUT)
             return
         self._after_proxy()
 
     def _await(self, stage: str, timeout: float) -> None:
         self.peeking = stage
-        self.timer = self.service.wheel.call_later(timeout, self._peek_timed_out)
+        self.timer = self.ctx.wheel.call_later(timeout, self._peek_timed_out)
         if self.client.early or self.client.eof:   # bytes left over from the stage before
             self.peek(eof=self.client.eof)
             if self.peeking != stage or self.closing:
@@ -46,7 +46,7 @@ class Preamble:
         self.client.transport.resume_reading()    # (may peek() before it returns)
 
     def _after_proxy(self) -> None:
-        svc = self.service
+        svc = self.ctx
         if svc.sni is None:
             self.peeking = None
             self._route(svc.pool)
@@ -75,10 +75,10 @@ class Preamble:
         if state == proxy_header.MORE and not eof:
             return
         self._end_stage()
-        svc = self.service
+        svc = self.ctx
         if state != proxy_header.DONE:
             self.status = 'bad_header'
-            svc.bad_headers += 1
+            svc.counts.bad_headers += 1
             svc.ratelog.warning(('proxy header', reason or 'eof'),
                                 'tcp %s: client %s: %s; closing', svc.listener.name,
                                 format_sockaddr(self.client_addr),
@@ -103,10 +103,10 @@ class Preamble:
         if state == sni.MORE and not eof:
             return
         self._end_stage()
-        router = self.service.sni
+        router = self.ctx.sni
         pool = router.route(name) if state == sni.FOUND else router.default
         if pool is None:
-            self.service.log.info('client %s: %s, and no default route; closing',
+            self.ctx.log.info('client %s: %s, and no default route; closing',
                                   format_sockaddr(self.client_addr),
                                   f'no route for server name {name!r}' if state == sni.FOUND
                                   else 'not a TLS ClientHello')
@@ -121,16 +121,16 @@ class Preamble:
         if self.closing or not self.peeking:
             return
         if self.peeking == 'proxy':
-            svc = self.service
+            svc = self.ctx
             self.status = 'bad_header'
-            svc.bad_headers += 1
+            svc.counts.bad_headers += 1
             svc.ratelog.warning(('proxy header', 'timeout'),
                                 'tcp %s: client %s sent no complete PROXY protocol header in '
                                 '%gs; closing', svc.listener.name, format_sockaddr(self.client_addr),
                                 PROXY_TIMEOUT)
             self.abort()
         else:
-            self.service.log.info('client %s sent no complete ClientHello in %gs; closing',
+            self.ctx.log.info('client %s sent no complete ClientHello in %gs; closing',
                                   format_sockaddr(self.client_addr), SNI_TIMEOUT)
             self.status = 'no_route'
             self.close()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import TYPE_CHECKING
 
 from mpproxy.config.schema import Keepalive
 from mpproxy.config.values import format_sockaddr
@@ -35,25 +34,66 @@ from mpproxy.proxy.tcp.preamble import Preamble
 from mpproxy.proxy.tcp.sides import (_DISCARD, ClientSide, Side, ThrottledClientSide,
                                      ThrottledUpstreamSide, UpstreamSide)
 
-if TYPE_CHECKING:
-    from mpproxy.proxy.tcp.service import TcpService
-
 IDLE_TICKS = 4
+
+
+class TcpCounts:
+    """What one TCP listener counts in one worker (read by its service's `counters()`):
+    clients accepted, refused (denied, limit, bad PROXY header), failed (no upstream could
+    be connected), and the bytes that relays which ended read from clients and upstreams."""
+
+    __slots__ = ('accepted', 'denied', 'limited', 'bad_headers', 'failed', 'received', 'sent')
+
+    def __init__(self):
+        self.accepted = self.denied = self.limited = self.bad_headers = self.failed = 0
+        self.received = self.sent = 0
+
+
+class RelayContext:
+    """What a relay uses of its listener, one per listener and worker (STYLE rule 12: a
+    per-connection object gets a small context, not its owner): the listener's settings,
+    the loop, poller, wheel and default pool, the preamble's rules, logs, counts, the set of
+    open relays, and the service's callbacks."""
+
+    __slots__ = ('loop', 'listener', 'poller', 'wheel', 'pool', 'sni', 'trusted',
+                 'send_header', 'log', 'ratelog', 'access', 'counts', 'relays', 'admit',
+                 'forget', 'starving', 'out_of_files')
+
+    def __init__(self, loop, listener, poller, wheel, pool, log, ratelog, *, sni=None,
+                 trusted=None, send_header=None, access=None, counts=None, relays=None,
+                 admit=None, forget=None, starving=None, out_of_files=None):
+        self.loop = loop
+        self.listener = listener          # config.schema.Listener: the settings
+        self.poller = poller              # io.stream.Poller: the relays' sockets
+        self.wheel = wheel                # io.wheel.Wheel: the relays' timeouts
+        self.pool = pool                  # the listener's upstream (SNI may pick another)
+        self.log = log
+        self.ratelog = ratelog
+        self.sni = sni                    # edge.sni.SniRouter, with sni_routes
+        self.trusted = trusted            # edge.acl.Acl of proxy_protocol.trusted (accept)
+        self.send_header = send_header    # proxy_protocol.send: v1 or v2 writer, or None
+        self.access = access              # observe.access.AccessLog, or None
+        self.counts = counts if counts is not None else TcpCounts()
+        self.relays = relays if relays is not None else set()   # open relays
+        self.admit = admit                # admit(address) -> (limit key, refused reason)
+        self.forget = forget              # forget(relay): it ended
+        self.starving = starving          # starving(relay, on): waits for a file, or not
+        self.out_of_files = out_of_files  # out_of_files(what, exc): accepting pauses
 
 
 class Relay(Preamble):
     """One client connection and its upstream connection."""
 
-    __slots__ = ('service', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
+    __slots__ = ('ctx', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
                  'connecting', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
                  'local_addr', 'status', 'started', 'routed', 'connect_time',
                  'connect_started')
 
-    def __init__(self, service: 'TcpService', client_addr):
-        self.service = service
-        self.loop = service.loop
-        rate = service.listener.upload_rate
+    def __init__(self, ctx: RelayContext, client_addr):
+        self.ctx = ctx
+        self.loop = ctx.loop
+        rate = ctx.listener.upload_rate
         if rate:
             self.client = ThrottledClientSide(self)
             self.client.throttle(rate)
@@ -74,30 +114,30 @@ class Relay(Preamble):
         self.closing = False
         self.connecting: Stream | None = None         # the upstream socket being connected
         self.finishing = False
-        self.pool = service.pool
+        self.pool = ctx.pool
         self.peeking = None                         # a preamble stage: 'proxy' or 'sni'
         self.files_deadline = None                  # out of files: retry connecting until then
         self.limit_key = None                       # the client's key in the shared limits
         self.local_addr = None                      # the address the client connected to, as
                                                     # its PROXY header said
         self.status = None                          # why it ended, for the access log
-        self.started = self.loop.time() if service.access is not None else 0.0
+        self.started = self.loop.time() if ctx.access is not None else 0.0
         self.routed = self.connect_time = 0.0       # first connect try; its duration
         self.connect_started = 0.0                  # when the last connect began (monotonic;
                                                     # the loop's clock has 1 ms steps)
 
     # -- CONNECTING ---------------------------------------------------------------------
     def start(self, transport) -> None:
-        self.service.relays.add(self)
+        self.ctx.relays.add(self)
         self.begin(transport)     # the preamble, then _route()
 
     def _route(self, pool) -> None:
         self.pool = pool
-        if self.service.access is not None:
+        if self.ctx.access is not None:
             self.routed = self.loop.time()
         self.candidates = iter(pool.candidates(
             self.client_address() if pool.needs_client else None,
-            self.service.listener.next_upstream_tries))
+            self.ctx.listener.next_upstream_tries))
         self._try_next()
 
     def client_address(self):
@@ -114,10 +154,10 @@ class Relay(Preamble):
         if target is None:
             if self.status is None:
                 self.status = 'upstream_refused'
-            self.service.failed += 1
-            self.service.log.error('no upstream could be connected for client %s, listener: %s; '
+            self.ctx.counts.failed += 1
+            self.ctx.log.error('no upstream could be connected for client %s, listener: %s; '
                                    'closing the client connection',
-                                   format_sockaddr(self.client_address()), self.service.listener.name)
+                                   format_sockaddr(self.client_address()), self.ctx.listener.name)
             self.close()
             return
         self.trying = target
@@ -126,7 +166,7 @@ class Relay(Preamble):
     def _connect(self) -> None:
         """One connect to `self.trying`: a Stream (stream.py) and one timer."""
         target = self.trying
-        rate = self.service.listener.download_rate
+        rate = self.ctx.listener.download_rate
         if rate:
             side = ThrottledUpstreamSide(self, target)
             side.throttle(rate)
@@ -134,12 +174,12 @@ class Relay(Preamble):
             side = UpstreamSide(self, target)
         self.connect_started = time.monotonic()
         try:
-            self.connecting = Stream.connect(self.service.poller, target.family,
+            self.connecting = Stream.connect(self.ctx.poller, target.family,
                                              target.sockaddr, side, self._connect_failed)
         except OSError as exc:
             self._connect_failed(exc)
             return
-        self.timer = self.service.wheel.call_later(self.service.listener.connect_timeout,
+        self.timer = self.ctx.wheel.call_later(self.ctx.listener.connect_timeout,
                                                    self._connect_timed_out)
 
     def _connect_timed_out(self) -> None:
@@ -162,20 +202,20 @@ class Relay(Preamble):
                 return            # not the server's fault: the same server, once a file is free
             self.pool.release(self.trying)
             self.status = 'upstream_refused'
-            self.service.failed += 1
-            self.service.log.error('no file for an upstream connection in %gs, client: %s, '
+            self.ctx.counts.failed += 1
+            self.ctx.log.error('no file for an upstream connection in %gs, client: %s, '
                                    'listener: %s; closing the client connection',
-                                   self.service.listener.connect_timeout,
-                                   format_sockaddr(self.client_address()), self.service.listener.name)
+                                   self.ctx.listener.connect_timeout,
+                                   format_sockaddr(self.client_address()), self.ctx.listener.name)
             self.close()
             return
         self.pool.release(self.trying)
         self.pool.failed(self.trying)
         reason = 'timed out' if exc is None else _oserror_text(exc)
         self.status = 'timeout' if exc is None else 'upstream_refused'
-        self.service.log.warning('connect() to %s failed (%s) while connecting to upstream, '
+        self.ctx.log.warning('connect() to %s failed (%s) while connecting to upstream, '
                                  'client: %s, listener: %s', self.trying.label, reason,
-                                 format_sockaddr(self.client_address()), self.service.listener.name)
+                                 format_sockaddr(self.client_address()), self.ctx.listener.name)
         self._try_next()
 
     def _wait_for_files(self, exc: OSError) -> bool:
@@ -183,14 +223,14 @@ class Relay(Preamble):
         connect_timeout (False when that time is up). Meanwhile the service accepts no
         one: a new client would take the file this one waits for."""
         now = self.loop.time()
-        svc = self.service
+        svc = self.ctx
         if self.files_deadline is None:
             self.files_deadline = now + svc.listener.connect_timeout
             svc.starving(self, True)
         elif now >= self.files_deadline:
             svc.starving(self, False)
             return False
-        svc.acceptor.out_of_files('socket() for an upstream connection', exc)
+        svc.out_of_files('socket() for an upstream connection', exc)
         self.timer = self.loop.call_later(accept.PAUSE_MIN, self._retry_connect)
         return True
 
@@ -206,22 +246,22 @@ class Relay(Preamble):
             upstream.transport.close()
             return
         if self.files_deadline is not None:
-            self.service.starving(self, False)
+            self.ctx.starving(self, False)
         self.target = upstream.target
         self.pool.succeeded(upstream.target, time.monotonic() - self.connect_started)
         self.status = None                          # an earlier try's failure is not the end
-        if self.service.access is not None:
+        if self.ctx.access is not None:
             self.connect_time = self.loop.time() - self.routed
         client = self.client
         self.upstream = upstream
         client.peer = upstream
         upstream.peer = client
-        keepalive = self.service.listener.keepalive
+        keepalive = self.ctx.listener.keepalive
         if keepalive is not None:
             _set_keepalive(client.transport, keepalive)
             _set_keepalive(upstream.transport, keepalive)
         early, client.early = client.early, None
-        if self.service.send_header is not None:
+        if self.ctx.send_header is not None:
             upstream.transport.write(self._proxy_header())
         if early:
             upstream.transport.write(b''.join(early))
@@ -238,7 +278,7 @@ class Relay(Preamble):
     def _proxy_header(self) -> bytes:
         """proxy_protocol.send: the client and the address it connected to, v1 or v2."""
         local = self.local_addr or self.client.transport.get_extra_info('sockname')
-        return self.service.send_header(self.client_addr[:2], local[:2])
+        return self.ctx.send_header(self.client_addr[:2], local[:2])
 
     def on_eof(self, side: Side) -> None:
         if self.finishing:
@@ -258,8 +298,8 @@ class Relay(Preamble):
         transport.write_eof()     # pass the FIN on; the other direction goes on
         if not self.half_closed:  # half_close_timeout is not extended by traffic
             self.half_closed = True
-            self.half_timer = self.service.wheel.call_later(
-                self.service.listener.half_close_timeout, self._on_half_close_timeout)
+            self.half_timer = self.ctx.wheel.call_later(
+                self.ctx.listener.half_close_timeout, self._on_half_close_timeout)
 
     def on_lost(self, side: Side, exc) -> None:
         if not self.closing:
@@ -275,7 +315,7 @@ class Relay(Preamble):
             self.timer.cancel()
         self.seen = self.client.received + self.upstream.received
         self.quiet = 0
-        self.timer = self.service.wheel.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+        self.timer = self.ctx.wheel.call_later(self.ctx.listener.idle_timeout / IDLE_TICKS,
                                                    self._on_idle_tick)
 
     def _on_idle_tick(self) -> None:
@@ -289,18 +329,18 @@ class Relay(Preamble):
         else:
             self.quiet += 1
             if self.quiet > IDLE_TICKS:
-                self.service.log.info('idle timeout, closing client %s',
+                self.ctx.log.info('idle timeout, closing client %s',
                                       format_sockaddr(self.client_address()))
                 self.status = 'idle_timeout'
                 self.close()
                 return
-        self.timer = self.service.wheel.call_later(self.service.listener.idle_timeout / IDLE_TICKS,
+        self.timer = self.ctx.wheel.call_later(self.ctx.listener.idle_timeout / IDLE_TICKS,
                                                    self._on_idle_tick)
 
     def _on_half_close_timeout(self) -> None:
         self.half_timer = None
         if not self.closing:
-            self.service.log.info('half-close timeout, closing client %s',
+            self.ctx.log.info('half-close timeout, closing client %s',
                                   format_sockaddr(self.client_address()))
             self.status = 'idle_timeout'
             self.close()
@@ -367,7 +407,7 @@ class Relay(Preamble):
                 return
         if self.client.relay is None:
             return                                       # forgotten already
-        self.service.forget(self)
+        self.ctx.forget(self)
         if self.target is not None:
             self.pool.release(self.target)
         self.client.peer = self.client.relay = None     # break the cycles: freed by refcount,

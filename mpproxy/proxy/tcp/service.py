@@ -26,7 +26,7 @@ from mpproxy.proxy.io.stream import Poller, Stream
 from mpproxy.proxy.io.wheel import Wheel
 from mpproxy.proxy.tcp import accept
 from mpproxy.proxy.tcp.accept import Acceptor
-from mpproxy.proxy.tcp.relay import Relay
+from mpproxy.proxy.tcp.relay import Relay, RelayContext, TcpCounts
 from mpproxy.shared import limits
 from mpproxy.upstream.pool import UpstreamPool
 
@@ -56,11 +56,8 @@ class TcpService:
         self.trusted = acl.Acl(allow=pp.trusted) if pp.accept else None
         self.send_header = {'v1': proxy_header.v1, 'v2': proxy_header.v2}.get(pp.send)
         self.gate = gate                  # the shared limits, or None
-        self.denied = self.limited = self.bad_headers = 0
         self.access = access              # the worker's observe.access.AccessLog, or None
-        # metrics (observe/metrics.py): clients accepted; clients closed because no upstream
-        # could be connected; bytes read from clients and from upstreams by relays that ended
-        self.accepted = self.failed = self.received = self.sent = 0
+        self.counts = TcpCounts()         # read by counters() (observe/metrics.py)
         self.ratelog = RateLimitedLog(log)
         self.relays: set[Relay] = set()
         self.starved: set[Relay] = set()  # relays waiting for a file for their upstream socket
@@ -73,18 +70,25 @@ class TcpService:
         self.acceptor = Acceptor(loop, sock, self._accepted, self.ratelog, listener.name, room,
                                  accept.BATCH_SHARED if shared else accept.BATCH,
                                  anonymous=not needs_address)
+        self.ctx = RelayContext(loop, listener, self.poller, self.wheel, pool, log, self.ratelog,
+                                sni=sni_router, trusted=self.trusted,
+                                send_header=self.send_header, access=access, counts=self.counts,
+                                relays=self.relays, admit=self.admit, forget=self.forget,
+                                starving=self.starving, out_of_files=self.acceptor.out_of_files)
 
     def counters(self) -> dict[str, int]:
         """What this listener counted, keyed as observe/metrics.py's TCP_SERIES; open
         connections count the bytes they relayed so far."""
-        received, sent = self.received, self.sent
+        counts = self.counts
+        received, sent = counts.received, counts.sent
         for relay in self.relays:
             received += relay.client.received
             upstream = relay.upstream
             if upstream is not None:
                 sent += upstream.received
-        return {'accepted': self.accepted, 'denied': self.denied, 'limited': self.limited,
-                'bad_headers': self.bad_headers, 'failed': self.failed,
+        return {'accepted': counts.accepted, 'denied': counts.denied,
+                'limited': counts.limited, 'bad_headers': counts.bad_headers,
+                'failed': counts.failed,
                 'received_bytes': received, 'sent_bytes': sent, 'active': len(self.relays)}
 
     async def start(self) -> None:
@@ -97,7 +101,7 @@ class TcpService:
 
     def _accepted(self, fd: int, address) -> None:
         """A new client (an accepted fd): check it, then wrap it in a Stream."""
-        self.accepted += 1
+        self.counts.accepted += 1
         if address is None:              # accept4(): non-blocking, and nothing to check
             self._take(fd, None, None)
             return
@@ -106,7 +110,7 @@ class TcpService:
         elif self.trusted.permits(address[0]):
             key, refused = ADMITTED       # checked once its PROXY header tells who it is
         else:
-            self.denied += 1
+            self.counts.denied += 1
             self.ratelog.warning('untrusted', 'tcp %s: client %s is not in '
                                  'proxy_protocol.trusted; closing', self.listener.name,
                                  format_sockaddr(address))
@@ -121,7 +125,7 @@ class TcpService:
     def _take(self, fd: int, address, key) -> None:
         """An admitted client: a Stream for its fd and a Relay."""
         sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-        relay = Relay(self, address)
+        relay = Relay(self.ctx, address)
         relay.limit_key = key
         try:
             if address is not None:
@@ -138,7 +142,7 @@ class TcpService:
         limits or None when nothing is counted, None) when admitted; (None, the access
         log's status: 'denied' or 'limit') when refused, counted and logged here."""
         if self.acl is not None and not self.acl.permits(address[0]):
-            self.denied += 1
+            self.counts.denied += 1
             self.ratelog.info('denied', 'tcp %s: client %s denied by allow/deny',
                               self.listener.name, format_sockaddr(address))
             return REFUSED_DENIED
@@ -149,7 +153,7 @@ class TcpService:
         why = gate.try_acquire(key)
         if why is None:
             return key, None
-        self.limited += 1
+        self.counts.limited += 1
         self.ratelog.warning(('limit', why), 'tcp %s: client %s refused: %s (%d) reached',
                              self.listener.name, format_sockaddr(address), why,
                              gate.max_total if why == 'max_connections' else gate.max_per_ip)
@@ -165,9 +169,9 @@ class TcpService:
 
     def forget(self, relay: Relay) -> None:
         self.relays.discard(relay)
-        self.received += relay.client.received
+        self.counts.received += relay.client.received
         if relay.upstream is not None:
-            self.sent += relay.upstream.received
+            self.counts.sent += relay.upstream.received
         self._release(relay.limit_key)
         relay.limit_key = None
         if relay.files_deadline is not None:
