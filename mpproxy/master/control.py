@@ -34,6 +34,8 @@ import socket
 import struct
 import time
 
+from mpproxy.observe.admin import watch_listener
+
 READ_TIMEOUT = 5.0
 MAX_REQUEST = 64
 MAX_CLIENTS = 32
@@ -170,11 +172,7 @@ class ControlEndpoint:
         self._update()
 
     def _set_accepting(self, on: bool) -> None:
-        if on and not self.accepting:
-            self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
-        elif not on and self.accepting:
-            self.selector.unregister(self.sock)
-        self.accepting = on
+        self.accepting = watch_listener(self.selector, self.sock, self._accept, on, self.accepting)
 
     def _update(self) -> None:
         if self.sock is not None:

@@ -40,6 +40,18 @@ REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not All
            503: 'Service Unavailable'}
 
 
+def watch_listener(selector: selectors.BaseSelector, sock, accept, on: bool,
+                   watched: bool) -> bool:
+    """Have `selector` call `accept` when `sock` is readable (on) or not (off); `watched`:
+    whether it does now. Returns the new state. (A listener of the master that takes
+    clients only while it has room: this endpoint, the -s reload control socket.)"""
+    if on and not watched:
+        selector.register(sock, selectors.EVENT_READ, accept)
+    elif not on and watched:
+        selector.unregister(sock)
+    return on
+
+
 def bind(address: Address) -> socket.socket:
     """A listening, non-blocking TCP socket on `address` (OSError if it cannot be bound)."""
     family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
@@ -129,11 +141,7 @@ class AdminServer:
         return sock
 
     def _set_accepting(self, on: bool) -> None:
-        if on and not self.accepting:
-            self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
-        elif not on and self.accepting:
-            self.selector.unregister(self.sock)
-        self.accepting = on
+        self.accepting = watch_listener(self.selector, self.sock, self._accept, on, self.accepting)
 
     def _update(self) -> None:
         if self.sock is not None:
