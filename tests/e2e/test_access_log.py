@@ -12,11 +12,10 @@ import json
 import os
 import pwd
 import re
-import shutil
 import signal
 import socket
 import struct
-import tempfile
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 
 from helpers.backends import TcpBackend, UdpEcho
 from helpers.net import free_port, recv_all
-from helpers.proc import rss_kib, run_cli, wait_for
+from helpers.proc import rss_kib, run_cli, socket_inodes, wait_for
 from mpproxy.proxy.edge import proxy_header
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0,
@@ -34,21 +33,17 @@ TEXT = re.compile(r'^(\S+) \[(\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000)\] 
                   r'(\S+) (\d+) (\d+) (\S+) (\d+\.\d{3}) (\S+) (\S+)$')
 
 
-def config(path, listeners: str, fmt: str = 'json', workers: int = 2, top: str = '') -> str:
-    """`listeners` is the YAML of the list items, indented by 10 spaces."""
-    return f"""
-        workers: {workers}
-        access_log: {{path: "{path}", format: {fmt}}}
-{top}
-        listeners:
-{listeners}
-    """
+def config(path, *listeners: dict, fmt: str = 'json', workers: int = 2, **top) -> dict:
+    """The access log at `path` in `fmt`, the `listeners`, and `top`: more top-level keys."""
+    return {'workers': workers, 'access_log': {'path': str(path), 'format': fmt}, **top,
+            'listeners': list(listeners)}
 
 
-def listener(port: int, upstream: str, extra: str = '', name: str = 'web',
-             protocol: str = 'tcp') -> str:
-    return (f'          - name: {name}\n            listen: "127.0.0.1:{port}"\n'
-            f'            protocol: {protocol}\n            upstream: ["{upstream}"]\n{extra}')
+def listener(port: int, upstream: str, name: str = 'web', protocol: str = 'tcp',
+             **keys) -> dict:
+    """The listener `name` on 127.0.0.1:`port` in front of `upstream`; `keys`: more keys."""
+    return {'name': name, 'listen': f'127.0.0.1:{port}', 'protocol': protocol,
+            'upstream': [upstream], **keys}
 
 
 def lines(path: Path) -> list[dict]:
@@ -189,8 +184,8 @@ def test_refused_and_timed_out_connects(proxies, tmp_path):
     try:
         black = '%s:%d' % server.getsockname()
         dead_address = f'127.0.0.1:{free_port()}'          # nothing listens there
-        proxies(config(path, listener(dead, dead_address, name='dead') + listener(
-            slow, black, name='slow', extra='            connect_timeout: 500ms\n'))).start(
+        proxies(config(path, listener(dead, dead_address, name='dead'),
+                       listener(slow, black, name='slow', connect_timeout='500ms'))).start(
             wait_workers=2)
         from_source(dead, '127.0.0.1', b'hello')
         (line,) = wait_lines(path, where=lambda l: l['listener'] == 'dead')
@@ -211,8 +206,8 @@ def test_refused_and_timed_out_connects(proxies, tmp_path):
 def test_idle_timeout(proxies, tmp_path, tcp_echo):
     path = tmp_path / 'access.log'
     port = free_port()
-    proxies(config(path, listener(port, tcp_echo.address,
-                                  extra='            idle_timeout: 1s\n'))).start(wait_workers=2)
+    proxies(config(path, listener(port, tcp_echo.address, idle_timeout='1s'))).start(
+        wait_workers=2)
     with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
         s.sendall(b'ping')
         assert s.recv(10) == b'ping'
@@ -225,10 +220,8 @@ def test_idle_timeout(proxies, tmp_path, tcp_echo):
 def test_denied_and_limited_clients_get_a_line_each(proxies, tmp_path, tcp_echo):
     path = tmp_path / 'access.log'
     port = free_port()
-    proxies(config(path, listener(port, tcp_echo.address, extra="""\
-            deny: [127.0.0.2/32]
-            max_connections_per_ip: 1
-"""))).start(wait_workers=2)
+    proxies(config(path, listener(port, tcp_echo.address, deny=['127.0.0.2/32'],
+                                  max_connections_per_ip=1))).start(wait_workers=2)
     denied = from_source(port, '127.0.0.2', b'no')
     with socket.create_connection(('127.0.0.1', port), timeout=5) as held:
         held.sendall(b'ping')
@@ -247,9 +240,8 @@ def test_denied_and_limited_clients_get_a_line_each(proxies, tmp_path, tcp_echo)
 def test_the_real_client_behind_a_trusted_proxy_and_a_bad_header(proxies, tmp_path, tcp_echo):
     path = tmp_path / 'access.log'
     port = free_port()
-    proxies(config(path, listener(port, tcp_echo.address, extra="""\
-            proxy_protocol: {accept: true, trusted: [127.0.0.1/32]}
-"""))).start(wait_workers=2)
+    proxies(config(path, listener(port, tcp_echo.address, proxy_protocol={
+        'accept': True, 'trusted': ['127.0.0.1/32']}))).start(wait_workers=2)
     header = proxy_header.v1(('192.0.2.7', 4242), ('127.0.0.1', port))
     with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
         s.sendall(header + b'payload')
@@ -288,10 +280,9 @@ def test_a_udp_session_gives_one_line_when_it_expires(proxies, tmp_path):
     port = free_port(socket.SOCK_DGRAM)
     upstream = UdpEcho(prefix=b'>>')
     try:
-        proxies(config(path, listener(port, upstream.address, protocol='udp', name='dns', extra="""\
-            idle_timeout: 1s
-            deny: [127.0.0.2/32]
-"""))).start(wait_workers=2)
+        proxies(config(path, listener(port, upstream.address, protocol='udp', name='dns',
+                                      idle_timeout='1s', deny=['127.0.0.2/32']))).start(
+            wait_workers=2)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c, \
                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as denied:
             c.settimeout(3)
@@ -309,7 +300,7 @@ def test_a_udp_session_gives_one_line_when_it_expires(proxies, tmp_path):
                         'bytes_out': 3216, 'datagrams_in': 3, 'datagrams_out': 3,
                         'connect_time': None}
         assert 1.0 <= line['duration'] < 4
-        time.sleep(1.5)                                     # nothing more comes
+        time.sleep(1.5)             # an observation window: nothing more may be written
         assert len(lines(path)) == 1
     finally:
         upstream.close()
@@ -319,11 +310,10 @@ def test_udp_sessions_ended_by_the_upstream_or_for_a_new_client(proxies, tmp_pat
     path = tmp_path / 'access.log'
     dead, full = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     dead_address = f'127.0.0.1:{free_port(socket.SOCK_DGRAM)}'      # nothing listens there
-    proxies(config(path, listener(dead, dead_address, protocol='udp', name='dead') + listener(
-        full, udp_echo.address, protocol='udp', name='full', extra="""\
-            idle_timeout: 4s
-            udp: {max_sessions: 1}
-"""), workers=1)).start(wait_workers=1)
+    proxies(config(path, listener(dead, dead_address, protocol='udp', name='dead'),
+                   listener(full, udp_echo.address, protocol='udp', name='full',
+                            idle_timeout='4s', udp={'max_sessions': 1}),
+                   workers=1)).start(wait_workers=1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
         for s in (a, b):
@@ -335,7 +325,9 @@ def test_udp_sessions_ended_by_the_upstream_or_for_a_new_client(proxies, tmp_pat
                 line['datagrams_out']) == (local(a), dead_address, 'upstream_refused', 1, 0)
         a.sendto(b'first', ('127.0.0.1', full))
         assert a.recv(100) == b'first'
-        time.sleep(2.5)             # no longer talking (a reply within 2 s), not yet idle (4 s)
+        # the test: 2.5 s of silence, so a's session is no longer talking (a reply within
+        # 2 s) and not yet idle (4 s)
+        time.sleep(2.5)
         b.sendto(b'second', ('127.0.0.1', full))            # the table is full: a's ends
         assert b.recv(100) == b'second'
         (line,) = wait_lines(path, where=lambda l: l['listener'] == 'full')
@@ -347,10 +339,8 @@ def test_a_udp_session_handed_over_on_reload_gives_one_line_with_all_its_counts(
         proxies, tmp_path, udp_echo):
     path = tmp_path / 'access.log'
     port = free_port(socket.SOCK_DGRAM)
-    text = config(path, listener(port, udp_echo.address, protocol='udp', extra="""\
-            idle_timeout: 2s
-"""), workers=1)
-    proxy = proxies(text).start(wait_workers=1)
+    proxy = proxies(config(path, listener(port, udp_echo.address, protocol='udp',
+                                          idle_timeout='2s'), workers=1)).start(wait_workers=1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
         c.bind(('127.0.0.1', 0))
         c.settimeout(3)
@@ -404,10 +394,13 @@ def test_s_reopen_moves_new_lines_to_a_new_file_and_loses_none(proxies, tmp_path
     path = tmp_path / 'access.log'
     port = free_port()
     proxy = proxies(config(path, listener(port, tcp_echo.address),
-                           top=f'        pid_file: {tmp_path / "mpproxy.pid"}')).start(
-        wait_workers=2)
+                           pid_file=str(tmp_path / 'mpproxy.pid'))).start(wait_workers=2)
+    idle = {pid: socket_inodes(pid) for pid in proxy.workers()}
     before = [from_source(port, '127.0.0.1', b'before %d' % i) for i in range(4)]
-    time.sleep(0.2)              # their relays are gone; their lines wait in the buffer (1 s)
+    # their relays are gone (each worker holds the sockets it held before them); their
+    # lines wait in the buffer (1 s)
+    wait_for(lambda: all(socket_inodes(w) <= idle[w] for w in idle), 5,
+             what='the relays of the connections to close')
     rotated = tmp_path / 'access.log.1'
     os.rename(path, rotated)
     result = run_cli('-c', str(proxy.config_path), '-s', 'reopen')
@@ -427,7 +420,7 @@ def test_usr1_reopen_with_workers_as_nobody(proxies, open_dir, tcp_echo):
     uid = pwd.getpwnam('nobody').pw_uid
     path = open_dir / 'access.log'
     port = free_port()
-    proxy = proxies(config(path, listener(port, tcp_echo.address), top='        user: nobody'))
+    proxy = proxies(config(path, listener(port, tcp_echo.address), user='nobody'))
     proxy.start(wait_workers=2)
     assert os.stat(path).st_uid == uid                      # made by the master before the fork
     first = from_source(port, '127.0.0.1', b'first')
@@ -451,7 +444,7 @@ def test_no_line_is_lost_at_quit(proxies, tmp_path, tcp_echo):
     path = tmp_path / 'access.log'
     port = free_port()
     proxy = proxies(config(path, listener(port, tcp_echo.address),
-                           top='        shutdown_timeout: 10s')).start(wait_workers=2)
+                           shutdown_timeout='10s')).start(wait_workers=2)
     done = [from_source(port, '127.0.0.1', b'x' * i) for i in range(30)]
     open_ones = [socket.create_connection(('127.0.0.1', port), timeout=5) for _ in range(3)]
     still_open = [local(s) for s in open_ones]
@@ -493,6 +486,13 @@ def test_no_line_is_lost_at_term_for_connections_cut_open(proxies, tmp_path, tcp
 
 # -- floods -------------------------------------------------------------------------------
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the TCP listener on 127.0.0.1:`port`."""
+    out = subprocess.run(['ss', '-ltnH', f'sport = :{port}'], capture_output=True,
+                         text=True).stdout
+    return int(out.split()[1])                              # Recv-Q of a listener
+
+
 def denied_flood(port: int, count: int) -> None:
     linger = struct.pack('ii', 1, 0)
     for _ in range(count):
@@ -515,15 +515,15 @@ def test_a_flood_of_denied_clients_to_a_stuck_log_keeps_memory_bounded(proxies, 
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
         port = free_port()
-        proxy = proxies(config(fifo, listener(port, tcp_echo.address, extra="""\
-            deny: [127.0.0.1/32]
-"""), workers=1)).start(wait_workers=1)
+        proxy = proxies(config(fifo, listener(port, tcp_echo.address, deny=['127.0.0.1/32']),
+                               workers=1)).start(wait_workers=1)
         (worker,) = proxy.workers()
         denied_flood(port, 8000)        # ~1.6 MB of lines: the pipe and the 1 MiB buffer fill
         proxy.wait_log('line(s) dropped', timeout=10)
         before = rss_kib(worker)
         denied_flood(port, 16000)       # ~3 MB more
-        time.sleep(0.5)                 # settle: the worker takes the last of the backlog
+        wait_for(lambda: accept_queue(port) == 0, 10,       # the worker takes the last of
+                 what='the accept queue to drain')          # the backlog
         grown = rss_kib(worker) - before
         assert grown < 1024, f'the worker grew by {grown} KiB'
         data = b''
@@ -538,7 +538,7 @@ def test_a_flood_of_denied_clients_to_a_stuck_log_keeps_memory_bounded(proxies, 
                 data += chunk
                 quiet_since = time.monotonic()
             else:
-                time.sleep(0.02)
+                time.sleep(0.02)                            # the reader's polling interval
         got = [json.loads(line) for line in data.splitlines()]   # whole lines only
         assert all(l['status'] == 'denied' for l in got)
         assert 5000 < len(got) < 24000                      # about 1 MiB + the pipe's 64 KiB

@@ -9,7 +9,7 @@ import socket
 import time
 
 from helpers.backends import TcpBackend, tagged_backend
-from helpers.configs import tcp_config, udp_config, with_admin
+from helpers.configs import listener, tcp_config, udp_config, upgrade_config, with_admin
 from helpers.net import client, connect, echo_roundtrip, free_port, get, recv_exactly
 from helpers.proc import (alive, cmdline, fd_count, listening_inodes, run_cli, socket_inodes,
                           wait_for)
@@ -126,11 +126,8 @@ def test_udp_counts_datagrams_and_sessions(proxies, udp_echo):
 
 def test_counters_never_go_backwards_across_reload_and_a_killed_worker(proxies, tcp_echo, udp_echo):
     port, admin = free_port(), free_port()
-    config = with_admin(tcp_config(port, tcp_echo.address), admin) + f"""
-          - listen: "127.0.0.1:{port}"
-            protocol: udp
-            upstream: ["{udp_echo.address}"]
-    """
+    config = with_admin(tcp_config(port, tcp_echo.address), admin)
+    config['listeners'].append(listener(port, [udp_echo.address], 'udp'))
     proxy = proxies(config).start(wait_workers=2)
     sent = 0
 
@@ -259,7 +256,7 @@ def test_status_describes_master_generations_and_workers(proxies, tcp_echo):
     port, admin = free_port(), free_port()
     proxy = proxies(with_admin(tcp_config(port, tcp_echo.address), admin)).start(wait_workers=2)
     assert echo_roundtrip(port, b'hello') == b'hello'
-    time.sleep(0.3)               # so that uptimes are at least 0.3 s
+    time.sleep(0.3)               # the test: 0.3 s of life, which every uptime must show
     code, content_type, body = get(admin, '/status')
     assert code == 200 and content_type == 'application/json'
     status = json.loads(body)
@@ -392,8 +389,7 @@ def test_admin_is_off_by_default(proxies, tcp_echo):
 
 def test_usr2_hands_the_admin_socket_to_the_new_master(proxies, tmp_path, tcp_echo):
     port, admin = free_port(), free_port()
-    config = with_admin(tcp_config(port, tcp_echo.address).replace(
-        'workers: 2', f'workers: 2\n        pid_file: {tmp_path}/mpproxy.pid'), admin)
+    config = with_admin(upgrade_config(tmp_path, port, tcp_echo.address), admin)
     proxy = proxies(config).start(wait_workers=2)
     old = proxy.pid
     proxy.signal(signal.SIGUSR2)

@@ -7,7 +7,7 @@ import socket
 import subprocess
 
 from helpers.backends import UdpEcho, tagged_backend
-from helpers.configs import server_lines, upstream_config
+from helpers.configs import upstream_config, weighted
 from helpers.net import first_bytes, free_port
 from helpers.proc import wait_for
 
@@ -16,8 +16,8 @@ def test_weighted_round_robin_matches_weights(proxies):
     backends = [tagged_backend(b'A'), tagged_backend(b'B'), tagged_backend(b'C')]
     try:
         port = free_port()
-        servers = server_lines((backends[0].address, 5), (backends[1].address, 3),
-                               (backends[2].address, 2))
+        servers = weighted((backends[0].address, 5), (backends[1].address, 3),
+                           (backends[2].address, 2))
         proxies(upstream_config(port, servers, 'round_robin')).start(wait_workers=1)
         counts = {b'A': 0, b'B': 0, b'C': 0}
         for _ in range(1000):
@@ -39,7 +39,7 @@ def test_least_conn_sends_new_connections_to_the_least_busy_server(proxies):
     held = []
     try:
         port = free_port()
-        servers = server_lines((a.address, 1), (b.address, 1))
+        servers = weighted((a.address, 1), (b.address, 1))
         proxies(upstream_config(port, servers, 'least_conn')).start(wait_workers=1)
         for _ in range(4):                     # 2 + 2, held open
             sock = socket.create_connection(('127.0.0.1', port), timeout=5)
@@ -66,14 +66,12 @@ def test_hash_keeps_a_client_on_one_server_across_reloads(proxies):
     backends = [tagged_backend(t) for t in (b'A', b'B', b'C', b'D')]
     try:
         port = free_port()
-        servers = server_lines(*((bk.address, 1) for bk in backends))
-        proxy = proxies(upstream_config(port, servers, 'hash', workers=2,
-                                        extra='            hash_key: client_ip')).start(wait_workers=2)
+        servers = weighted(*((bk.address, 1) for bk in backends))
+        config = upstream_config(port, servers, 'hash', workers=2, extra={'hash_key': 'client_ip'})
+        proxy = proxies(config).start(wait_workers=2)
         seen = {first_bytes(port, 1) for _ in range(30)}
         assert len(seen) == 1                   # every connection of 127.0.0.1: one server
-        proxy.write_config(upstream_config(port, servers, 'hash', workers=2,
-                                           extra='            hash_key: client_ip\n'
-                                                 '            # reloaded'))
+        proxy.write_config(config)              # the same config: the reload keeps the choice
         proxy.signal(signal.SIGHUP)
         proxy.wait_log('generation 2 active')
         assert {first_bytes(port, 1) for _ in range(30)} == seen
@@ -87,7 +85,7 @@ def test_udp_sessions_follow_the_weights(proxies):
     clients: list[socket.socket] = []
     try:
         port = free_port(socket.SOCK_DGRAM)
-        servers = server_lines((a.address, 3), (b.address, 1))
+        servers = weighted((a.address, 3), (b.address, 1))
         proxies(upstream_config(port, servers, 'round_robin', protocol='udp')).start(wait_workers=1)
         counts = {b'A': 0, b'B': 0}
         # 40 clients, all kept open: 40 distinct source ports, so 40 sessions (the port of a
@@ -110,8 +108,8 @@ def test_dead_server_is_marked_down_and_clients_notice_nothing(proxies):
     a, b = tagged_backend(b'A'), tagged_backend(b'B')
     try:
         port = free_port()
-        servers = (f'              - {{address: "{a.address}", max_fails: 1, fail_timeout: 30s}}\n'
-                   f'              - {{address: "{b.address}", max_fails: 1, fail_timeout: 30s}}\n')
+        servers = [{'address': a.address, 'max_fails': 1, 'fail_timeout': '30s'},
+                   {'address': b.address, 'max_fails': 1, 'fail_timeout': '30s'}]
         proxy = proxies(upstream_config(port, servers, 'round_robin', workers=2)).start(wait_workers=2)
         assert {first_bytes(port, 1) for _ in range(10)} == {b'A', b'B'}
         a.close()                              # A dies: its port now refuses connections
@@ -128,8 +126,7 @@ def test_backup_is_used_only_when_every_primary_is_down(proxies):
     a, b = tagged_backend(b'A'), tagged_backend(b'B')
     try:
         port = free_port()
-        servers = (f'              - {{address: "{a.address}"}}\n'
-                   f'              - {{address: "{b.address}", backup: true}}\n')
+        servers = [{'address': a.address}, {'address': b.address, 'backup': True}]
         proxies(upstream_config(port, servers, 'round_robin')).start(wait_workers=1)
         assert [first_bytes(port, 1) for _ in range(20)] == [b'A'] * 20
         a.close()
@@ -143,8 +140,7 @@ def test_max_conns_caps_a_server(proxies):
     held = []
     try:
         port = free_port()
-        servers = (f'              - {{address: "{a.address}", max_conns: 1}}\n'
-                   f'              - {{address: "{b.address}"}}\n')
+        servers = [{'address': a.address, 'max_conns': 1}, {'address': b.address}]
         proxies(upstream_config(port, servers, 'round_robin')).start(wait_workers=1)
         for _ in range(6):
             sock = socket.create_connection(('127.0.0.1', port), timeout=5)
@@ -177,7 +173,7 @@ def test_backend_killed_during_load_fails_no_connection_opened_after(proxies):
 
     try:
         port = free_port()
-        servers = server_lines((a.address, 1), (b.address, 1))
+        servers = weighted((a.address, 1), (b.address, 1))
         proxies(upstream_config(port, servers, 'round_robin', workers=2)).start(wait_workers=2)
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:

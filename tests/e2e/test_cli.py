@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 
 import pytest
 import yaml
 
-from helpers.configs import tcp_config
+from helpers.configs import render, tcp_config, with_keys, with_pid_file
 from helpers.net import echo_roundtrip, free_port
 from helpers.proc import ROOT, alive, run_cli, wait_for
 
@@ -101,22 +100,21 @@ def test_version():
 def daemon_config(tmp_path, port, backend) -> tuple[str, str]:
     pid_file = tmp_path / 'mpproxy.pid'
     log_file = tmp_path / 'error.log'
-    text = tcp_config(port, backend).replace(
-        'workers: 2', f'workers: 2\n        pid_file: {pid_file}\n        error_log: {log_file}')
+    config = with_keys(tcp_config(port, backend), pid_file=str(pid_file), error_log=str(log_file))
     path = tmp_path / 'daemon.yaml'
-    path.write_text(textwrap.dedent(text))
+    path.write_text(render(config))
     return str(path), str(pid_file)
 
 
 def test_second_instance_with_same_pid_file_refuses(proxies, tmp_path, tcp_echo):
     port = free_port()
     pid_file = tmp_path / 'one.pid'
-    proxy = proxies(tcp_config(port, tcp_echo.address).replace(
-        'workers: 2', f'workers: 2\n        pid_file: {pid_file}')).start(wait_workers=2)
+    proxy = proxies(with_pid_file(tcp_config(port, tcp_echo.address), pid_file)).start(
+        wait_workers=2)
     assert pid_file.read_text().strip() == str(proxy.pid)
     other_port = free_port()
-    second = proxies(tcp_config(other_port, tcp_echo.address).replace(
-        'workers: 2', f'workers: 2\n        pid_file: {pid_file}'), name='second')
+    second = proxies(with_pid_file(tcp_config(other_port, tcp_echo.address), pid_file),
+                     name='second')
     result = run_cli('-c', str(second.config_path), timeout=10)
     assert result.returncode == 1
     assert f'another mpproxy (pid {proxy.pid})' in result.stderr
@@ -179,11 +177,13 @@ def test_stop_signal_by_name(tmp_path, tcp_echo):
 
 def test_check_reports_a_server_name_that_does_not_resolve(tmp_path):
     path = tmp_path / 'dns.yaml'
-    path.write_text('upstreams:\n  web: {servers: [missing.invalid:80, localhost:81]}\n'
-                    'listeners:\n  - listen: 127.0.0.1:8000\n    upstream: web\n')
+    config = {'upstreams': {'web': {'servers': ['missing.invalid:80', 'localhost:81']}},
+              'listeners': [{'listen': '127.0.0.1:8000', 'upstream': 'web'}]}
+    path.write_text(render(config))
     result = run_cli('-t', '-c', str(path))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'upstreams.web.servers[0]: cannot resolve missing.invalid' in lines[0]
-    path.write_text(path.read_text().replace('{servers:', '{resolve: 30s, servers:'))
+    config['upstreams']['web']['resolve'] = '30s'
+    path.write_text(render(config))
     assert run_cli('-t', '-c', str(path)).returncode == 0      # with resolve it may start empty

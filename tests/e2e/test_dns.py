@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers.backends import DnsServer
-from helpers.configs import dns_config
+from helpers.configs import dns_config, render
 from helpers.net import first_bytes, free_port
 from helpers.proc import run_cli, wait_for
 
@@ -96,7 +96,7 @@ def test_with_resolve_an_unresolvable_name_starts_empty_until_dns_answers(proxie
 
 def test_unresolvable_name_without_resolve_stops_the_start(tmp_path, dns):
     path = tmp_path / 'mpproxy.yaml'
-    path.write_text(dns_config(free_port(), dns.port, 'missing.test:80', resolve=None))
+    path.write_text(render(dns_config(free_port(), dns.port, 'missing.test:80', resolve=None)))
     started = time.monotonic()
     result = run_cli('-c', str(path), timeout=30)
     assert result.returncode == 1, result

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import collections
 import socket
-import textwrap
 import time
 
-from helpers.configs import tcp_config
+from helpers.configs import tcp_config, with_keys
 from helpers.net import connect, free_port
 from helpers.proc import wait_for
 
@@ -26,8 +25,8 @@ def cpu_seconds(pid: int) -> float:
 
 def test_out_of_files_pauses_accepting_and_serves_the_backlog_later(proxies, tcp_echo):
     port = free_port()
-    config = f'worker_rlimit_nofile: {NOFILE}\n' + textwrap.dedent(
-        tcp_config(port, tcp_echo.address, workers=1, extra='            connect_timeout: 60s'))
+    config = with_keys(tcp_config(port, tcp_echo.address, workers=1,
+                                  extra={'connect_timeout': '60s'}), worker_rlimit_nofile=NOFILE)
     proxy = proxies(config).start(wait_workers=1)
     [worker] = proxy.workers()
     # An accepted client whose upstream socket() fails for lack of files waits (up to

@@ -16,10 +16,9 @@ def test_tcp_check_takes_a_dead_server_out_and_back_in_for_all_workers(proxies):
     revived = None
     try:
         port = free_port()
-        servers = (f'              - {{address: "{a.address}", max_fails: 0}}\n'
-                   f'              - {{address: "{b.address}", max_fails: 0}}\n')
-        check = ('            health_check: {type: tcp, interval: 100ms, timeout: 200ms, '
-                 'rise: 2, fall: 2}')
+        servers = [{'address': a.address, 'max_fails': 0}, {'address': b.address, 'max_fails': 0}]
+        check = {'health_check': {'type': 'tcp', 'interval': '100ms', 'timeout': '200ms',
+                                  'rise': 2, 'fall': 2}}
         proxy = proxies(upstream_config(port, servers, 'round_robin', workers=2,
                                         extra=check)).start(wait_workers=2)
         assert {first_bytes(port, 1) for _ in range(20)} == {b'A', b'B'}
@@ -44,10 +43,10 @@ def test_udp_check_with_send_and_expect(proxies):
     good, bad = UdpEcho(prefix=b'pong:'), UdpEcho(prefix=b'nope:')
     try:
         port = free_port(socket.SOCK_DGRAM)
-        servers = (f'              - {{address: "{good.address}", max_fails: 0}}\n'
-                   f'              - {{address: "{bad.address}", max_fails: 0}}\n')
-        check = ('            health_check: {type: udp, interval: 100ms, timeout: 200ms, rise: 1, '
-                 'fall: 1, send: "ping", expect: "pong"}')
+        servers = [{'address': good.address, 'max_fails': 0},
+                   {'address': bad.address, 'max_fails': 0}]
+        check = {'health_check': {'type': 'udp', 'interval': '100ms', 'timeout': '200ms',
+                                  'rise': 1, 'fall': 1, 'send': 'ping', 'expect': 'pong'}}
         proxy = proxies(upstream_config(port, servers, 'round_robin', extra=check,
                                         protocol='udp')).start(wait_workers=1)
         proxy.wait_log(f'server {bad.address} is down', timeout=5)

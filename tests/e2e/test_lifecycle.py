@@ -8,7 +8,7 @@ import socket
 import time
 
 from helpers.backends import tagged_backend
-from helpers.configs import tcp_config
+from helpers.configs import listener, tcp_config, udp_config, with_keys
 from helpers.net import connect, echo_roundtrip, first_bytes, free_port, port_free, recv_all
 from helpers.proc import alive, cmdline, fd_count, listening_inodes, socket_inodes, wait_for
 
@@ -67,11 +67,9 @@ def test_hup_that_cannot_bind_keeps_old_generation(proxies, tcp_echo):
         port = free_port()
         proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
         busy = taken.getsockname()[1]
-        proxy.write_config(tcp_config(port, tcp_echo.address) + f"""
-          - listen: "127.0.0.1:{busy}"
-            protocol: tcp
-            upstream: ["{tcp_echo.address}"]
-        """)
+        config = tcp_config(port, tcp_echo.address)
+        config['listeners'].append(listener(busy, [tcp_echo.address]))
+        proxy.write_config(config)
         proxy.signal(signal.SIGHUP)
         log = proxy.wait_log('reload failed')
         assert f'cannot bind tcp 127.0.0.1:{busy}' in log
@@ -86,8 +84,7 @@ def test_unchanged_listener_keeps_its_socket_across_reload(proxies, tcp_echo):
     proxy = proxies(tcp_config(port, tcp_echo.address)).start(wait_workers=2)
     before = listening_inodes(port)
     assert len(before) == 1 and before <= socket_inodes(proxy.pid)
-    proxy.write_config(tcp_config(port, tcp_echo.address, extra='''
-            idle_timeout: 5m'''))
+    proxy.write_config(tcp_config(port, tcp_echo.address, extra={'idle_timeout': '5m'}))
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('generation 2 active')
     assert listening_inodes(port) == before
@@ -123,8 +120,8 @@ def test_quit_drains_open_connection_then_exits_zero(proxies, tcp_echo):
 
 def test_quit_closes_connections_at_shutdown_timeout(proxies, tcp_echo):
     port = free_port()
-    proxy = proxies(tcp_config(port, tcp_echo.address).replace(
-        'workers: 2', 'workers: 1\n        shutdown_timeout: 500ms')).start(wait_workers=1)
+    proxy = proxies(with_keys(tcp_config(port, tcp_echo.address, workers=1),
+                              shutdown_timeout='500ms')).start(wait_workers=1)
     held = connect(port)
     held.sendall(b'x')
     assert held.recv(1) == b'x'
@@ -202,8 +199,8 @@ def test_workers_exit_when_master_is_killed(proxies, tcp_echo):
 
 def test_hup_storm_bounds_draining_generations(proxies, tcp_echo):
     port = free_port()
-    proxy = proxies(tcp_config(port, tcp_echo.address, workers=1).replace(
-        'workers: 1', 'workers: 1\n        max_draining_generations: 2')).start(wait_workers=1)
+    proxy = proxies(with_keys(tcp_config(port, tcp_echo.address, workers=1),
+                              max_draining_generations=2)).start(wait_workers=1)
     base_fds = fd_count(proxy.pid)
     held = []
     for i in range(8):
@@ -223,8 +220,8 @@ def test_hup_storm_bounds_draining_generations(proxies, tcp_echo):
 
 def test_stuck_worker_is_killed_and_replaced(proxies, tcp_echo):
     port = free_port()
-    proxy = proxies(tcp_config(port, tcp_echo.address, workers=1).replace(
-        'workers: 1', 'workers: 1\n        worker_timeout: 1s')).start(wait_workers=1)
+    proxy = proxies(with_keys(tcp_config(port, tcp_echo.address, workers=1),
+                              worker_timeout='1s')).start(wait_workers=1)
     stuck = proxy.workers()[0]
     os.kill(stuck, signal.SIGSTOP)            # its event loop stops turning
     try:
@@ -240,18 +237,14 @@ def test_stuck_worker_is_killed_and_replaced(proxies, tcp_echo):
 def test_reload_adds_and_removes_listeners(proxies, tcp_echo):
     kept, removed, added = free_port(), free_port(), free_port()
 
-    def listener(port):
-        return f"""
-          - listen: "127.0.0.1:{port}"
-            protocol: tcp
-            upstream: ["{tcp_echo.address}"]"""
+    def config(*ports):
+        return {'workers': 2, 'listeners': [listener(p, [tcp_echo.address]) for p in ports]}
 
-    base = '\n        workers: 2\n        listeners:'
-    proxy = proxies(base + listener(kept) + listener(removed)).start(wait_workers=2)
+    proxy = proxies(config(kept, removed)).start(wait_workers=2)
     held = connect(removed)                    # a connection on the listener that goes away
     held.sendall(b'x')
     assert held.recv(1) == b'x'
-    proxy.write_config(base + listener(kept) + listener(added))
+    proxy.write_config(config(kept, added))
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('generation 2 active')
     assert echo_roundtrip(added, b'new listener') == b'new listener'
@@ -270,15 +263,8 @@ def test_reload_adds_and_removes_listeners(proxies, tcp_echo):
 
 def test_reload_changing_workers_warns_about_udp_rehash(proxies, udp_echo):
     port = free_port()
-    config = f"""
-        workers: WORKERS
-        listeners:
-          - listen: "127.0.0.1:{port}"
-            protocol: udp
-            upstream: ["{udp_echo.address}"]
-    """
-    proxy = proxies(config.replace('WORKERS', '2')).start(wait_workers=2)
-    proxy.write_config(config.replace('WORKERS', '3'))
+    proxy = proxies(udp_config(port, udp_echo.address, workers=2)).start(wait_workers=2)
+    proxy.write_config(udp_config(port, udp_echo.address, workers=3))
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('generation 2 active')
     assert 'UDP flows re-hash' in proxy.log()

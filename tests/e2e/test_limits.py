@@ -38,7 +38,7 @@ def held(port: int, source: str = '127.0.0.1', timeout: float = 3.0) -> socket.s
 def test_max_connections_is_shared_and_the_rest_wait_in_the_backlog(proxies, tcp_echo):
     port = free_port()
     proxy = proxies(tcp_config(port, tcp_echo.address, workers=2,
-                               extra='            max_connections: 3')).start(wait_workers=2)
+                               extra={'max_connections': 3})).start(wait_workers=2)
     open_ = [held(port) for _ in range(3)]
     assert all(open_)
     waiting = []
@@ -81,7 +81,7 @@ def _ready(s: socket.socket) -> bool:
 def test_max_connections_per_ip_is_shared_and_counts_each_ip(proxies, tcp_echo):
     port = free_port()
     proxy = proxies(tcp_config(port, tcp_echo.address, workers=2,
-                               extra='            max_connections_per_ip: 2')).start(
+                               extra={'max_connections_per_ip': 2})).start(
         wait_workers=2)
     first = [held(port) for _ in range(2)]
     try:
@@ -104,7 +104,7 @@ def test_max_connections_per_ip_is_shared_and_counts_each_ip(proxies, tcp_echo):
 def test_per_ip_limit_counts_the_real_client_behind_a_proxy(proxies, header_echo):
     port = free_port()
     proxy = proxies(pp_config(port, header_echo.address, accept=True, workers=2,
-                              extra='            max_connections_per_ip: 1')).start(
+                              extra={'max_connections_per_ip': 1})).start(
         wait_workers=2)
     a = proxy_header.v1(('192.0.2.1', 1000), ('127.0.0.1', port))
     b = proxy_header.v1(('192.0.2.2', 1000), ('127.0.0.1', port))
@@ -141,9 +141,8 @@ def test_a_connection_flood_past_the_limits_is_held_to_them(proxies):
     backend = CountingEcho()
     try:
         port = free_port()
-        proxy = proxies(tcp_config(port, backend.address, workers=2, extra="""\
-            max_connections: 20
-            max_connections_per_ip: 10""")).start(wait_workers=2)
+        proxy = proxies(tcp_config(port, backend.address, workers=2, extra={
+            'max_connections': 20, 'max_connections_per_ip': 10})).start(wait_workers=2)
         workers = sorted(proxy.workers())
         outcomes = collections.Counter()
         deadline = time.monotonic() + 20

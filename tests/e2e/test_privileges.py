@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.configs import listener, udp_config, with_keys
 from helpers.net import client, echo_roundtrip, free_port, roundtrip
 from helpers.proc import Proxy, run_cli, wait_for
 
@@ -105,20 +106,11 @@ def open_dir():
 
 
 def two_listeners(tcp_port: int, tcp_upstream: str, udp_port: int, udp_upstream: str,
-                  extra_top: str = '', extra_listeners: str = '') -> str:
-    return f"""
-        workers: 2
-        user: {USER}
-        group: {GROUP or USER}
-        {extra_top}
-        listeners:
-          - listen: "127.0.0.1:{tcp_port}"
-            upstream: ["{tcp_upstream}"]
-          - listen: "127.0.0.1:{udp_port}"
-            protocol: udp
-            upstream: ["{udp_upstream}"]
-{extra_listeners}
-    """
+                  **top) -> dict:
+    """Workers as USER:GROUP behind a TCP and a UDP listener; `top`: more top-level keys."""
+    return {'workers': 2, 'user': USER, 'group': GROUP or USER, **top,
+            'listeners': [listener(tcp_port, [tcp_upstream], protocol=None),
+                          listener(udp_port, [udp_upstream], 'udp')]}
 
 
 @ROOT_ONLY
@@ -130,7 +122,7 @@ def test_workers_switch_user_after_the_master_binds_low_ports(proxies, tcp_echo,
     # raised while still root; without CAP_SYS_RESOURCE only up to the hard limit, with a warning
     expected = (above_hard,) * 2 if can_raise_hard_limit() else (hard, hard)
     config = two_listeners(low, tcp_echo.address, udp_port, udp_echo.address,
-                           extra_top=f'worker_rlimit_nofile: {above_hard}')
+                           worker_rlimit_nofile=above_hard)
     proxy = proxies(config).start(wait_workers=2)
     workers = proxy.workers()
     assert ids(proxy.pid)['Uid'] == [0] * 4                      # the master stays root
@@ -146,11 +138,8 @@ def test_workers_switch_user_after_the_master_binds_low_ports(proxies, tcp_echo,
 
     # A reload: the master, still root, binds one more low port; new workers switch too.
     second = free_low_port()
-    proxy.write_config(two_listeners(
-        low, tcp_echo.address, udp_port, udp_echo.address,
-        extra_top=f'worker_rlimit_nofile: {above_hard}', extra_listeners=f"""
-          - listen: "127.0.0.1:{second}"
-            upstream: ["{tcp_echo.address}"]"""))
+    config['listeners'].append(listener(second, [tcp_echo.address], protocol=None))
+    proxy.write_config(config)
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('generation 2 active', timeout=10)
     new = wait_for(lambda: (lambda w: w if len(w) == 2 and not set(w) & set(workers) else None)(
@@ -305,15 +294,9 @@ def test_worker_rlimit_nofile_sets_the_workers_limit(proxies, tcp_echo):
 
 def test_check_warns_when_udp_sessions_need_more_files_than_the_limit(proxies, udp_echo):
     port = free_port(socket.SOCK_DGRAM)
-    config = f"""
-        workers: 1
-        worker_rlimit_nofile: 1024
-        listeners:
-          - listen: "127.0.0.1:{port}"
-            protocol: udp
-            upstream: ["{udp_echo.address}"]
-            udp: {{max_sessions: 10000000}}
-    """
+    config = with_keys(udp_config(port, udp_echo.address, workers=1,
+                                  extra={'udp': {'max_sessions': 10_000_000}}),
+                       worker_rlimit_nofile=1024)
     proxy = proxies(config)
     path = proxy.config_path
     result = run_cli('-t', '-c', str(path))
@@ -329,5 +312,6 @@ def test_check_warns_when_udp_sessions_need_more_files_than_the_limit(proxies, u
     with client() as sock:
         assert roundtrip(sock, b'warned', ('127.0.0.1', port))[0] == b'warned'
 
-    proxy.write_config(config.replace('10000000', '500'))
+    config['listeners'][0]['udp']['max_sessions'] = 500
+    proxy.write_config(config)
     assert run_cli('-t', '-c', str(path)).stderr == ''

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import textwrap
 
-from helpers.configs import tcp_config, with_admin
+from helpers.configs import tcp_config, with_admin, with_keys
 from helpers.net import free_port, get
 from helpers.proc import wait_for
 
@@ -26,8 +25,8 @@ def code(port: int, path: str) -> int | None:
 
 def test_healthz_fails_while_a_worker_is_stuck_and_recovers_when_it_is_replaced(proxies, tcp_echo):
     port, admin = free_port(), free_port()
-    config = 'worker_timeout: 5s\n' + textwrap.dedent(with_admin(tcp_config(port, tcp_echo.address),
-                                                                 admin))
+    config = with_keys(with_admin(tcp_config(port, tcp_echo.address), admin),
+                       worker_timeout='5s')
     proxy = proxies(config).start(wait_workers=2)
     assert code(admin, '/healthz') == 200 and code(admin, '/readyz') == 200
     stuck = proxy.workers()[0]

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from helpers.backends import HeaderEcho, tagged_backend
-from helpers.configs import pp_config, server_lines, upstream_config
+from helpers.configs import pp_config, upstream_config, weighted
 from helpers.net import PAYLOAD, exchange, free_port, recv_all
 from helpers.proc import wait_for
 from mpproxy.proxy.edge import proxy_header
@@ -92,7 +92,7 @@ def test_accept_local_command_keeps_the_peer_address(proxies, header_echo):
 def test_accept_real_client_drives_allow_deny(proxies, header_echo):
     port = free_port()
     proxy = proxies(pp_config(port, header_echo.address, accept=True,
-                              extra='            deny: [203.0.113.0/24]')).start(wait_workers=1)
+                              extra={'deny': ['203.0.113.0/24']})).start(wait_workers=1)
     bad = proxy_header.v1(('203.0.113.9', 1000), ('127.0.0.1', port))
     good = proxy_header.v1(('192.0.2.9', 1000), ('127.0.0.1', port))
     assert exchange(port, bad + PAYLOAD) == b''
@@ -191,10 +191,9 @@ def test_accept_hashes_on_the_real_client(proxies):
     backends = [tagged_backend(t) for t in (b'A', b'B', b'C')]
     try:
         port = free_port()
-        servers = server_lines(*((b.address, 1) for b in backends))
-        config = upstream_config(port, servers, 'hash', extra='            hash_key: client_ip')
-        config = config.replace('            upstream: pool', '            upstream: pool\n'
-                                '            proxy_protocol: {accept: true, trusted: [127.0.0.1/32]}')
+        servers = weighted(*((b.address, 1) for b in backends))
+        config = upstream_config(port, servers, 'hash', extra={'hash_key': 'client_ip'})
+        config['listeners'][0]['proxy_protocol'] = {'accept': True, 'trusted': ['127.0.0.1/32']}
         proxies(config).start(wait_workers=1)
 
         def server_for(ip: str) -> bytes:

@@ -56,7 +56,7 @@ def timed_download(port: int) -> tuple[bytes, float]:
 
 def start(proxies, backend: TcpBackend, key: str, limited: bool) -> int:
     port = free_port()
-    extra = f'            {key}: {RATE}' if limited else ''
+    extra = {key: RATE} if limited else {}
     proxies(tcp_config(port, backend.address, workers=1, extra=extra)).start(wait_workers=1)
     return port
 
@@ -98,7 +98,7 @@ def test_download_rate_limits_reading_from_the_upstream(proxies, limited):
 def test_rate_limited_connections_are_limited_each_not_together(proxies, tcp_echo):
     port = free_port()
     proxies(tcp_config(port, tcp_echo.address, workers=1,
-                       extra=f'            upload_rate: {RATE}')).start(wait_workers=1)
+                       extra={'upload_rate': RATE})).start(wait_workers=1)
     payloads = [os.urandom(SIZE // 2) for _ in range(4)]
     results: list = [None] * 4
 

@@ -6,25 +6,25 @@ from __future__ import annotations
 
 import os
 import socket
-import textwrap
 
 import pytest
 
 from helpers.backends import DnsServer
-from helpers.configs import dns_config, tcp_config
+from helpers.configs import dns_config, listener, tcp_config, with_pid_file
 from helpers.net import echo_roundtrip, free_port
 from helpers.proc import run_cli, wait_for
 
 NOBODY = 65534
 
 
-def with_pid_file(config: str, tmp_path) -> str:
-    return f'pid_file: "{tmp_path / "mpproxy.pid"}"\n' + textwrap.dedent(config).strip('\n') + '\n'
+def pid_file(config: dict, tmp_path) -> dict:
+    """`config` with the pid file `mpproxy -s` finds the master by."""
+    return with_pid_file(config, tmp_path / 'mpproxy.pid')
 
 
 def test_s_reload_reports_the_new_generation(proxies, tmp_path, tcp_echo):
     port = free_port()
-    proxy = proxies(with_pid_file(tcp_config(port, tcp_echo.address, workers=2), tmp_path))
+    proxy = proxies(pid_file(tcp_config(port, tcp_echo.address, workers=2), tmp_path))
     proxy.start(wait_workers=2)
     done = run_cli('-c', str(proxy.config_path), '-s', 'reload')
     assert (done.returncode, done.stdout, done.stderr) == (
@@ -39,12 +39,11 @@ def test_s_reload_reports_a_reload_the_master_could_not_bind(proxies, tmp_path, 
     taken.listen(1)
     try:
         port, busy = free_port(), taken.getsockname()[1]
-        proxy = proxies(with_pid_file(tcp_config(port, tcp_echo.address), tmp_path))
+        proxy = proxies(pid_file(tcp_config(port, tcp_echo.address), tmp_path))
         proxy.start(wait_workers=2)
-        proxy.write_config(with_pid_file(tcp_config(port, tcp_echo.address) + f"""
-          - listen: "127.0.0.1:{busy}"
-            upstream: ["{tcp_echo.address}"]
-        """, tmp_path))
+        config = tcp_config(port, tcp_echo.address)
+        config['listeners'].append(listener(busy, [tcp_echo.address], protocol=None))
+        proxy.write_config(pid_file(config, tmp_path))
         done = run_cli('-c', str(proxy.config_path), '-s', 'reload')
         assert done.returncode == 1
         assert done.stderr == ('mpproxy: reload failed, keeping the running configuration: '
@@ -58,7 +57,7 @@ def test_s_reload_waits_for_new_workers_that_cannot_start(proxies, tmp_path):
     dns = DnsServer({'backend.test': ['127.0.0.1']})
     try:
         port = free_port()
-        proxy = proxies(with_pid_file(dns_config(port, dns.port, 'backend.test:9', resolve=None),
+        proxy = proxies(pid_file(dns_config(port, dns.port, 'backend.test:9', resolve=None),
                                       tmp_path)).start(wait_workers=1)
         del dns.records['backend.test']                  # the new worker cannot resolve it
         done = run_cli('-c', str(proxy.config_path), '-s', 'reload')
@@ -75,7 +74,7 @@ def test_a_user_who_may_not_signal_the_master_cannot_reload_it(proxies, tmp_path
     if os.geteuid() != 0:
         pytest.skip('needs root to be another user')
     port = free_port()
-    proxy = proxies(with_pid_file(tcp_config(port, tcp_echo.address), tmp_path))
+    proxy = proxies(pid_file(tcp_config(port, tcp_echo.address), tmp_path))
     proxy.start(wait_workers=2)
     pid = os.fork()
     if pid == 0:                      # as nobody: connect, ask, expect to be closed on

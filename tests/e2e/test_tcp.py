@@ -92,8 +92,8 @@ def test_half_close_timeout_closes_the_other_direction(proxies):
     backend = TcpBackend(handler)
     try:
         port = free_port()
-        proxy = proxies(tcp_config(port, backend.address, extra='''
-            half_close_timeout: 300ms''')).start(wait_workers=2)
+        proxy = proxies(tcp_config(port, backend.address,
+                                   extra={'half_close_timeout': '300ms'})).start(wait_workers=2)
         with connect(port) as sock:
             sock.sendall(b'x')
             sock.shutdown(socket.SHUT_WR)
@@ -107,8 +107,8 @@ def test_half_close_timeout_closes_the_other_direction(proxies):
 
 def test_idle_timeout_closes_a_silent_pair(proxies, tcp_echo):
     port = free_port()
-    proxy = proxies(tcp_config(port, tcp_echo.address, extra='''
-            idle_timeout: 400ms''')).start(wait_workers=2)
+    proxy = proxies(tcp_config(port, tcp_echo.address,
+                               extra={'idle_timeout': '400ms'})).start(wait_workers=2)
     with connect(port) as sock:
         sock.sendall(b'ping')
         assert sock.recv(10) == b'ping'
@@ -133,7 +133,7 @@ def test_upstream_refused_closes_client_promptly_and_logs(proxies):
     assert f'127.0.0.1:{dead}' in log
 
 
-@pytest.mark.parametrize('extra', ['', '            allow: [127.0.0.0/8]'],
+@pytest.mark.parametrize('extra', [{}, {'allow': ['127.0.0.0/8']}],
                          ids=['address asked when logging', 'address from accept'])
 def test_connect_failure_log_names_the_client(proxies, extra):
     # Without allow/deny, limits, PROXY protocol, access log or hashing the worker accepts
@@ -169,8 +169,8 @@ def test_connect_timeout(proxies):
                  what='a full accept queue')
         port = free_port()
         upstream = f'127.0.0.1:{blocker.getsockname()[1]}'
-        proxy = proxies(tcp_config(port, upstream, extra='''
-            connect_timeout: 300ms''')).start(wait_workers=2)
+        proxy = proxies(tcp_config(port, upstream,
+                                   extra={'connect_timeout': '300ms'})).start(wait_workers=2)
         with connect(port) as sock:
             start = time.monotonic()
             try:
@@ -245,8 +245,7 @@ def test_ipv6only_false_accepts_ipv4_on_a_v6_wildcard(proxies, tcp_echo):
 
 def test_configured_backlog_is_kept(proxies, tcp_echo):
     port = free_port()
-    proxies(tcp_config(port, tcp_echo.address, extra='''
-            backlog: 1234''')).start(wait_workers=2)
+    proxies(tcp_config(port, tcp_echo.address, extra={'backlog': 1234})).start(wait_workers=2)
     assert echo_roundtrip(port, b'x') == b'x'         # the workers have created their servers
     out = subprocess.run(['ss', '-ltnH', f'sport = :{port}'], capture_output=True, text=True).stdout
     assert out.split()[2] == '1234', out               # Send-Q of a listener is its backlog
@@ -256,8 +255,8 @@ def test_keepalive_sets_so_keepalive_on_both_sides(proxies):
     backend = TcpBackend(echo_handler)
     try:
         port = free_port()
-        proxies(tcp_config(port, backend.address, workers=1, extra='''
-            keepalive: {idle: 30s, interval: 5s, count: 3}''')).start(wait_workers=1)
+        proxies(tcp_config(port, backend.address, workers=1, extra={
+            'keepalive': {'idle': '30s', 'interval': '5s', 'count': 3}})).start(wait_workers=1)
         # the proxy's two sockets of an open pair both show a keepalive timer in `ss -o`
         with connect(port) as sock:
             sock.sendall(b'k')

@@ -74,8 +74,8 @@ def test_repeated_datagrams_of_one_client_use_one_session(proxies, udp_echo):
 
 def test_session_expires_after_idle_timeout(proxies, udp_echo):
     port = free_port(socket.SOCK_DGRAM)
-    proxy = proxies(udp_config(port, udp_echo.address, extra='''
-            idle_timeout: 500ms''')).start(wait_workers=2)
+    proxy = proxies(udp_config(port, udp_echo.address,
+                               extra={'idle_timeout': '500ms'})).start(wait_workers=2)
     dest = ('127.0.0.1', port)
     with client() as sock:
         assert roundtrip(sock, b'first', dest) == (b'first', dest)
@@ -102,8 +102,8 @@ def test_session_expires_after_idle_timeout(proxies, udp_echo):
 
 def test_responses_one_gives_every_request_a_new_session(proxies, udp_echo):
     port = free_port(socket.SOCK_DGRAM)
-    proxy = proxies(udp_config(port, udp_echo.address, extra='''
-            udp: {responses: 1}''')).start(wait_workers=2)
+    proxy = proxies(udp_config(port, udp_echo.address,
+                               extra={'udp': {'responses': 1}})).start(wait_workers=2)
     dest = ('127.0.0.1', port)
     with client() as sock:
         for i in range(6):
@@ -123,8 +123,8 @@ def test_responses_one_drops_a_second_reply(proxies):
     backend.settimeout(RECV_TIMEOUT)
     try:
         port = free_port(socket.SOCK_DGRAM)
-        proxies(udp_config(port, '127.0.0.1:%d' % backend.getsockname()[1], extra='''
-            udp: {responses: 1}''')).start(wait_workers=2)
+        proxies(udp_config(port, '127.0.0.1:%d' % backend.getsockname()[1],
+                           extra={'udp': {'responses': 1}})).start(wait_workers=2)
         with client() as sock:
             sock.sendto(b'q', ('127.0.0.1', port))
             data, addr = backend.recvfrom(100)
@@ -193,8 +193,8 @@ def test_wildcard_ipv4_listener_answers_from_the_address_sent_to(proxies, udp_ec
 
 def test_wildcard_dual_stack_listener_answers_from_the_address_sent_to(proxies, udp_echo):
     port = free_port(socket.SOCK_DGRAM)
-    proxy = proxies(udp_config(port, udp_echo.address, workers=1, host='::', extra='''
-            ipv6only: false''')).start(wait_workers=1)
+    proxy = proxies(udp_config(port, udp_echo.address, workers=1, host='::',
+                               extra={'ipv6only': False})).start(wait_workers=1)
     with client() as v4a, client() as v4b, client(socket.AF_INET6) as v6:
         assert roundtrip(v4a, b'v4 to .2', ('127.0.0.2', port)) == \
             (b'v4 to .2', ('127.0.0.2', port))
@@ -295,8 +295,7 @@ def test_upstream_down_then_up(proxies):
 
 def test_hup_with_unchanged_udp_listener_keeps_serving(proxies, udp_echo):
     port = free_port(socket.SOCK_DGRAM)
-    config = udp_config(port, udp_echo.address, extra='''
-            idle_timeout: 2s''')
+    config = udp_config(port, udp_echo.address, extra={'idle_timeout': '2s'})
     proxy = proxies(config).start(wait_workers=2)
     old_workers = set(proxy.workers())
     dest = ('127.0.0.1', port)

@@ -47,11 +47,12 @@ def header_server():
     backend.close()
 
 
-def pp(send='none', accept=False, trusted='127.0.0.1/32', extra='') -> str:
-    line = f'            proxy_protocol: {{send: {send}'
+def pp(send='none', accept=False, trusted='127.0.0.1/32', extra=None) -> dict:
+    """Listener keys: `proxy_protocol` (send, and accept from `trusted`), and `extra`."""
+    proxy_protocol = {'send': send}
     if accept:
-        line += f', accept: true, trusted: [{trusted}]'
-    return line + '}\n' + extra
+        proxy_protocol.update(accept=True, trusted=[trusted])
+    return {'proxy_protocol': proxy_protocol, **(extra or {})}
 
 
 def silent(sock: socket.socket, payload: bytes, dest, wait: float = 0.5) -> bool:
@@ -129,7 +130,7 @@ def test_accept_the_real_client_reaches_the_backend(proxies, header_server):
 def test_accept_allow_deny_judges_the_real_client(proxies, header_server):
     port = free_port(socket.SOCK_DGRAM)
     proxy = proxies(udp_config(port, header_server.address, extra=pp(
-        send='v2', accept=True, extra='            deny: [203.0.113.0/24]'))).start(
+        send='v2', accept=True, extra={'deny': ['203.0.113.0/24']}))).start(
         wait_workers=2)
     dest = ('127.0.0.1', port)
     with client() as front:
@@ -205,9 +206,8 @@ def test_two_instances_chain_and_the_backend_sees_the_original_client(proxies, h
 
 def test_max_sessions_per_ip_holds_across_workers(proxies, udp_echo):
     port = free_port(socket.SOCK_DGRAM)
-    proxy = proxies(udp_config(port, udp_echo.address, workers=2, extra='''
-            idle_timeout: 2s
-            udp: {max_sessions_per_ip: 2}''')).start(wait_workers=2)
+    proxy = proxies(udp_config(port, udp_echo.address, workers=2, extra={
+        'idle_timeout': '2s', 'udp': {'max_sessions_per_ip': 2}})).start(wait_workers=2)
     dest = ('127.0.0.1', port)
     socks = [client() for _ in range(8)]   # 8 source ports: the flow hash spreads them over
     try:                                   # both workers, so a per-worker count lets up to 4 in
@@ -239,15 +239,14 @@ def test_max_sessions_per_ip_counts_the_sessions_a_reload_hands_over(proxies):
     backend = UdpEcho(tag_source=True)
     try:
         port = free_port(socket.SOCK_DGRAM)
-        config = udp_config(port, backend.address, workers=1, extra='''
-            idle_timeout: 10s
-            udp: {max_sessions_per_ip: 2}''')
+        config = udp_config(port, backend.address, workers=1, extra={
+            'idle_timeout': '10s', 'udp': {'max_sessions_per_ip': 2}})
         proxy = proxies(config).start(wait_workers=1)
         dest = ('127.0.0.1', port)
         held = [client() for _ in range(2)]
         try:
             before = [roundtrip(s, b'x', dest)[0] for s in held]
-            proxy.write_config(config + '\n')
+            proxy.write_config(config)            # the same config again
             proxy.signal(signal.SIGHUP)
             proxy.wait_log('took over 2 UDP session(s) from the previous worker')
             proxy.wait_log('generation 1 finished')

@@ -192,8 +192,8 @@ def test_flood_of_new_clients_keeps_table_at_cap_talkers_unharmed_memory_bounded
     talkers: list[Talker] = []
     try:
         port = free_port(socket.SOCK_DGRAM)
-        proxy = proxies(udp_config(port, upstream.address, workers=1, extra=f'''
-            udp: {{max_sessions: {CAP}}}''')).start(wait_workers=1)
+        proxy = proxies(udp_config(port, upstream.address, workers=1, extra={
+            'udp': {'max_sessions': CAP}})).start(wait_workers=1)
         worker = proxy.workers()[0]
         dest = ('127.0.0.1', port)
         fds_idle = fd_count(worker)

@@ -8,7 +8,7 @@ import threading
 import time
 
 from helpers.backends import UdpEcho
-from helpers.configs import udp_config
+from helpers.configs import listener, udp_config
 from helpers.net import free_port
 from helpers.proc import wait_for
 
@@ -67,8 +67,8 @@ def test_udp_sessions_survive_reload_with_same_upstream_source_port(proxies):
         pingers = [Pinger(port) for _ in range(6)]
         wait_for(lambda: all(len(p.replies) >= 5 for p in pingers), 5, what='sessions up')
         old_workers = set(proxy.workers())
-        proxy.write_config(udp_config(port, backend.address, workers=2, extra='''
-            idle_timeout: 45s'''))
+        proxy.write_config(udp_config(port, backend.address, workers=2,
+                                      extra={'idle_timeout': '45s'}))
         proxy.signal(signal.SIGHUP)
         proxy.wait_log('generation 2 active')
         sent_at_reload = [p.sent for p in pingers]
@@ -110,11 +110,8 @@ def test_sessions_of_a_removed_udp_listener_are_closed(proxies):
     backend = UdpEcho(tag_source=True)
     try:
         kept, removed = free_port(), free_port()
-        both = udp_config(kept, backend.address, workers=1) + f"""
-          - listen: "127.0.0.1:{removed}"
-            protocol: udp
-            upstream: ["{backend.address}"]
-        """
+        both = udp_config(kept, backend.address, workers=1)
+        both['listeners'].append(listener(removed, [backend.address], 'udp'))
         proxy = proxies(both).start(wait_workers=1)
         a, b = Pinger(kept), Pinger(removed)
         wait_for(lambda: len(a.replies) >= 3 and len(b.replies) >= 3, 5, what='sessions')

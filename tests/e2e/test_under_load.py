@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+from helpers.configs import tcp_config, with_keys
 from helpers.net import connect, echo_roundtrip, free_port
 from helpers.proc import ROOT, alive, children, cmdline, fd_count, socket_inodes, wait_for
 
@@ -162,17 +163,6 @@ def zombies(pid: int) -> list[int]:
     return found
 
 
-def tcp_config(port: int, upstream: str, workers: int = 2, **settings) -> str:
-    top = ''.join(f'\n        {key}: {value}' for key, value in settings.items())
-    return f"""
-        workers: {workers}{top}
-        listeners:
-          - listen: "127.0.0.1:{port}"
-            protocol: tcp
-            upstream: ["{upstream}"]
-    """
-
-
 def last_reload_active(proxy) -> int | None:
     """The newest generation if the last reload so far is active, else None.
 
@@ -210,7 +200,7 @@ def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
     backends = spawn('backends', a_port, b_port)
     a, b = backends.addresses
     settings = dict(shutdown_timeout='120s', max_draining_generations=64)
-    proxy = proxies(tcp_config(port, a, **settings)).start(wait_workers=2)
+    proxy = proxies(with_keys(tcp_config(port, a), **settings)).start(wait_workers=2)
     first = set(proxy.workers())
     target = f'127.0.0.1:{port}'
     load = spawn('load', '--duration', LOAD_SECONDS + 60, '--tcp-rate', 500, '--tcp-target', target,
@@ -227,7 +217,7 @@ def test_reload_every_second_under_load_loses_nothing(proxies, spawn):
     start = time.monotonic()
     for i in range(LOAD_SECONDS):
         generation, upstream = i + 2, (b if i % 2 == 0 else a)
-        proxy.write_config(tcp_config(port, upstream, **settings))
+        proxy.write_config(with_keys(tcp_config(port, upstream), **settings))
         before = backends.accepted(upstream)
         proxy.signal(signal.SIGHUP)
         proxy.wait_log(f'generation {generation} active', timeout=5)
@@ -269,8 +259,8 @@ def test_streams_outliving_shutdown_timeout_are_closed_cleanly(proxies, spawn, r
     always unread bytes at the proxy when it closes: a plain close() would answer with RST."""
     backend_port, port = free_port(), free_port()
     backends = spawn('backends', backend_port)
-    proxy = proxies(tcp_config(port, backends.addresses[0], workers=1,
-                               shutdown_timeout='1s')).start(wait_workers=1)
+    proxy = proxies(with_keys(tcp_config(port, backends.addresses[0], workers=1),
+                              shutdown_timeout='1s')).start(wait_workers=1)
     old = proxy.workers()
     target = f'127.0.0.1:{port}'
     load = spawn('load', '--duration', 30, '--streams', 4, '--stream-target', target,
@@ -298,8 +288,9 @@ def test_hup_storm_bounds_generations_and_leaks_nothing(proxies, spawn):
     backend_port, port = free_port(), free_port()
     backends = spawn('backends', backend_port)
     workers, limit = 2, 4
-    proxy = proxies(tcp_config(port, backends.addresses[0], workers=workers, shutdown_timeout='60s',
-                               max_draining_generations=limit)).start(wait_workers=workers)
+    proxy = proxies(with_keys(tcp_config(port, backends.addresses[0], workers=workers),
+                              shutdown_timeout='60s', max_draining_generations=limit)).start(
+        wait_workers=workers)
     base_fds = fd_count(proxy.pid)
     most_workers, most_generations, zombie_seen, held = 0, 0, {}, []
     storm_start = time.monotonic()
@@ -374,12 +365,12 @@ def test_generation_superseded_while_starting_stops_serving(proxies, spawn):
     backends = spawn('backends', a_port, b_port)
     a, b = backends.addresses
     settings = dict(shutdown_timeout='60s')
-    proxy = proxies(tcp_config(port, a, **settings)).start(wait_workers=2)
+    proxy = proxies(with_keys(tcp_config(port, a), **settings)).start(wait_workers=2)
     for _ in range(10):
-        proxy.write_config(tcp_config(port, b, **settings))
+        proxy.write_config(with_keys(tcp_config(port, b), **settings))
         proxy.signal(signal.SIGHUP)
         time.sleep(0.005)
-        proxy.write_config(tcp_config(port, a, **settings))
+        proxy.write_config(with_keys(tcp_config(port, a), **settings))
         proxy.signal(signal.SIGHUP)
         wait_for(lambda: last_reload_active(proxy), 5, what='the last reload to be active')
         time.sleep(0.2)   # the storm's cadence: pairs of HUPs a little apart, not a wait

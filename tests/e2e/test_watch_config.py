@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 import time
 
 import pytest
 
 from helpers.backends import tagged_backend
 from helpers.configmap import ConfigMapDir
-from helpers.configs import tcp_config
+from helpers.configs import render, tcp_config, with_keys
 from helpers.net import first_bytes, free_port
 from helpers.proc import children, cmdline, read_pid, wait_for
 
 RELOAD = 10.0           # deadline for a change to be applied
 OBSERVE = 3.5           # a window in which nothing must happen: > 2 polls of 1 s, plus slack
-WATCH = '\n        watch_config: true'
 
 
-def watched(port: int, upstream: str, on: bool = True, extra: str = '') -> str:
-    text = tcp_config(port, upstream)
-    return text.replace('workers: 2', 'workers: 2' + WATCH + extra) if on else text
+def watched(port: int, upstream: str, on: bool = True, **keys) -> dict:
+    """A TCP config with `watch_config: true` (unless `on` is false) and `keys`."""
+    config = tcp_config(port, upstream)
+    return with_keys(config, watch_config=True, **keys) if on else config
 
 
 @pytest.fixture
@@ -67,9 +66,9 @@ def test_a_plain_rewrite_reloads_without_a_signal(proxies, backends):
     assert only_from(port, b'B')
 
 
-def same_size(*texts: str) -> list[str]:
-    """The texts dedented and padded with a comment to one length."""
-    texts = [textwrap.dedent(t) for t in texts]
+def same_size(*configs: dict) -> list[str]:
+    """The configs' texts padded with a comment to one length."""
+    texts = [render(c) for c in configs]
     width = max(len(t) for t in texts) + 2
     return [t + '#' * (width - len(t) - 1) + '\n' for t in texts]
 
@@ -78,7 +77,7 @@ def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp
     a, b = backends
     port = free_port()
     first, second, third = same_size(watched(port, a.address), watched(port, b.address),
-                                      watched(port, a.address, extra='\n        log_level: info'))
+                                      watched(port, a.address, log_level='info'))
     (tmp_path / 'configmap').mkdir()
     cm = ConfigMapDir(tmp_path / 'configmap', first)
     proxy = proxies('', name='k8s')
@@ -163,10 +162,9 @@ def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
     """The old master does not reload while its new master lives; backed out, it catches up."""
     a, b = tagged_backend(b'A'), tagged_backend(b'B')
     pid_file = tmp_path / 'mpproxy.pid'
-    extra = f'\n        pid_file: {pid_file}'
     try:
         port = free_port()
-        proxy = proxies(watched(port, a.address, extra=extra)).start(wait_workers=2)
+        proxy = proxies(watched(port, a.address, pid_file=str(pid_file))).start(wait_workers=2)
         old = proxy.pid
         proxy.signal(signal.SIGUSR2)
         new = wait_for(lambda: (lambda p: p if p not in (None, old) else None)(read_pid(pid_file)),
@@ -174,7 +172,7 @@ def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
         proxy.known_pids.add(new)
         proxy.wait_log('mpproxy started', count=2, timeout=10)
 
-        proxy.write_config(watched(port, b.address, extra=extra))
+        proxy.write_config(watched(port, b.address, pid_file=str(pid_file)))
         proxy.wait_log(f'{new}#master: generation 2 active', timeout=RELOAD)
         proxy.known_pids.update(p for p in children(new) if cmdline(p).startswith('mpproxy: worker'))
         observe()                                     # the old master leaves the file alone

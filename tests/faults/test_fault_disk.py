@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 import signal
-import textwrap
 
 import pytest
 
 from helpers.backends import tagged_backend
+from helpers.configs import render
 from helpers.faults import (assert_alive, config, echo_roundtrip, expect_log, first_byte, serves,
                             stop_pid)
 from helpers.net import free_port
@@ -30,14 +30,13 @@ def test_error_log_on_a_full_disk_loses_lines_not_service(full_tmpfs, proxies):
     try:
         port = free_port()
         error_log = full_tmpfs.dir / 'error.log'
-        text = config([(port, a.address)], extra=f'error_log: {error_log}')
-        proxy = proxies(text)
+        proxy = proxies(config([(port, a.address)], error_log=str(error_log)))
         proxy.log = lambda: read_text(error_log)   # start() waits for 'mpproxy started' in it
         proxy.start(wait_workers=2)
         full_tmpfs.fill(top_up=[error_log])
         assert all(first_byte(port) == b'A' for _ in range(10))
 
-        proxy.write_config(text.replace(a.address, b.address))
+        proxy.write_config(config([(port, b.address)], error_log=str(error_log)))
         proxy.signal(signal.SIGHUP)                # its log lines cannot be written
         wait_for(lambda: first_byte(port) == b'B', 10, what='the reload to take effect')
         assert all(first_byte(port) == b'B' for _ in range(10))
@@ -61,7 +60,7 @@ def test_access_log_on_a_full_disk_drops_lines_not_clients(full_tmpfs, proxies, 
     port = free_port()
     access_log = full_tmpfs.dir / 'access.log'
     proxy = proxies(config([(port, tcp_echo.address)],
-                           extra=f'access_log: {{path: {access_log}, format: json}}'))
+                           access_log={'path': str(access_log), 'format': 'json'}))
     proxy.start(wait_workers=2)
     master, workers = proxy.pid, sorted(proxy.workers())
     assert serves(port, 5)
@@ -89,7 +88,7 @@ def test_access_log_on_a_full_disk_drops_lines_not_clients(full_tmpfs, proxies, 
 def test_usr2_whose_new_master_cannot_write_the_pid_file(full_tmpfs, proxies, tcp_echo):
     port = free_port()
     pid_file = full_tmpfs.dir / 'mpproxy.pid'
-    proxy = proxies(config([(port, tcp_echo.address)], extra=f'pid_file: {pid_file}'))
+    proxy = proxies(config([(port, tcp_echo.address)], pid_file=str(pid_file)))
     proxy.start(wait_workers=2)
     old = proxy.pid
     full_tmpfs.fill()
@@ -111,8 +110,7 @@ def test_start_with_the_pid_file_on_a_full_disk_fails_in_one_line_and_leaves_no_
         full_tmpfs, tmp_path, tcp_echo):
     pid_file = full_tmpfs.dir / 'mpproxy.pid'
     path = tmp_path / 'mpproxy.yaml'
-    path.write_text(textwrap.dedent(config([(free_port(), tcp_echo.address)],
-                                           extra=f'pid_file: {pid_file}')))
+    path.write_text(render(config([(free_port(), tcp_echo.address)], pid_file=str(pid_file))))
     full_tmpfs.fill()
     done = run_cli('-c', str(path))
     assert done.returncode == 1

@@ -73,7 +73,7 @@ def test_usr2_while_fork_fails_keeps_the_pid_file_then_upgrades(pids_cgroup, pro
     port = free_port()
     pid_file = tmp_path / 'mpproxy.pid'
     oldbin = tmp_path / 'mpproxy.pid.oldbin'
-    proxy = proxies(config([(port, tcp_echo.address)], extra=f'pid_file: {pid_file}'))
+    proxy = proxies(config([(port, tcp_echo.address)], pid_file=str(pid_file)))
     proxy.start(wait_workers=2)
     old = proxy.pid
     pids_cgroup.add(old)

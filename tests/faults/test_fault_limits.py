@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import signal
-import textwrap
 
 import pytest
 
+from helpers.configs import render
 from helpers.faults import (AddressSpaceClamp, NofileClamp, assert_alive, config, expect_log,
                             refuses, serves)
 from helpers.net import free_port
@@ -36,12 +36,12 @@ def test_reload_without_free_files_in_the_master_keeps_the_running_configuration
     assert serves(new, 5) and serves(old, 5)
 
 
-def write_huge_config(path, normal: str, size: int) -> None:
+def write_huge_config(path, normal: dict, size: int) -> None:
     """`normal` followed by one YAML comment line of `size` bytes: valid, and too big to read
     into a master whose address space is clamped."""
     chunk = b'x' * (1 << 20)
     with open(path, 'wb') as f:
-        f.write(textwrap.dedent(normal).encode() + b'# ')
+        f.write(render(normal).encode() + b'# ')
         for _ in range(size // len(chunk)):
             f.write(chunk)
         f.write(b'\n')
@@ -53,7 +53,7 @@ def test_reload_out_of_memory_reaches_the_masters_last_resort_guard(proxies, tcp
                                                                     step):
     port = free_port()
     normal = config([(port, tcp_echo.address)],
-                    extra='watch_config: true' if trigger == 'watch_config' else '')
+                    **({'watch_config': True} if trigger == 'watch_config' else {}))
     proxy = proxies(normal).start(wait_workers=2)
     workers = sorted(proxy.workers())
     with AddressSpaceClamp(proxy.pid) as clamp:

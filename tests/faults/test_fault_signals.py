@@ -29,8 +29,9 @@ def test_master_stopped_under_load_kills_no_worker_and_handles_the_queued_hup(pr
     client = None
     try:
         port = free_port()
-        extra = 'worker_timeout: 5s'          # shorter than the stop, on purpose
-        proxy = proxies(config([(port, tcp_echo.address)], extra=extra)).start(wait_workers=2)
+        worker_timeout = '5s'           # shorter than the stop, on purpose
+        proxy = proxies(config([(port, tcp_echo.address)], worker_timeout=worker_timeout)).start(
+            wait_workers=2)
         first = sorted(proxy.workers())
         client = Client(port, seconds=12.0, limit=3000, pause=0.003)
         wait_for(lambda: client.ok >= 20, 5, what='traffic before the stop')
@@ -40,7 +41,7 @@ def test_master_stopped_under_load_kills_no_worker_and_handles_the_queued_hup(pr
             wait_for(lambda: state(proxy.pid) == 'T', 2, what='the master to stop')
             ok_at_stop = client.ok
             time.sleep(max(0.0, stopped_at + HUP_AFTER - time.monotonic()))   # the scenario's clock
-            proxy.write_config(config([(port, other.address)], extra=extra))
+            proxy.write_config(config([(port, other.address)], worker_timeout=worker_timeout))
             proxy.signal(signal.SIGHUP)
             time.sleep(max(0.0, stopped_at + STOP - time.monotonic()))
             assert state(proxy.pid) == 'T'
@@ -68,7 +69,7 @@ def test_master_stopped_under_load_kills_no_worker_and_handles_the_queued_hup(pr
 def test_master_killed_its_workers_exit_and_a_new_master_serves_at_once(proxies, tcp_echo,
                                                                        tmp_path):
     port = free_port()
-    text = config([(port, tcp_echo.address)], extra=f'pid_file: {tmp_path}/mpproxy.pid')
+    text = config([(port, tcp_echo.address)], pid_file=f'{tmp_path}/mpproxy.pid')
     first = proxies(text).start(wait_workers=2)
     workers = first.workers()
     assert len(workers) == 2

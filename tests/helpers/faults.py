@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import textwrap
 import threading
 import time
 import uuid
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.configs import listener
 from helpers.proc import alive, cmdline, wait_for
 
 
@@ -359,20 +359,11 @@ class AddressSpaceClamp:
 
 # -- config and traffic helpers -------------------------------------------------------------
 
-def listener(port: int, upstream: str) -> str:
-    return f"""
-          - listen: "127.0.0.1:{port}"
-            protocol: tcp
-            upstream: ["{upstream}"]"""
-
-
-def config(ports_upstreams, workers: int = 2, extra: str = '') -> str:
-    """A config with one TCP listener per (port, upstream address); `extra`: more top-level
-    keys, one per line, unindented."""
-    keys = f'workers: {workers}\nshutdown_timeout: 2s\n' + textwrap.dedent(extra).strip()
-    head = textwrap.indent(keys.strip() + '\n', ' ' * 8)
-    return ('\n' + head + '        listeners:'
-            + ''.join(listener(p, u) for p, u in ports_upstreams) + '\n')
+def config(ports_upstreams, workers: int = 2, **top) -> dict:
+    """A config with one TCP listener per (port, upstream address); `top`: more top-level
+    keys."""
+    return {'workers': workers, 'shutdown_timeout': '2s', **top,
+            'listeners': [listener(port, [upstream]) for port, upstream in ports_upstreams]}
 
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:
