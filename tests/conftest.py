@@ -16,9 +16,7 @@ import pytest
 from helpers.backends import HeaderEcho, TcpBackend, UdpEcho, echo_handler
 from helpers.faults import FullTmpfs, PidsCgroup
 from helpers.proc import Proxy
-# ListHandler, run_loop_until and serve_env are also imported from here by
-# tests/unit/test_udp_service.py and test_udp_admit.py, until those import `helpers.unit`.
-from helpers.unit import ListHandler, run_loop_until, serve_env  # noqa: F401
+from helpers.unit import ListHandler
 
 
 @pytest.fixture

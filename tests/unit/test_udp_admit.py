@@ -8,9 +8,9 @@ import logging
 import os
 
 import pytest
-from test_udp_service import V4, V6, CountingLimit, EchoUpstream, Env
+from helpers.udp_unit import V4, V6, CountingLimit, EchoUpstream, Env
 
-from conftest import serve_env
+from helpers.unit import serve_env
 from mpproxy.config.schema import (Address, Config, Listener, ProxyProtocol, Server, UdpOptions,
                                    Upstream)
 from mpproxy.proxy.edge import proxy_header

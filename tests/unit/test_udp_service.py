@@ -8,124 +8,19 @@ loop's exception handler.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 import time
 
 import pytest
-import uvloop
 
-from conftest import ListHandler, run_loop_until, serve_env
+from helpers.udp_unit import V4, V6, CountingLimit, EchoUpstream, Env
+from helpers.unit import ListHandler, serve_env
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
 from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import UpstreamPool
-
-V4, V6 = socket.AF_INET, socket.AF_INET6
-
-
-class Env:
-    """One loop plus everything to clean up."""
-
-    def __init__(self):
-        self.loop = uvloop.new_event_loop()
-        self.loop_errors = []
-        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
-        self.socks = []
-        self.readers = []
-        self.services = []
-        self.handler = ListHandler()
-        self.log = logging.getLogger('test.udp.%d' % id(self))
-        self.log.propagate = False
-        self.log.setLevel(logging.DEBUG)
-        self.log.addHandler(self.handler)
-
-    def udp(self, family, addr, reuseport=False, v6only=True):
-        s = socket.socket(family, socket.SOCK_DGRAM)
-        self.socks.append(s)
-        if reuseport:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == V6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            s.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
-        s.setblocking(False)
-        s.bind(addr)
-        return s
-
-    def add_reader(self, sock, cb):
-        self.loop.add_reader(sock.fileno(), cb)
-        self.readers.append(sock.fileno())
-
-    def run_until(self, cond, timeout=5.0, what='condition'):
-        run_loop_until(self.loop, cond, timeout, what, step=0.005)
-
-    def run_for(self, seconds):
-        self.loop.run_until_complete(asyncio.sleep(seconds))
-
-    def recv(self, client, timeout=5.0):
-        """The next datagram on a client socket (data, from), within `timeout`."""
-        box = []
-
-        def ready():
-            try:
-                box.append(client.recvfrom(70000))
-            except BlockingIOError:
-                return False
-            return True
-        self.run_until(ready, timeout, 'a reply')
-        return box[0]
-
-    def nothing(self, client, seconds=0.2):
-        """Assert no datagram reaches `client` for `seconds`."""
-        self.run_for(seconds)
-        with pytest.raises(BlockingIOError):
-            client.recvfrom(70000)
-
-    def close(self):
-        for svc in self.services:
-            svc.close()
-        for fd in self.readers:
-            self.loop.remove_reader(fd)
-        for s in self.socks:
-            s.close()
-        self.loop.run_until_complete(asyncio.sleep(0))
-        self.loop.close()
-        self.log.removeHandler(self.handler)
-
-
-class EchoUpstream:
-    """Answers each datagram `copies` times; copies=0 only records. Datagrams that start with
-    b'mute' are only recorded (a client whose session never gets a reply)."""
-
-    def __init__(self, env, family=V4, host='127.0.0.1', port=0, copies=1):
-        self.sock = env.udp(family, (host, port))
-        self.addr = self.sock.getsockname()
-        self.got = []                   # (data, source address)
-        self.copies = copies
-        env.add_reader(self.sock, self._read)
-
-    def _read(self):
-        for _ in range(64):
-            try:
-                data, src = self.sock.recvfrom(70000)
-            except BlockingIOError:
-                return
-            self.got.append((data, src))
-            if data.startswith(b'mute'):
-                continue
-            for _ in range(self.copies):
-                self.sock.sendto(data, src)
-
-    def source_of(self, data):
-        """The upstream-side source address (the session) the last `data` came from."""
-        return [src for d, src in self.got if d == data][-1]
-
-    def sources(self):
-        return [src for _, src in self.got]
-
 
 @pytest.fixture
 def env():
@@ -374,31 +269,6 @@ def test_a_flood_of_new_clients_keeps_the_table_at_its_cap_and_logs_counts(env):
     env.run_until(lambda: any('never answered' in r.getMessage() and
                               '(195 similar suppressed)' in r.getMessage()
                               for r in env.handler.records), 3.0, 'the count of evictions')
-
-
-class CountingLimit:
-    """A PerIpLimit in one process: at most `limit` sessions per IP; records every call."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.held = {}
-        self.calls = []
-
-    def acquire(self, ip):
-        ok = self.held.get(ip, 0) < self.limit
-        self.calls.append(('acquire', ip, ok))
-        if ok:
-            self.held[ip] = self.held.get(ip, 0) + 1
-        return ok
-
-    def adopt(self, ip):
-        self.calls.append(('adopt', ip))
-        self.held[ip] = self.held.get(ip, 0) + 1
-
-    def release(self, ip):
-        self.calls.append(('release', ip))
-        assert self.held.get(ip, 0) > 0, 'release without acquire'
-        self.held[ip] -= 1
 
 
 def test_per_ip_seam_acquires_on_open_and_releases_once_at_every_end(env):
