@@ -28,7 +28,7 @@ UPSTREAM_KEYS = ('balance', 'hash_key', 'servers', 'health_check', 'resolve')
 SERVER_KEYS = ('address', 'weight', 'max_fails', 'fail_timeout', 'max_conns', 'backup')
 HEALTH_CHECK_KEYS = ('type', 'interval', 'timeout', 'rise', 'fall', 'send', 'expect')
 LISTENER_KEYS = ('name', 'listen', 'protocol', 'upstream', 'backlog', 'reuseport', 'ipv6only',
-                 'keepalive', 'connect_timeout', 'idle_timeout', 'half_close_timeout',
+                 'keepalive', 'connect_timeout', 'idle_timeout', 'half_close_timeout', 'half_close',
                  'next_upstream_tries', 'sni_routes', 'proxy_protocol', 'allow', 'deny',
                  'max_connections', 'max_connections_per_ip', 'upload_rate', 'download_rate', 'udp')
 KEEPALIVE_KEYS = ('idle', 'interval', 'count')
@@ -306,6 +306,9 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
         s.report('sni_routes', 'routing by TLS SNI needs a tcp listener')
     if reuseport and protocol == 'udp':
         s.report('reuseport', 'udp listeners always use one SO_REUSEPORT socket per worker')
+    half_close = s.get('half_close', boolean, True)
+    if protocol == 'udp' and not half_close:
+        s.report('half_close', 'applies to tcp listeners only')
     if protocol == 'udp':
         for key, instead in TCP_ONLY.items():
             if s.value(key) not in (None, 0):     # -T writes the 0 defaults of every listener
@@ -319,6 +322,7 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
         connect_timeout=s.get('connect_timeout', POSITIVE, 5.0),
         idle_timeout=s.get('idle_timeout', POSITIVE, 30.0 if protocol == 'udp' else 600.0),
         half_close_timeout=s.get('half_close_timeout', NON_NEGATIVE, 60.0),
+        half_close=half_close,
         next_upstream_tries=s.get('next_upstream_tries', integer(1, 100), 3),
         sni_routes=_optional_section(s, 'sni_routes', None, partial(_sni_routes, declared=declared)),
         proxy_protocol=_proxy_protocol(s, protocol),

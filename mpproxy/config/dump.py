@@ -83,6 +83,7 @@ def _listener(listener: Listener) -> dict:
         'connect_timeout': format_duration(listener.connect_timeout),
         'idle_timeout': format_duration(listener.idle_timeout),
         'half_close_timeout': format_duration(listener.half_close_timeout),
+        'half_close': listener.half_close,
         'next_upstream_tries': listener.next_upstream_tries,
         'sni_routes': None if listener.sni_routes is None else dict(listener.sni_routes),
         'proxy_protocol': _Flow(accept=pp.accept, trusted=list(pp.trusted), send=pp.send),

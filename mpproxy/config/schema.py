@@ -109,6 +109,7 @@ class Listener:
     connect_timeout: float = 5.0
     idle_timeout: float = 600.0        # the loader uses 30s for udp listeners
     half_close_timeout: float = 60.0
+    half_close: bool = True            # false: one side's FIN ends both (nginx's default)
     next_upstream_tries: int = 3
     sni_routes: tuple[tuple[str, str], ...] | None = None
     proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)

@@ -84,6 +84,59 @@ def test_upstream_fin_first_and_client_can_still_send(proxies):
         backend.close()
 
 
+def test_half_close_false_the_clients_fin_ends_both_directions(proxies):
+    """nginx's default (proxy_half_close off): the request still reaches the upstream, the
+    reply it writes after the client's FIN does not reach the client."""
+    seen = {}
+    done = threading.Event()
+
+    def handler(conn):
+        seen['request'] = recv_all(conn)       # the proxy's FIN (it closed) ends this
+        time.sleep(0.2)
+        try:
+            conn.sendall(b'reply to ' + seen['request'])
+        except OSError:
+            pass
+        done.set()
+
+    backend = TcpBackend(handler)
+    try:
+        port = free_port()
+        proxies(tcp_config(port, backend.address,
+                           extra={'half_close': False})).start(wait_workers=2)
+        with connect(port) as sock:
+            sock.sendall(b'question')
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b''       # closed: no reply comes after the FIN
+        assert done.wait(5)
+        assert seen['request'] == b'question'
+    finally:
+        backend.close()
+
+
+def test_half_close_false_the_upstreams_fin_closes_the_client_after_its_bytes(proxies):
+    got = {}
+    done = threading.Event()
+
+    def handler(conn):
+        conn.sendall(b'banner')
+        conn.shutdown(socket.SHUT_WR)
+        got['after'] = recv_all(conn)          # the proxy closes: nothing more comes
+        done.set()
+
+    backend = TcpBackend(handler)
+    try:
+        port = free_port()
+        proxies(tcp_config(port, backend.address,
+                           extra={'half_close': False})).start(wait_workers=2)
+        with connect(port) as sock:
+            assert recv_all(sock) == b'banner'   # every byte first, then the proxy's FIN
+            assert done.wait(5)                  # (half-close would wait for our FIN)
+        assert got['after'] == b''
+    finally:
+        backend.close()
+
+
 def test_half_close_timeout_closes_the_other_direction(proxies):
     def handler(conn):
         recv_all(conn)                          # read the FIN, then never answer nor close

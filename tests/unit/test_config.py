@@ -324,6 +324,11 @@ BROKEN = {
     'rate on a udp listener': (
         MINIMAL + '    protocol: udp\n    upload_rate: 1000\n',
         '8: listeners[0].upload_rate: applies to tcp listeners only'),
+    'half_close false on a udp listener': (
+        MINIMAL + '    protocol: udp\n    half_close: false\n',
+        '8: listeners[0].half_close: applies to tcp listeners only'),
+    'half_close not a boolean': (MINIMAL + '    half_close: sometimes\n',
+                                 "7: listeners[0].half_close: must be true or false, got 'sometimes'"),
     'max_connections on a udp listener': (
         MINIMAL + '    protocol: udp\n    max_connections: 10\n',
         '8: listeners[0].max_connections: applies to tcp listeners only (a udp listener has '

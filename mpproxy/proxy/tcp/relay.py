@@ -292,8 +292,9 @@ class Relay(Preamble):
             self.close()
             return
         transport = peer.transport
-        if transport.is_closing() or not transport.can_write_eof():
-            self.close()
+        if transport.is_closing() or not transport.can_write_eof() \
+                or not self.ctx.listener.half_close:    # half_close: false: one FIN ends both
+            self.close()          # (what both sockets hold is sent first)
             return
         transport.write_eof()     # pass the FIN on; the other direction goes on
         if not self.half_closed:  # half_close_timeout is not extended by traffic
