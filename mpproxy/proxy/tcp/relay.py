@@ -9,6 +9,8 @@ A relay's states::
     CONNECTING --connected--> OPEN --one side's FIN--> HALF_CLOSED --other FIN--> CLOSED
         |                      |                          |                          ^
         +-- all tries failed --+-- RST, idle_timeout -----+-- half_close_timeout ----+
+                               |                                                     ^
+                               +-- one side's FIN, with `half_close: false` ---------+
 
 `status` names why a relay ended when it was not its peers' doing (the access
 log's status; None = ok): upstream_refused / timeout (every try failed; the
