@@ -140,3 +140,17 @@ class CountingLimit:
         self.calls.append(('release', ip))
         assert self.held.get(ip, 0) > 0, 'release without acquire'
         self.held[ip] -= 1
+
+
+class Clock:
+    """A clock a test moves by hand, for a service's idle and talking decisions (its sweep
+    timer still runs on the loop, so a sweep comes within one period of real time)."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

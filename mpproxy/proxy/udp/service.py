@@ -89,11 +89,12 @@ class UdpService(Admission):
     """The session table of one UDP listener socket in one worker."""
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
-                 per_ip: PerIpLimit | None = None, access=None, poller: Poller | None = None):
+                 per_ip: PerIpLimit | None = None, access=None, poller: Poller | None = None,
+                 clock=None):
         self.stats = UdpStats()
         self._loop = loop
         self._poller = poller if poller is not None else Poller(loop, log)
-        self._time = loop.time
+        self._time = clock if clock is not None else loop.time   # (a test may pass its own)
         self._listener = listener
         self._name = listener.name
         self._lsock = sock
@@ -123,7 +124,7 @@ class UdpService(Admission):
         self._local = sock.getsockname()[:2]    # send v2: the destination, unless wildcard
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
-        self._now = loop.time()                 # the clock of the last listener read or sweep
+        self._now = self._time()                # the clock of the last listener read or sweep
 
     # -- the interface the worker uses ---------------------------------------
 
