@@ -21,9 +21,14 @@ from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import UpstreamPool
 
-@pytest.fixture
-def env():
-    yield from serve_env(Env())
+
+@pytest.fixture(params=['plain', 'proxied'])
+def env(request):
+    """Every test here runs through both listener readers: the plain one, and the one of a
+    listener with proxy_protocol (here with nothing to add or strip: the same behaviour)."""
+    env = Env()
+    env.reader = request.param
+    yield from serve_env(env)
 
 
 def service(env, upstream_addr, family=V4, host='127.0.0.1', idle=30.0, responses=0,
@@ -38,6 +43,9 @@ def service(env, upstream_addr, family=V4, host='127.0.0.1', idle=30.0, response
                      clock=clock)
     env.services.append(svc)
     svc.start()
+    if env.reader == 'proxied':
+        env.loop.remove_reader(svc._lfd)
+        env.loop.add_reader(svc._lfd, svc._on_listener_proxied)
     return svc, port
 
 
