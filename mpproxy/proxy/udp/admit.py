@@ -1,6 +1,6 @@
 """Client datagrams in: the UDP listener socket's readers, and who gets a session.
 
-`Admission` is a mixin of `udp.UdpService` (it owns no state of its own: it
+`Admission` is a mixin of `service.UdpService` (it owns no state of its own: it
 reads and writes the service's). It owns everything between the listener
 socket and a session's upstream socket:
 

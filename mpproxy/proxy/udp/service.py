@@ -18,7 +18,7 @@ Owns: the interface the worker uses (start, drain, close, handing sessions
 over on reload), opening and ending sessions, idle expiry, and the replies
 (`_on_upstream`). What comes in from clients — the listener's readers and who
 gets a session (allow/deny, proxy_protocol, the per-IP limit, a full table) —
-is udp_admit.py's `Admission`, a mixin of `UdpService`.
+is admit.py's `Admission`, a mixin of `UdpService`.
 
 The hot path (one datagram either way) is: recv, one dict lookup, one
 `move_to_end`, one attribute store, send. Sockets are read until EAGAIN but at
