@@ -175,7 +175,7 @@ class SessionTable:
     """The open sessions of one UdpService, kept in two orders, and who makes room when full.
 
     `active` maps key → Session in order of last activity: every datagram
-    either way moves its session to the end (udp.py's hot path does that
+    either way moves its session to the end (service.py's hot path does that
     directly on this OrderedDict), so the front is the least recently active
     session; idle expiry and idle eviction take from there.
 
