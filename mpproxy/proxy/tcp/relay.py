@@ -18,7 +18,7 @@ last one refused or timed out), idle_timeout (idle or half-close timeout),
 bad_header, denied, limit (preamble.py), no_route (sni). `started`, `routed`
 and `connect_time` are only read by the access log (loop times; zero without it).
 
-Both sockets are `Stream`s on the worker's poller (stream.py), closed
+Both sockets are `Stream`s on the worker's poller (io/stream.py), closed
 explicitly once both directions are done, and a relay stays in its service's
 table until both sides report `connection_lost`.
 """
@@ -166,7 +166,7 @@ class Relay(Preamble):
         self._connect()
 
     def _connect(self) -> None:
-        """One connect to `self.trying`: a Stream (stream.py) and one timer."""
+        """One connect to `self.trying`: a Stream (io/stream.py) and one timer."""
         target = self.trying
         rate = self.ctx.listener.download_rate
         if rate:

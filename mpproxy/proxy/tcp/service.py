@@ -3,7 +3,7 @@
 A client connection is accepted by the service's `Acceptor` (accept.py) on the
 shared listening socket, checked (allow/deny, the shared limits; or, with
 `proxy_protocol.accept`, only that the peer is trusted: the rest waits for its
-header) and wrapped in a `Stream` (stream.py) on the worker's poller, whose
+header) and wrapped in a `Stream` (io/stream.py) on the worker's poller, whose
 protocol is a new `Relay`'s client side (relay.py). Refused clients are reset
 before any Stream exists.
 
@@ -223,7 +223,7 @@ async def _open_emfile_reserve(loop) -> None:
     """Make libuv open its one-time reserve fd now rather than later.
 
     libuv opens /dev/null once per loop, with the loop's first stream handle (a
-    reserve it frees on EMFILE). Relays do not use libuv streams (stream.py),
+    reserve it frees on EMFILE). Relays do not use libuv streams (io/stream.py),
     but the health checker's connects do: a worker that opens it at boot has a
     flat fd count from then on, so a leak shows as a leak.
     """
