@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from mpproxy.config.values import format_sockaddr
 from mpproxy.proxy.edge import proxy_header, sni
+from mpproxy.proxy.tcp.states import CLOSED
 
 PROXY_TIMEOUT = 3.0       # a client must send its whole PROXY header within this
 MAX_PROXY_HEADER = 8192   # bytes; v2 allows 64 KiB of TLVs, no real proxy sends that many
@@ -41,7 +42,7 @@ class Preamble:
         self.timer = self.ctx.wheel.call_later(timeout, self._peek_timed_out)
         if self.client.early or self.client.eof:   # bytes left over from the stage before
             self.peek(eof=self.client.eof)
-            if self.peeking != stage or self.closing:
+            if self.peeking != stage or self.state is CLOSED:
                 return            # that was enough: the stage is over
         self.client.transport.resume_reading()    # (may peek() before it returns)
 
@@ -118,7 +119,7 @@ class Preamble:
 
     def _peek_timed_out(self) -> None:
         self.timer = None
-        if self.closing or not self.peeking:
+        if self.state is CLOSED or not self.peeking:
             return
         if self.peeking == 'proxy':
             svc = self.ctx

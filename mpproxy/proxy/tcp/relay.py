@@ -4,13 +4,16 @@
 the relay: its preamble (preamble.py: a PROXY header, a ClientHello), then the
 connect to an upstream server, then the bytes both ways until both are done.
 
-A relay's states::
+A relay's states (its `state` field; the names in states.py)::
 
-    CONNECTING --connected--> OPEN --one side's FIN--> HALF_CLOSED --other FIN--> CLOSED
-        |                      |                          |                          ^
-        +-- all tries failed --+-- RST, idle_timeout -----+-- half_close_timeout ----+
-                               |                                                     ^
-                               +-- one side's FIN, with `half_close: false` ---------+
+    PREAMBLE --routed--> CONNECTING --connected--> RELAYING --one side's FIN--> HALF_CLOSED
+        |                 |      ^                    |        (passed on)          |
+        |    out of files |      | a file is free     |                             | the other FIN,
+        |                 v      |                    |                             | half_close_timeout
+        |            WAITING_FOR_FILES                |                             v
+        +-- bad header, denied, no route, ------------+-- RST, idle_timeout, ----> CLOSED
+            every try failed (CONNECTING too)             a FIN with half_close: false  ^
+    RELAYING, HALF_CLOSED --drain deadline--> FINISHING --both FINs, or the abort------+
 
 `status` names why a relay ended when it was not its peers' doing (the access
 log's status; None = ok): upstream_refused / timeout (every try failed; the
@@ -33,6 +36,8 @@ from mpproxy.config.values import format_sockaddr
 from mpproxy.proxy.io.stream import Stream
 from mpproxy.proxy.tcp import accept
 from mpproxy.proxy.tcp.preamble import Preamble
+from mpproxy.proxy.tcp.states import (CLOSED, CONNECTING, FINISHING, HALF_CLOSED, PREAMBLE,
+                                      RELAYING, WAITING_FOR_FILES)
 from mpproxy.proxy.tcp.sides import (_DISCARD, ClientSide, Side, ThrottledClientSide,
                                      ThrottledUpstreamSide, UpstreamSide)
 
@@ -87,8 +92,8 @@ class Relay(Preamble):
     """One client connection and its upstream connection."""
 
     __slots__ = ('ctx', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
-                 'trying', 'seen', 'quiet', 'timer', 'half_timer', 'half_closed', 'closing',
-                 'connecting', 'finishing', 'pool', 'peeking', 'files_deadline', 'limit_key',
+                 'trying', 'seen', 'quiet', 'timer', 'half_timer', 'state',
+                 'connecting', 'pool', 'peeking', 'files_deadline', 'limit_key',
                  'local_addr', 'status', 'started', 'routed', 'connect_time',
                  'connect_started')
 
@@ -112,10 +117,8 @@ class Relay(Preamble):
         self.half_timer = None                      # a wheel.Entry (half_close_timeout)
         self.timer = None                           # a wheel.Entry (connect, idle, preamble)
                                                     # or a TimerHandle (out-of-files retry)
-        self.half_closed = False
-        self.closing = False
+        self.state = PREAMBLE
         self.connecting: Stream | None = None         # the upstream socket being connected
-        self.finishing = False
         self.pool = ctx.pool
         self.peeking = None                         # a preamble stage: 'proxy' or 'sni'
         self.files_deadline = None                  # out of files: retry connecting until then
@@ -134,6 +137,7 @@ class Relay(Preamble):
         self.begin(transport)     # the preamble, then _route()
 
     def _route(self, pool) -> None:
+        self.state = CONNECTING
         self.pool = pool
         if self.ctx.access is not None:
             self.routed = self.loop.time()
@@ -197,7 +201,7 @@ class Relay(Preamble):
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
-        if self.closing:
+        if self.state is CLOSED:
             return
         if exc is not None and exc.errno in accept.EXHAUSTED:
             if self._wait_for_files(exc):
@@ -233,20 +237,23 @@ class Relay(Preamble):
             svc.starving(self, False)
             return False
         svc.out_of_files('socket() for an upstream connection', exc)
+        self.state = WAITING_FOR_FILES
         self.timer = self.loop.call_later(accept.PAUSE_MIN, self._retry_connect)
         return True
 
     def _retry_connect(self) -> None:
         self.timer = None
-        if not self.closing:
+        if self.state is not CLOSED:
+            self.state = CONNECTING
             self._connect()
 
     # -- OPEN ---------------------------------------------------------------------------
     def _opened(self, upstream: UpstreamSide) -> None:
         self.connecting = None
-        if self.closing:          # the client went away while we were connecting
+        if self.state is CLOSED:          # the client went away while we were connecting
             upstream.transport.close()
             return
+        self.state = RELAYING
         if self.files_deadline is not None:
             self.ctx.starving(self, False)
         self.target = upstream.target
@@ -273,7 +280,7 @@ class Relay(Preamble):
         self._arm_idle()
         if client.eof:            # its FIN came while we were connecting
             self.on_eof(client)
-        if self.closing:
+        if self.state is CLOSED:
             return
         client.flow_paused(False)     # reading starts, unless the upload rate holds it
 
@@ -283,12 +290,12 @@ class Relay(Preamble):
         return self.ctx.send_header(self.client_addr[:2], local[:2])
 
     def on_eof(self, side: Side) -> None:
-        if self.finishing:
+        if self.state is FINISHING:
             if self.client.eof and self.upstream.eof:
                 self.close()
             return
         peer = side.peer
-        if peer is None or self.closing:
+        if peer is None or self.state is CLOSED:
             return
         if peer.eof:              # both directions are done
             self.close()
@@ -299,13 +306,13 @@ class Relay(Preamble):
             self.close()          # (what both sockets hold is sent first)
             return
         transport.write_eof()     # pass the FIN on; the other direction goes on
-        if not self.half_closed:  # half_close_timeout is not extended by traffic
-            self.half_closed = True
+        if self.state is not HALF_CLOSED:   # half_close_timeout is not extended by traffic
+            self.state = HALF_CLOSED
             self.half_timer = self.ctx.wheel.call_later(
                 self.ctx.listener.half_close_timeout, self._on_half_close_timeout)
 
     def on_lost(self, side: Side, exc) -> None:
-        if not self.closing:
+        if self.state is not CLOSED:
             self.close()
         self._maybe_forget()
 
@@ -323,7 +330,7 @@ class Relay(Preamble):
 
     def _on_idle_tick(self) -> None:
         self.timer = None
-        if self.closing:
+        if self.state is CLOSED:
             return
         total = self.client.received + self.upstream.received
         if total != self.seen:
@@ -342,7 +349,7 @@ class Relay(Preamble):
 
     def _on_half_close_timeout(self) -> None:
         self.half_timer = None
-        if not self.closing:
+        if self.state is not CLOSED:
             self.ctx.log.info('half-close timeout, closing client %s',
                                   format_sockaddr(self.client_address()))
             self.status = 'idle_timeout'
@@ -351,9 +358,9 @@ class Relay(Preamble):
     # -- CLOSED -------------------------------------------------------------------------
     def close(self) -> None:
         """Close both transports (flushing what they hold); idempotent."""
-        if self.closing:
+        if self.state is CLOSED:
             return
-        self.closing = True
+        self.state = CLOSED
         for timer in (self.timer, self.half_timer):
             if timer is not None:
                 timer.cancel()
@@ -377,13 +384,13 @@ class Relay(Preamble):
         lingering close lets each peer read to EOF first. The relay closes when
         both peers answered with FIN; the worker aborts what is left later.
         """
-        if self.closing or self.finishing:
+        if self.state is CLOSED or self.state is FINISHING:
             return
         upstream = self.upstream
         if upstream is None:       # still connecting: nothing to flush
             self.close()
             return
-        self.finishing = True
+        self.state = FINISHING
         for side in (self.client, upstream):
             side.peer = _DISCARD
             transport = side.transport
@@ -403,7 +410,7 @@ class Relay(Preamble):
                 side.transport.abort()
 
     def _maybe_forget(self) -> None:
-        if not self.closing:
+        if self.state is not CLOSED:
             return
         for side in (self.client, self.upstream):
             if side is not None and side.transport is not None and not side.lost:
