@@ -71,7 +71,7 @@ class Admission:
             pk_level, pk_type, pk_slice = self._pk
             ancsize = pktinfo.ANCBUFSIZE
         counting = self._access is not None     # the access log's per-session counts
-        now = self._now = self._time()
+        now = self._table.now = self._time()
         n = dropped = nbytes = 0
         try:
             while n < BATCH:
@@ -136,7 +136,7 @@ class Admission:
             ancsize = pktinfo.ANCBUFSIZE
         trusted = self._trusted             # None: accept is off
         counting = self._access is not None     # the access log's per-session counts
-        now = self._now = self._time()
+        now = self._table.now = self._time()
         n = dropped = nbytes = 0
         try:
             while n < BATCH:
@@ -254,7 +254,7 @@ class Admission:
     def _make_room(self, client, now) -> bool:
         """The table is full: end one session for the new `client`, or refuse it."""
         table, stats = self._table, self.stats
-        self._full_at = now
+        table.full_at = now
         victim, why = table.victim(now)
         if victim is None:
             stats.sessions_refused += 1

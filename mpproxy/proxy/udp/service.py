@@ -105,11 +105,11 @@ class UdpService(Admission):
         self._idle = float(listener.idle_timeout)
         self._period = max(MIN_SWEEP, min(self._idle / 4.0, MAX_SWEEP))
         self._table = SessionTable(listener.udp.max_sessions,       # 0 = unlimited
-                                   min(TALKING, self._idle / 4.0) + self._period)
+                                   min(TALKING, self._idle / 4.0) + self._period,
+                                   self._time())    # (its `now`: see SessionTable)
         self._sessions: OrderedDict = self._table.active    # the hot path uses it directly
         self._per_ip = per_ip                   # None: no per-IP limit, nothing called
         self._access = access                   # observe.access.AccessLog, or None: no counts
-        self._full_at = None                    # loop time of the last eviction or refusal
         self._responses = listener.udp.responses
         self._tries = max(1, listener.next_upstream_tries)
         self._wildcard = listener.listen.is_wildcard or pktinfo.is_wildcard(sock)
@@ -124,7 +124,6 @@ class UdpService(Admission):
         self._local = sock.getsockname()[:2]    # send v2: the destination, unless wildcard
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
-        self._now = self._time()                # the clock of the last listener read or sweep
 
     # -- the interface the worker uses ---------------------------------------
 
@@ -290,9 +289,11 @@ class UdpService(Admission):
             if responses and sess.replies >= responses:
                 self._end(sess)
                 stats.sessions_completed += 1
-            elif sess.last != self._now:
-                sess.last = self._now
-                self._sessions.move_to_end(sess.key)
+            else:
+                now = self._table.now
+                if sess.last != now:
+                    sess.last = now
+                    self._sessions.move_to_end(sess.key)
         except Exception as exc:
             self._unexpected(exc, 'relaying replies')
 
@@ -365,8 +366,9 @@ class UdpService(Admission):
         """The expiry timer: end sessions idle for idle_timeout, from the table's front."""
         self._timer = None
         sessions = self._sessions
+        table = self._table
         try:
-            self._now = now = self._time()
+            table.now = now = self._time()
             cutoff = now - self._idle
             expired = 0
             while sessions:
@@ -376,10 +378,10 @@ class UdpService(Admission):
                 self._end(sess)
                 expired += 1
             self.stats.sessions_expired += expired
-            if self._full_at is not None and now - self._full_at >= self._rl.interval:
+            if table.full_at is not None and now - table.full_at >= self._rl.interval:
                 # the table stopped overflowing: write out the suppressed counts now,
                 # not at the next overflow or at close()
-                self._full_at = None
+                table.full_at = None
                 self._rl.flush()
         except Exception as exc:
             self._unexpected(exc, 'expiring sessions')
