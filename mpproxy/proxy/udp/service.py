@@ -18,7 +18,13 @@ Owns: the interface the worker uses (start, drain, close, handing sessions
 over on reload), opening and ending sessions, idle expiry, and the replies
 (`_on_upstream`). What comes in from clients — the listener's readers and who
 gets a session (allow/deny, proxy_protocol, the per-IP limit, a full table) —
-is admit.py's `Admission`, a mixin of `UdpService`.
+is admit.py's `Admission`, an object the service builds; neither reads the
+other's attributes. The service asks it for its `reader` and, on reload, to
+`admit_adopted` a session (send: v2):
+
+    UdpService ──builds──▶ Admission ──connect / end / upstream_error / unexpected──▶ UdpService
+         └─ both hold: listener socket, SessionTable (active, now, full_at), UdpStats,
+                       RateLimitedLog, buffer, clock, per-IP limit
 
 The hot path (one datagram either way) is: recv, one dict lookup, one
 `move_to_end`, one attribute store, send. Sockets are read until EAGAIN but at
@@ -37,7 +43,7 @@ room for a new client by ending the oldest session that never got a reply,
 else the least recently active one that is not talking; when every session is
 talking the new client is refused. A flood from many source addresses so
 churns only sessions that are not talking, and memory stays bounded by the
-cap. See `SessionTable` in udp_session.py for the rules and the definition of
+cap. See `SessionTable` in session.py for the rules and the definition of
 talking. `per_ip` is the seam for `udp.max_sessions_per_ip` (`PerIpLimit`;
 the worker passes a `GateLimit`, counted across all workers).
 
@@ -62,7 +68,6 @@ import socket
 from collections import OrderedDict
 from functools import partial
 
-from mpproxy.proxy.edge import acl
 from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.stream import Poller
 from mpproxy.proxy.udp import handoff, pktinfo
@@ -85,7 +90,7 @@ _AGAIN = (BlockingIOError, InterruptedError)
 _DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 
 
-class UdpService(Admission):
+class UdpService:
     """The session table of one UDP listener socket in one worker."""
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
@@ -113,17 +118,16 @@ class UdpService(Admission):
         self._responses = listener.udp.responses
         self._tries = max(1, listener.next_upstream_tries)
         self._wildcard = listener.listen.is_wildcard or pktinfo.is_wildcard(sock)
-        self._pk = pktinfo.recv_spec(sock.family)
         self._reading = False
         self._closed = False
         self._timer = None
-        self._acl = acl.for_listener(listener)  # None: no lists, nothing checked
-        pp = listener.proxy_protocol            # udp_admit.py
-        self._trusted = acl.Acl(allow=pp.trusted) if pp.accept else None
-        self._send_v2 = pp.send == 'v2'
-        self._local = sock.getsockname()[:2]    # send v2: the destination, unless wildcard
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
+        self._admission = Admission(listener, sock, self._wildcard, self._table, self.stats,
+                                    self._rl, self._buf, self._time, per_ip, access is not None,
+                                    connect=self._connect, end=self._end,
+                                    upstream_error=self._upstream_error,
+                                    unexpected=self._unexpected)
 
     # -- the interface the worker uses ---------------------------------------
 
@@ -136,8 +140,7 @@ class UdpService(Admission):
         self._lsock.setblocking(False)
         if self._wildcard:
             pktinfo.enable(self._lsock)
-        proxied = self._trusted is not None or self._send_v2
-        self._loop.add_reader(self._lfd, self._on_listener_proxied if proxied else self._on_listener)
+        self._loop.add_reader(self._lfd, self._admission.reader)
         self._reading = True
 
     def drain(self) -> None:
@@ -222,13 +225,9 @@ class UdpService(Admission):
             except (IndexError, KeyError, TypeError, ValueError, OSError):
                 socket.close(fd)
                 continue
-            head = None
-            if self._send_v2:           # what this generation's config says, for every session
-                head = self._header_for(sess.client, sess.told, sess.key)
-                if head is None:
-                    sess.sock.close()
-                    continue
-                self._prefix(sess, head)
+            if not self._admission.admit_adopted(sess):     # this generation's send: v2
+                sess.sock.close()
+                continue
             old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
