@@ -1,4 +1,4 @@
-"""UdpService's listener side (udp_admit.py) in-process: proxy_protocol over UDP and the
+"""UdpService's listener side (admit.py) in-process: proxy_protocol over UDP and the
 per-IP limit over the table shared by all workers. A uvloop loop, real sockets on
 127.0.0.1 / ::1 (the Env, EchoUpstream and CountingLimit of test_udp_service.py)."""
 
@@ -144,8 +144,8 @@ def test_only_a_listener_with_proxy_protocol_gets_the_proxied_reader(env, send, 
     calls = []
     svc, port = service(env, up.addr, send=send, accept=accept, start=False)
     for name in ('_on_listener', '_on_listener_proxied'):
-        method = getattr(svc, name)
-        setattr(svc, name, lambda m=method, n=name: (calls.append(n), m()))
+        method = getattr(svc._admission, name)
+        setattr(svc._admission, name, lambda m=method, n=name: (calls.append(n), m()))
     svc.start()
     c = env.udp(V4, ('127.0.0.1', 0))
     head = proxy_header.v2(FRONT, FRONT_DST, 'udp') if accept else b''

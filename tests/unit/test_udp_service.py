@@ -45,7 +45,7 @@ def service(env, upstream_addr, family=V4, host='127.0.0.1', idle=30.0, response
     svc.start()
     if env.reader == 'proxied':
         env.loop.remove_reader(svc._lfd)
-        env.loop.add_reader(svc._lfd, svc._on_listener_proxied)
+        env.loop.add_reader(svc._lfd, svc._admission._on_listener_proxied)
     return svc, port
 
 

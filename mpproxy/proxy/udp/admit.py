@@ -1,16 +1,27 @@
 """Client datagrams in: the UDP listener socket's readers, and who gets a session.
 
-`Admission` is a mixin of `service.UdpService` (it owns no state of its own: it
-reads and writes the service's). It owns everything between the listener
-socket and a session's upstream socket:
+`Admission` is its own object, one per `UdpService`, which builds it. It owns
+everything between the listener socket and a session's upstream socket:
 
     listener socket ──recv──▶ session table ──found──────────────────────────────▶ send upstream
                                     │ none
                                     ▼
          (accept) sender in `trusted`? ─▶ v2 PROXY header? ─▶ allow/deny (real client)
                   ─▶ udp.max_sessions_per_ip (real client) ─▶ room in the table ─▶ open
+                                                              (else evict: `end`)  (`connect`)
 
-Two readers, one chosen per listener at start(): `_on_listener`, the hot path
+Why this seam: a client datagram either finds its session or asks for one, and
+everything that decides the asking (allow/deny, proxy_protocol, the per-IP
+limit, whom a full table evicts) reads only this listener's settings and the
+table. What a session is once open (its socket, its server, its replies,
+expiry, close, hand-over) is service.py's; admission reaches it through four
+callbacks given at construction (`connect`, `end`, `upstream_error`,
+`unexpected`), never through the service's attributes. Shared by reference,
+named in the constructor: the listener socket, the `SessionTable` (its `now`
+and `full_at` are the clock and overflow mark both sides read), the counters,
+the rate-limited log, the scratch buffer, the clock and the per-IP limit.
+
+Two readers, one chosen per listener (`reader`, at start()): `_on_listener`, the hot path
 of a listener without proxy_protocol (nothing of the PROXY protocol is looked
 at, not even a flag), and `_on_listener_proxied` for `accept: true` and/or
 `send: v2`.
@@ -40,9 +51,9 @@ from __future__ import annotations
 
 import socket
 
-from mpproxy.proxy.edge import proxy_header
+from mpproxy.proxy.edge import acl, proxy_header
 from mpproxy.proxy.udp import pktinfo
-from mpproxy.proxy.udp.session import UNANSWERED
+from mpproxy.proxy.udp.session import UNANSWERED, SessionTable, UdpStats
 
 BATCH = 64                # datagrams read per reader callback, per socket
 MAX_PAYLOAD = {socket.AF_INET: 65507, socket.AF_INET6: 65527}     # by upstream socket family
@@ -55,9 +66,62 @@ _V4_MAPPED = bytes(10) + b'\xff\xff'
 
 
 class Admission:
-    __slots__ = ()
+    """The read side of one UDP listener socket in one worker, and who gets a session.
+
+    Built by `UdpService` with what the two share (see the module docstring) and four
+    callbacks into session life: `connect` (a new session: socket, server, watched, in
+    the table; or None), `end`, `upstream_error`, `unexpected`. Its own state is this
+    listener's admission settings (allow/deny, proxy_protocol, the pktinfo spec).
+    """
+
+    def __init__(self, listener, sock: socket.socket, wildcard: bool, table: SessionTable,
+                 stats: UdpStats, rl, buf: bytearray, clock, per_ip, counting: bool, *,
+                 connect, end, upstream_error, unexpected):
+        self._name = listener.name
+        self._lsock = sock
+        self._wildcard = wildcard
+        self._pk = pktinfo.recv_spec(sock.family)
+        self._table = table
+        self._sessions = table.active           # the hot path uses it directly
+        self._stats = stats
+        self._rl = rl
+        self._buf = buf
+        self._view = memoryview(buf)
+        self._time = clock
+        self._per_ip = per_ip                   # None: no per-IP limit, nothing called
+        self._counting = counting               # the access log's per-session counts
+        self._connect = connect
+        self._end = end
+        self._upstream_error = upstream_error
+        self._unexpected = unexpected
+        self._acl = acl.for_listener(listener)  # None: no lists, nothing checked
+        pp = listener.proxy_protocol
+        self._trusted = acl.Acl(allow=pp.trusted) if pp.accept else None
+        self._send_v2 = pp.send == 'v2'
+        self._local = sock.getsockname()[:2]    # send v2: the destination, unless wildcard
+
+    @property
+    def reader(self):
+        """The listener socket's reader callback: `_on_listener`, or with proxy_protocol
+        (accept and/or send: v2) `_on_listener_proxied`."""
+        if self._trusted is not None or self._send_v2:
+            return self._on_listener_proxied
+        return self._on_listener
+
+    def admit_adopted(self, sess) -> bool:
+        """A session adopted on reload, under this generation's proxy_protocol.send (its header
+        put in place); False when it cannot be (logged): the caller closes it."""
+        if not self._send_v2:
+            return True
+        head = self._header_for(sess.client, sess.told, sess.key)
+        if head is None:
+            return False
+        self._prefix(sess, head)
+        return True
 
     # -- reader callbacks (the hot path) -------------------------------------
+    # Flat on purpose (scripts/bench "udp" and "udpnew"): attributes are cached in locals once
+    # per callback; a datagram of an open session reads none and calls no method of ours.
 
     def _on_listener(self):
         """Client datagrams → their sessions' upstream sockets."""
@@ -70,8 +134,8 @@ class Admission:
         if wildcard:
             pk_level, pk_type, pk_slice = self._pk
             ancsize = pktinfo.ANCBUFSIZE
-        counting = self._access is not None     # the access log's per-session counts
-        now = self._now = self._time()
+        counting = self._counting
+        now = self._table.now = self._time()
         n = dropped = nbytes = 0
         try:
             while n < BATCH:
@@ -116,7 +180,7 @@ class Admission:
                     self._upstream_error(sess, exc, 'send to')
         except Exception as exc:
             self._unexpected(exc, 'reading the listener')
-        stats = self.stats
+        stats = self._stats
         stats.datagrams_in += n
         stats.bytes_in += nbytes
         if dropped:
@@ -135,8 +199,8 @@ class Admission:
             pk_level, pk_type, pk_slice = self._pk
             ancsize = pktinfo.ANCBUFSIZE
         trusted = self._trusted             # None: accept is off
-        counting = self._access is not None     # the access log's per-session counts
-        now = self._now = self._time()
+        counting = self._counting
+        now = self._table.now = self._time()
         n = dropped = nbytes = 0
         try:
             while n < BATCH:
@@ -211,7 +275,7 @@ class Admission:
                     self._upstream_error(sess, exc, 'send to')
         except Exception as exc:
             self._unexpected(exc, 'reading the listener')
-        stats = self.stats
+        stats = self._stats
         stats.datagrams_in += n
         stats.bytes_in += nbytes
         if dropped:
@@ -230,7 +294,7 @@ class Admission:
                 return None
         per_ip = self._per_ip
         if per_ip is not None and not per_ip.acquire(client[0]):
-            self.stats.sessions_refused_per_ip += 1
+            self._stats.sessions_refused_per_ip += 1
             self._rl.warning('per-ip', 'udp %s: client %s is at udp.max_sessions_per_ip, '
                              'new session dropped', self._name, _who(client, addr))
             return None
@@ -253,8 +317,8 @@ class Admission:
 
     def _make_room(self, client, now) -> bool:
         """The table is full: end one session for the new `client`, or refuse it."""
-        table, stats = self._table, self.stats
-        self._full_at = now
+        table, stats = self._table, self._stats
+        table.full_at = now
         victim, why = table.victim(now)
         if victim is None:
             stats.sessions_refused += 1
@@ -285,7 +349,7 @@ class Admission:
             reason = 'a v1 PROXY header (UDP takes v2 only)'
         elif state == proxy_header.MORE:
             reason = 'the datagram ends inside its PROXY protocol header'
-        self.stats.bad_headers += 1
+        self._stats.bad_headers += 1
         self._rl.warning(('proxy header', reason), 'udp %s: datagram from %s: %s; dropped',
                          self._name, addr, reason)
         return 0, None
@@ -318,17 +382,17 @@ class Admission:
     # -- drops (off the hot path) ------------------------------------------------------
 
     def _deny(self, client, sender=None) -> None:
-        self.stats.denied += 1
+        self._stats.denied += 1
         self._rl.info('denied', 'udp %s: client %s denied by allow/deny',
                       self._name, _who(client, sender or client))
 
     def _untrusted(self, addr) -> None:
-        self.stats.untrusted += 1
+        self._stats.untrusted += 1
         self._rl.warning('untrusted', 'udp %s: datagram from %s, not in proxy_protocol.trusted; '
                          'dropped', self._name, addr)
 
     def _too_big(self, sess, size: int) -> None:
-        self.stats.too_big += 1
+        self._stats.too_big += 1
         self._rl.warning(('too big', sess.target.label), 'udp %s: datagram of %d bytes from %s '
                          'does not fit beside its %d-byte PROXY protocol header (at most %d to '
                          'upstream %s); dropped', self._name, size, sess.client, len(sess.head),

@@ -18,7 +18,13 @@ Owns: the interface the worker uses (start, drain, close, handing sessions
 over on reload), opening and ending sessions, idle expiry, and the replies
 (`_on_upstream`). What comes in from clients — the listener's readers and who
 gets a session (allow/deny, proxy_protocol, the per-IP limit, a full table) —
-is admit.py's `Admission`, a mixin of `UdpService`.
+is admit.py's `Admission`, an object the service builds; neither reads the
+other's attributes. The service asks it for its `reader` and, on reload, to
+`admit_adopted` a session (send: v2):
+
+    UdpService ──builds──▶ Admission ──connect / end / upstream_error / unexpected──▶ UdpService
+         └─ both hold: listener socket, SessionTable (active, now, full_at), UdpStats,
+                       RateLimitedLog, buffer, clock, per-IP limit
 
 The hot path (one datagram either way) is: recv, one dict lookup, one
 `move_to_end`, one attribute store, send. Sockets are read until EAGAIN but at
@@ -37,7 +43,7 @@ room for a new client by ending the oldest session that never got a reply,
 else the least recently active one that is not talking; when every session is
 talking the new client is refused. A flood from many source addresses so
 churns only sessions that are not talking, and memory stays bounded by the
-cap. See `SessionTable` in udp_session.py for the rules and the definition of
+cap. See `SessionTable` in session.py for the rules and the definition of
 talking. `per_ip` is the seam for `udp.max_sessions_per_ip` (`PerIpLimit`;
 the worker passes a `GateLimit`, counted across all workers).
 
@@ -62,7 +68,6 @@ import socket
 from collections import OrderedDict
 from functools import partial
 
-from mpproxy.proxy.edge import acl
 from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.stream import Poller
 from mpproxy.proxy.udp import handoff, pktinfo
@@ -85,7 +90,7 @@ _AGAIN = (BlockingIOError, InterruptedError)
 _DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 
 
-class UdpService(Admission):
+class UdpService:
     """The session table of one UDP listener socket in one worker."""
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
@@ -105,26 +110,24 @@ class UdpService(Admission):
         self._idle = float(listener.idle_timeout)
         self._period = max(MIN_SWEEP, min(self._idle / 4.0, MAX_SWEEP))
         self._table = SessionTable(listener.udp.max_sessions,       # 0 = unlimited
-                                   min(TALKING, self._idle / 4.0) + self._period)
+                                   min(TALKING, self._idle / 4.0) + self._period,
+                                   self._time())    # (its `now`: see SessionTable)
         self._sessions: OrderedDict = self._table.active    # the hot path uses it directly
         self._per_ip = per_ip                   # None: no per-IP limit, nothing called
         self._access = access                   # observe.access.AccessLog, or None: no counts
-        self._full_at = None                    # loop time of the last eviction or refusal
         self._responses = listener.udp.responses
         self._tries = max(1, listener.next_upstream_tries)
         self._wildcard = listener.listen.is_wildcard or pktinfo.is_wildcard(sock)
-        self._pk = pktinfo.recv_spec(sock.family)
         self._reading = False
         self._closed = False
         self._timer = None
-        self._acl = acl.for_listener(listener)  # None: no lists, nothing checked
-        pp = listener.proxy_protocol            # udp_admit.py
-        self._trusted = acl.Acl(allow=pp.trusted) if pp.accept else None
-        self._send_v2 = pp.send == 'v2'
-        self._local = sock.getsockname()[:2]    # send v2: the destination, unless wildcard
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
-        self._now = self._time()                # the clock of the last listener read or sweep
+        self._admission = Admission(listener, sock, self._wildcard, self._table, self.stats,
+                                    self._rl, self._buf, self._time, per_ip, access is not None,
+                                    connect=self._connect, end=self._end,
+                                    upstream_error=self._upstream_error,
+                                    unexpected=self._unexpected)
 
     # -- the interface the worker uses ---------------------------------------
 
@@ -137,8 +140,7 @@ class UdpService(Admission):
         self._lsock.setblocking(False)
         if self._wildcard:
             pktinfo.enable(self._lsock)
-        proxied = self._trusted is not None or self._send_v2
-        self._loop.add_reader(self._lfd, self._on_listener_proxied if proxied else self._on_listener)
+        self._loop.add_reader(self._lfd, self._admission.reader)
         self._reading = True
 
     def drain(self) -> None:
@@ -223,13 +225,9 @@ class UdpService(Admission):
             except (IndexError, KeyError, TypeError, ValueError, OSError):
                 socket.close(fd)
                 continue
-            head = None
-            if self._send_v2:           # what this generation's config says, for every session
-                head = self._header_for(sess.client, sess.told, sess.key)
-                if head is None:
-                    sess.sock.close()
-                    continue
-                self._prefix(sess, head)
+            if not self._admission.admit_adopted(sess):     # this generation's send: v2
+                sess.sock.close()
+                continue
             old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
@@ -290,9 +288,11 @@ class UdpService(Admission):
             if responses and sess.replies >= responses:
                 self._end(sess)
                 stats.sessions_completed += 1
-            elif sess.last != self._now:
-                sess.last = self._now
-                self._sessions.move_to_end(sess.key)
+            else:
+                now = self._table.now
+                if sess.last != now:
+                    sess.last = now
+                    self._sessions.move_to_end(sess.key)
         except Exception as exc:
             self._unexpected(exc, 'relaying replies')
 
@@ -365,8 +365,9 @@ class UdpService(Admission):
         """The expiry timer: end sessions idle for idle_timeout, from the table's front."""
         self._timer = None
         sessions = self._sessions
+        table = self._table
         try:
-            self._now = now = self._time()
+            table.now = now = self._time()
             cutoff = now - self._idle
             expired = 0
             while sessions:
@@ -376,10 +377,10 @@ class UdpService(Admission):
                 self._end(sess)
                 expired += 1
             self.stats.sessions_expired += expired
-            if self._full_at is not None and now - self._full_at >= self._rl.interval:
+            if table.full_at is not None and now - table.full_at >= self._rl.interval:
                 # the table stopped overflowing: write out the suppressed counts now,
                 # not at the next overflow or at close()
-                self._full_at = None
+                table.full_at = None
                 self._rl.flush()
         except Exception as exc:
             self._unexpected(exc, 'expiring sessions')

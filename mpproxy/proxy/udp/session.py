@@ -160,7 +160,7 @@ class Session:
         self.replies = 0            # replies received from the upstream
         self.last = now             # loop.time() of the last datagram either way
         self.gated = False          # holds a count in the per-IP limit (release it at the end)
-        # proxy_protocol (udp_admit.py); with neither accept nor send only `client` is set
+        # proxy_protocol (admit.py); with neither accept nor send only `client` is set
         self.client = client or addr    # the real client: the PROXY header's source, else addr
         self.told = None            # the destination the client's PROXY header named, if any
         self.head = None            # send v2: the header put before each datagram upstream
@@ -198,15 +198,23 @@ class SessionTable:
     a clock refreshed at each listener read and each sweep, so a reply's stamp
     may lag by up to one sweep period: the window tested is that much longer
     (`talking` = min(TALKING, idle_timeout / 4) + sweep period).
+
+    The two halves of a UdpService that stamp `last` share the clock they stamp it
+    with here: `now`, refreshed by each listener read (admit.py) and each sweep
+    (service.py), read by the reply path; and `full_at`, the clock of the last
+    eviction or refusal (admit.py), which the sweep reads to flush the rate-limited
+    log once the table stops overflowing.
     """
 
-    __slots__ = ('active', 'unanswered', 'cap', 'talking')
+    __slots__ = ('active', 'unanswered', 'cap', 'talking', 'now', 'full_at')
 
-    def __init__(self, cap: int, talking: float):
+    def __init__(self, cap: int, talking: float, now: float = 0.0):
         self.active: OrderedDict = OrderedDict()
         self.unanswered: OrderedDict = OrderedDict()
         self.cap = cap              # 0: no limit
         self.talking = talking
+        self.now = now              # the clock of the last listener read or sweep
+        self.full_at = None         # the clock of the last eviction or refusal, or None
 
     def __len__(self) -> int:
         return len(self.active)
