@@ -4,42 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 from helpers.backends import UdpEcho
 from helpers.configs import upgrade_config
-from helpers.net import echo_roundtrip, free_port
+from helpers.net import EchoProber, echo_roundtrip, free_port
 from helpers.proc import alive, children, cmdline, read_pid, wait_for
-
-
-class Prober:
-    """Opens connection after connection in a thread and counts any failure."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.ok = 0
-        self.failures: list = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        n = 0
-        while not self.stop.is_set() and n < 200000:
-            payload = b'probe %d' % n
-            try:
-                got = echo_roundtrip(self.port, payload)
-                if got == payload:
-                    self.ok += 1
-                else:
-                    self.failures.append((payload, got))
-            except OSError as exc:
-                self.failures.append((payload, exc))
-            n += 1
-
-    def finish(self):
-        self.stop.set()
-        self.thread.join(10)
 
 
 def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp_path, tcp_echo):
@@ -47,7 +16,7 @@ def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp
     pid_file = tmp_path / 'mpproxy.pid'
     proxy = proxies(upgrade_config(tmp_path, port, tcp_echo.address)).start(wait_workers=2)
     old = proxy.pid
-    prober = Prober(port)
+    prober = EchoProber(port, seconds=60, limit=200000)
     new = None
     try:
         wait_for(lambda: prober.ok >= 20, 5, what='traffic before the upgrade')

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from helpers.backends import TcpBackend, echo_handler
-from helpers.faults import Client, assert_alive, config, expect_log, serves
-from helpers.net import free_port
+from helpers.faults import assert_alive, config, expect_log, serves
+from helpers.net import EchoProber, free_port
 from helpers.proc import alive, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,7 +33,7 @@ def test_master_stopped_under_load_kills_no_worker_and_handles_the_queued_hup(pr
         proxy = proxies(config([(port, tcp_echo.address)], worker_timeout=worker_timeout)).start(
             wait_workers=2)
         first = sorted(proxy.workers())
-        client = Client(port, seconds=12.0, limit=3000, pause=0.003)
+        client = EchoProber(port, seconds=12.0, limit=3000, pause=0.003)
         wait_for(lambda: client.ok >= 20, 5, what='traffic before the stop')
         stopped_at = time.monotonic()
         os.kill(proxy.pid, signal.SIGSTOP)

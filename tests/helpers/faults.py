@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -427,40 +426,6 @@ def stop_pid(pid: int | None, timeout: float = 5.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-class Client:
-    """Echo connection after connection in a thread, bounded by `seconds` and `limit`;
-    every failure is kept."""
-
-    def __init__(self, port: int, seconds: float = 12.0, limit: int = 3000, pause: float = 0.0):
-        self.port, self.seconds, self.limit, self.pause = port, seconds, limit, pause
-        self.ok = 0
-        self.failures: list = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.seconds
-        n = 0
-        while not self.stop.is_set() and n < self.limit and time.monotonic() < end:
-            payload = b'client %d' % n
-            try:
-                got = echo_roundtrip(self.port, payload)
-                if got == payload:
-                    self.ok += 1
-                else:
-                    self.failures.append((n, got))
-            except OSError as exc:
-                self.failures.append((n, repr(exc)))
-            n += 1
-            if self.pause:
-                self.stop.wait(self.pause)      # pacing, so the bound covers the whole test
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 # -- the master and its log -----------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The client side on loopback: free ports, TCP connections and echo round trips, UDP
-clients, a PROXY-protocol exchange, an HTTP request, a TLS ClientHello. Every socket has a
-timeout and every read a bound."""
+clients, a PROXY-protocol exchange, an HTTP request, a TLS ClientHello, and `EchoProber`
+(echo connections in a thread that must never fail). Every socket has a timeout and every
+read a bound."""
 
 from __future__ import annotations
 
 import http.client
 import socket
 import threading
+import time
 
 RECV_TIMEOUT = 2.0          # a UDP client's per-recv timeout
 PAYLOAD = b'hello through the proxy'
@@ -140,3 +142,37 @@ def client_hello(server_name=None) -> bytes:
     except ssl.SSLWantReadError:
         pass
     return outgoing.read()
+
+
+class EchoProber:
+    """Echo connection after connection in a thread (a client that must never notice a
+    reload, an upgrade or a fault), bounded by `seconds` and `limit`; every failure is kept."""
+
+    def __init__(self, port: int, seconds: float = 12.0, limit: int = 3000, pause: float = 0.0):
+        self.port, self.seconds, self.limit, self.pause = port, seconds, limit, pause
+        self.ok = 0
+        self.failures: list = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.seconds
+        n = 0
+        while not self.stop.is_set() and n < self.limit and time.monotonic() < end:
+            payload = b'client %d' % n
+            try:
+                got = echo_roundtrip(self.port, payload)
+                if got == payload:
+                    self.ok += 1
+                else:
+                    self.failures.append((n, got))
+            except OSError as exc:
+                self.failures.append((n, repr(exc)))
+            n += 1
+            if self.pause:
+                self.stop.wait(self.pause)      # pacing, so the bound covers the whole test
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
