@@ -81,7 +81,6 @@ class Builder:
         (its exiting workers close their own copies). A generation `superseded` by a newer
         reload keeps its listening sockets until its workers are gone: the newer one may
         reuse them (a TCP address cannot be bound twice)."""
-        generation.failed = not superseded
         self.observer.discard(generation.admin)
         generation.admin = None
         if not superseded:

@@ -6,7 +6,7 @@ A generation is the set of workers started from one loaded config::
     STARTING --every slot said 'r'--> ACTIVE --newer generation active / QUIT--> DRAINING --all exited--> gone
         |                                                                           |
         +-- a worker died before it was ready, a fork failed, or START_TIMEOUT: ----+
-            the reload failed (rolled back: `failed`), its workers get TERM
+            the reload failed (rolled back), its workers get TERM
 
 Only one generation is ACTIVE; the master respawns its dead workers. A
 STARTING generation becomes ACTIVE only when all its workers are serving, so
@@ -68,8 +68,7 @@ class Generation:
     is forked (sockets, shared blocks, the admin socket it wants), then its workers."""
 
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
-                 'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'failed',
-                 'reload')
+                 'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'reload')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
@@ -88,7 +87,6 @@ class Generation:
         self.limits = limits if self.limit_index else None   # the master's table, if it counts
         self.layout = metrics.Layout(config)           # what its workers' metrics values are
         self.admin = admin                             # (address, socket) it serves admin on
-        self.failed = False                            # it never served: rolled back
         self.reload: int | None = None                 # the reload that made it (control.py)
 
     def signal_all(self, sig: int) -> None:

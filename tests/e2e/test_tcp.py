@@ -92,7 +92,6 @@ def test_half_close_false_the_clients_fin_ends_both_directions(proxies):
 
     def handler(conn):
         seen['request'] = recv_all(conn)       # the proxy's FIN (it closed) ends this
-        time.sleep(0.2)
         try:
             conn.sendall(b'reply to ' + seen['request'])
         except OSError:

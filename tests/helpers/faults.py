@@ -290,31 +290,39 @@ def lowest_free_fd(pid: int) -> int:
     return fd
 
 
-class NofileClamp:
-    """`clamp()`: the soft open-files limit of `pid` at its lowest free fd (the number of its
-    open fds when they are numbered without gaps), so no new fd fits; `restore()` (also on
-    exit) puts the limits back."""
+class RlimitClamp:
+    """One resource limit of a running process (prlimit), put back by `restore()` and on exit;
+    subclasses name the resource and say how `clamp()` lowers it."""
+
+    RESOURCE: int
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.saved = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        self.saved = resource.prlimit(pid, self.RESOURCE)
+
+    def restore(self) -> None:
+        try:
+            resource.prlimit(self.pid, self.RESOURCE, self.saved)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class NofileClamp(RlimitClamp):
+    """`clamp()`: the soft open-files limit of `pid` at its lowest free fd (the number of its
+    open fds when they are numbered without gaps), so no new fd fits."""
+
+    RESOURCE = resource.RLIMIT_NOFILE
 
     def clamp(self) -> int:
         limit = lowest_free_fd(self.pid)
         resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (limit, self.saved[1]))
         return limit
-
-    def restore(self) -> None:
-        try:
-            resource.prlimit(self.pid, resource.RLIMIT_NOFILE, self.saved)
-        except ProcessLookupError:
-            pass
-
-    def __enter__(self) -> 'NofileClamp':
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 # -- MemoryError: RLIMIT_AS of a running process --------------------------------------------
@@ -327,13 +335,10 @@ def vm_size(pid: int) -> int:
     raise AssertionError(f'no VmSize for pid {pid}')
 
 
-class AddressSpaceClamp:
-    """`clamp(margin)`: the soft RLIMIT_AS of `pid` at its VmSize now plus `margin` bytes;
-    `restore()` (also on exit) puts the limits back."""
+class AddressSpaceClamp(RlimitClamp):
+    """`clamp(margin)`: the soft RLIMIT_AS of `pid` at its VmSize now plus `margin` bytes."""
 
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.saved = resource.prlimit(pid, resource.RLIMIT_AS)
+    RESOURCE = resource.RLIMIT_AS
 
     def clamp(self, margin: int = 30 << 20) -> int:
         limit = vm_size(self.pid) + margin
@@ -342,18 +347,6 @@ class AddressSpaceClamp:
             limit = hard
         resource.prlimit(self.pid, resource.RLIMIT_AS, (limit, hard))
         return limit
-
-    def restore(self) -> None:
-        try:
-            resource.prlimit(self.pid, resource.RLIMIT_AS, self.saved)
-        except ProcessLookupError:
-            pass
-
-    def __enter__(self) -> 'AddressSpaceClamp':
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 # -- config and traffic helpers -------------------------------------------------------------
