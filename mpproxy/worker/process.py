@@ -40,7 +40,7 @@ from mpproxy.observe import log as logmod
 from mpproxy.observe import metrics
 from mpproxy.proxy.edge.sni import SniRouter
 from mpproxy.proxy.io.ratelog import RateLimitedLog
-from mpproxy.proxy.io.stream import Poller, prime_allocator
+from mpproxy.proxy.io.poller import Poller, prime_allocator
 from mpproxy.proxy.tcp.service import TcpService
 from mpproxy.proxy.udp import handoff
 from mpproxy.proxy.udp.service import UdpService
@@ -122,7 +122,7 @@ class Worker(Handover):
         self.limit_area = None
         self.access: access.AccessLog | None = None
         self.publisher: metrics.Publisher | None = None
-        self.poller: Poller | None = None     # the relays' sockets (proxy/io/stream.py)
+        self.poller: Poller | None = None     # the relays' sockets (proxy/io/poller.py)
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:

@@ -1,7 +1,7 @@
 """The data path's I/O machinery, with no protocol knowledge.
 
-Owns: the worker's `Poller` (an epoll of its own that uvloop watches) and the `Stream`s
-(relay sockets with the transport API) in `stream.py`; the coarse timer wheel of the relays'
+Owns: the worker's `Poller` (an epoll of its own that uvloop watches, `poller.py`) on which
+the relays' and UDP sessions' sockets are served; the coarse timer wheel of the relays'
 timeouts (`wheel.py`); log lines rate-limited per cause (`ratelog.py`).
 May import: nothing.
 """

@@ -4,7 +4,7 @@ uvloop's `create_server` hands accepting to libuv, which on EMFILE closes a
 reserve descriptor, accepts every pending connection and closes it at once:
 clients queued in the backlog are reset instead of waiting for a free file.
 An `Acceptor` reads the listening socket itself (`loop.add_reader`) and hands
-each accepted descriptor to its owner, who wraps it in a `Stream` (io/stream.py)::
+each accepted descriptor to its owner, who hands it to a relay (relay.py, end.py)::
 
     READING --EMFILE/ENFILE/ENOBUFS/ENOMEM--> PAUSED --back-off or a freed fd--> READING
        |                                        |

@@ -12,8 +12,8 @@ malformed or late header closes the connection with one rate-limited log
 line. A ClientHello is only peeked: it is forwarded unaltered.
 
 `Preamble` is a mixin of `relay.Relay` (it owns no state of its own); while a
-stage runs, `relay.peeking` names it and `ClientSide` calls `peek()` with
-every chunk, and with `eof=True` when the client half-closes.
+stage runs, `relay.peeking` names it and the relay calls `peek()` with every
+chunk the client sends (`hold`), and with `eof=True` when it half-closes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ SNI_TIMEOUT = 5.0         # ... and its whole ClientHello within this
 class Preamble:
     __slots__ = ()
 
-    def begin(self, transport) -> None:
+    def begin(self) -> None:
         """The client is accepted: read its preamble, or route it at once."""
         if self.ctx.trusted is not None:
             self._await('proxy', PROXY_TIMEOUT)
@@ -40,11 +40,11 @@ class Preamble:
     def _await(self, stage: str, timeout: float) -> None:
         self.peeking = stage
         self.timer = self.ctx.wheel.call_later(timeout, self._peek_timed_out)
-        if self.client.early or self.client.eof:   # bytes left over from the stage before
+        if self.early or self.client.eof:   # bytes left over from the stage before
             self.peek(eof=self.client.eof)
             if self.peeking != stage or self.state is CLOSED:
                 return            # that was enough: the stage is over
-        self.client.transport.resume_reading()    # (may peek() before it returns)
+        self.client.resume_reading()      # (may peek() before it returns)
 
     def _after_proxy(self) -> None:
         svc = self.ctx
@@ -65,11 +65,11 @@ class Preamble:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.client.transport.pause_reading()
+        self.client.pause_reading()
 
     # -- PROXY protocol -------------------------------------------------------------------
     def _peek_proxy(self, eof: bool) -> None:
-        data = b''.join(self.client.early)
+        data = b''.join(self.early)
         state, header, used, reason = proxy_header.parse(data)
         if state == proxy_header.MORE and len(data) > MAX_PROXY_HEADER:
             state, reason = proxy_header.INVALID, f'PROXY protocol header over {MAX_PROXY_HEADER} bytes'
@@ -86,7 +86,7 @@ class Preamble:
                                 reason or 'closed before its PROXY protocol header ended')
             self.abort()
             return
-        self.client.early = [data[used:]] if used < len(data) else []
+        self.early = [data[used:]] if used < len(data) else []
         if not header.local:      # LOCAL (the proxy's own health check): the peer is the client
             self.client_addr = header.source
             self.local_addr = header.destination
@@ -100,7 +100,7 @@ class Preamble:
 
     # -- SNI ------------------------------------------------------------------------------
     def _peek_sni(self, eof: bool) -> None:
-        state, name = sni.parse_sni(b''.join(self.client.early))
+        state, name = sni.parse_sni(b''.join(self.early))
         if state == sni.MORE and not eof:
             return
         self._end_stage()

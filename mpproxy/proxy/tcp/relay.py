@@ -1,8 +1,10 @@
 """A relay: one client connection and its upstream connection, from accept to close.
 
-`ClientSide.connection_made` (sides.py) pauses the client's reading and starts
-the relay: its preamble (preamble.py: a PROXY header, a ClientHello), then the
-connect to an upstream server, then the bytes both ways until both are done.
+One object per connection: `Relay` holds the connection's state and its two
+sockets, each an `End` (end.py) that writes what it reads straight to the other.
+The service hands it an accepted socket (`start`); the relay reads its preamble
+(preamble.py: a PROXY header, a ClientHello), connects to an upstream server,
+then the bytes go both ways until both are done.
 
 A relay's states (its `state` field; the names in states.py)::
 
@@ -21,9 +23,8 @@ last one refused or timed out), idle_timeout (idle or half-close timeout),
 bad_header, denied, limit (preamble.py), no_route (sni). `started`, `routed`
 and `connect_time` are only read by the access log (loop times; zero without it).
 
-Both sockets are `Stream`s on the worker's poller (io/stream.py), closed
-explicitly once both directions are done, and a relay stays in its service's
-table until both sides report `connection_lost`.
+Both ends are closed explicitly once both directions are done, and a relay
+stays in its service's table until both report `on_lost`.
 """
 
 from __future__ import annotations
@@ -33,13 +34,11 @@ import time
 
 from mpproxy.config.schema import Keepalive
 from mpproxy.config.values import format_sockaddr
-from mpproxy.proxy.io.stream import Stream
 from mpproxy.proxy.tcp import accept
+from mpproxy.proxy.tcp.end import End, ThrottledEnd
 from mpproxy.proxy.tcp.preamble import Preamble
 from mpproxy.proxy.tcp.states import (CLOSED, CONNECTING, FINISHING, HALF_CLOSED, PREAMBLE,
                                       RELAYING, WAITING_FOR_FILES)
-from mpproxy.proxy.tcp.sides import (_DISCARD, ClientSide, Side, ThrottledClientSide,
-                                     ThrottledUpstreamSide, UpstreamSide)
 
 IDLE_TICKS = 4
 
@@ -71,7 +70,7 @@ class RelayContext:
                  admit=None, forget=None, starving=None, out_of_files=None):
         self.loop = loop
         self.listener = listener          # config.schema.Listener: the settings
-        self.poller = poller              # io.stream.Poller: the relays' sockets
+        self.poller = poller              # io.poller.Poller: the relays' sockets
         self.wheel = wheel                # io.wheel.Wheel: the relays' timeouts
         self.pool = pool                  # the listener's upstream (SNI may pick another)
         self.log = log
@@ -91,7 +90,8 @@ class RelayContext:
 class Relay(Preamble):
     """One client connection and its upstream connection."""
 
-    __slots__ = ('ctx', 'loop', 'client', 'upstream', 'client_addr', 'target', 'candidates',
+    __slots__ = ('ctx', 'loop', 'client', 'upstream', 'early', 'client_addr', 'target',
+                 'candidates',
                  'trying', 'seen', 'quiet', 'timer', 'half_timer', 'state',
                  'connecting', 'pool', 'peeking', 'files_deadline', 'limit_key',
                  'local_addr', 'status', 'started', 'routed', 'connect_time',
@@ -100,13 +100,10 @@ class Relay(Preamble):
     def __init__(self, ctx: RelayContext, client_addr):
         self.ctx = ctx
         self.loop = ctx.loop
-        rate = ctx.listener.upload_rate
-        if rate:
-            self.client = ThrottledClientSide(self)
-            self.client.throttle(rate)
-        else:
-            self.client = ClientSide(self)
-        self.upstream: UpstreamSide | None = None
+        self.client: End | None = None              # the accepted socket (start)
+        self.upstream: End | None = None            # the connected upstream socket
+        self.early: list[bytes] | None = []         # client bytes until the upstream is
+                                                    # linked (None from then on)
         self.client_addr = client_addr              # (host, port, ...) as accept() gave it;
                                                     # None: not asked (client_address())
         self.target = None                          # the server connected to
@@ -118,7 +115,7 @@ class Relay(Preamble):
         self.timer = None                           # a wheel.Entry (connect, idle, preamble)
                                                     # or a TimerHandle (out-of-files retry)
         self.state = PREAMBLE
-        self.connecting: Stream | None = None         # the upstream socket being connected
+        self.connecting: End | None = None          # the upstream socket being connected
         self.pool = ctx.pool
         self.peeking = None                         # a preamble stage: 'proxy' or 'sni'
         self.files_deadline = None                  # out of files: retry connecting until then
@@ -132,9 +129,22 @@ class Relay(Preamble):
                                                     # the loop's clock has 1 ms steps)
 
     # -- CONNECTING ---------------------------------------------------------------------
-    def start(self, transport) -> None:
-        self.ctx.relays.add(self)
-        self.begin(transport)     # the preamble, then _route()
+    def start(self, sock) -> None:
+        """Take the accepted client socket (raises OSError when it cannot be registered)."""
+        ctx = self.ctx
+        rate = ctx.listener.upload_rate
+        if rate:
+            self.client = ThrottledEnd.accepted(self, ctx.poller, sock).throttle(self.loop, rate)
+        else:
+            self.client = End.accepted(self, ctx.poller, sock)
+        ctx.relays.add(self)
+        self.begin()              # the preamble, then _route()
+
+    def hold(self, data: bytes) -> None:
+        """Client bytes before the upstream is linked: kept for it (and peeked at)."""
+        self.early.append(data)
+        if self.peeking:
+            self.peek()
 
     def _route(self, pool) -> None:
         self.state = CONNECTING
@@ -150,8 +160,8 @@ class Relay(Preamble):
         """The client's (host, port); asked of the socket the first time if accept() did not
         say (None if the client is gone by then)."""
         addr = self.client_addr
-        if addr is None and self.client.transport is not None:
-            addr = self.client_addr = self.client.transport.get_extra_info('peername')
+        if addr is None:
+            addr = self.client_addr = self.client.peername()
         return addr
 
     def _try_next(self) -> None:
@@ -170,21 +180,19 @@ class Relay(Preamble):
         self._connect()
 
     def _connect(self) -> None:
-        """One connect to `self.trying`: a Stream (io/stream.py) and one timer."""
+        """One connect to `self.trying`: an End (end.py) and one timer."""
         target = self.trying
         rate = self.ctx.listener.download_rate
-        if rate:
-            side = ThrottledUpstreamSide(self, target)
-            side.throttle(rate)
-        else:
-            side = UpstreamSide(self, target)
         self.connect_started = time.monotonic()
         try:
-            self.connecting = Stream.connect(self.ctx.poller, target.family,
-                                             target.sockaddr, side, self._connect_failed)
+            end = (ThrottledEnd if rate else End).connect(self, self.ctx.poller, target.family,
+                                                          target.sockaddr)
         except OSError as exc:
-            self._connect_failed(exc)
+            self.connect_failed(exc)
             return
+        if rate:
+            end.throttle(self.loop, rate)
+        self.connecting = end
         self.timer = self.ctx.wheel.call_later(self.ctx.listener.connect_timeout,
                                                    self._connect_timed_out)
 
@@ -193,9 +201,9 @@ class Relay(Preamble):
         stream, self.connecting = self.connecting, None
         if stream is not None:
             stream.abort()
-            self._connect_failed(None)
+            self.connect_failed(None)
 
-    def _connect_failed(self, exc: OSError | None) -> None:
+    def connect_failed(self, exc: OSError | None) -> None:
         """The connect to `self.trying` failed (`exc`) or timed out (None)."""
         self.connecting = None
         timer, self.timer = self.timer, None
@@ -248,16 +256,17 @@ class Relay(Preamble):
             self._connect()
 
     # -- OPEN ---------------------------------------------------------------------------
-    def _opened(self, upstream: UpstreamSide) -> None:
+    def opened(self, upstream: End) -> None:
+        """The connect to `self.trying` succeeded: link the ends, send what was held."""
         self.connecting = None
         if self.state is CLOSED:          # the client went away while we were connecting
-            upstream.transport.close()
+            upstream.close()
             return
         self.state = RELAYING
         if self.files_deadline is not None:
             self.ctx.starving(self, False)
-        self.target = upstream.target
-        self.pool.succeeded(upstream.target, time.monotonic() - self.connect_started)
+        self.target = self.trying
+        self.pool.succeeded(self.target, time.monotonic() - self.connect_started)
         self.status = None                          # an earlier try's failure is not the end
         if self.ctx.access is not None:
             self.connect_time = self.loop.time() - self.routed
@@ -267,13 +276,13 @@ class Relay(Preamble):
         upstream.peer = client
         keepalive = self.ctx.listener.keepalive
         if keepalive is not None:
-            _set_keepalive(client.transport, keepalive)
-            _set_keepalive(upstream.transport, keepalive)
-        early, client.early = client.early, None
+            _set_keepalive(client.sock, keepalive)
+            _set_keepalive(upstream.sock, keepalive)
+        early, self.early = self.early, None
         if self.ctx.send_header is not None:
-            upstream.transport.write(self._proxy_header())
+            upstream.write(self._proxy_header())
         if early:
-            upstream.transport.write(b''.join(early))
+            upstream.write(b''.join(early))
         if client.lost:           # the client went away while we were connecting
             self.close()
             return
@@ -286,32 +295,35 @@ class Relay(Preamble):
 
     def _proxy_header(self) -> bytes:
         """proxy_protocol.send: the client and the address it connected to, v1 or v2."""
-        local = self.local_addr or self.client.transport.get_extra_info('sockname')
+        local = self.local_addr or self.client.sockname()
         return self.ctx.send_header(self.client_addr[:2], local[:2])
 
-    def on_eof(self, side: Side) -> None:
+    def on_eof(self, end: End) -> None:
+        """`end`'s peer sent FIN: pass it on (half-close), or close when both did."""
+        if self.early is not None:        # before the upstream is linked: the client's
+            if self.peeking:
+                self.peek(eof=True)
+            return                        # (opened() looks at client.eof)
         if self.state is FINISHING:
             if self.client.eof and self.upstream.eof:
                 self.close()
             return
-        peer = side.peer
+        peer = end.peer
         if peer is None or self.state is CLOSED:
             return
         if peer.eof:              # both directions are done
             self.close()
             return
-        transport = peer.transport
-        if transport.is_closing() or not transport.can_write_eof() \
-                or not self.ctx.listener.half_close:    # half_close: false: one FIN ends both
-            self.close()          # (what both sockets hold is sent first)
+        if peer.closing or not self.ctx.listener.half_close:  # half_close: false: one FIN
+            self.close()          # ends both (what both sockets hold is sent first)
             return
-        transport.write_eof()     # pass the FIN on; the other direction goes on
+        peer.write_eof()          # pass the FIN on; the other direction goes on
         if self.state is not HALF_CLOSED:   # half_close_timeout is not extended by traffic
             self.state = HALF_CLOSED
             self.half_timer = self.ctx.wheel.call_later(
                 self.ctx.listener.half_close_timeout, self._on_half_close_timeout)
 
-    def on_lost(self, side: Side, exc) -> None:
+    def on_lost(self, end: End, exc) -> None:
         if self.state is not CLOSED:
             self.close()
         self._maybe_forget()
@@ -357,7 +369,7 @@ class Relay(Preamble):
 
     # -- CLOSED -------------------------------------------------------------------------
     def close(self) -> None:
-        """Close both transports (flushing what they hold); idempotent."""
+        """Close both ends (flushing what they hold); idempotent."""
         if self.state is CLOSED:
             return
         self.state = CLOSED
@@ -370,11 +382,11 @@ class Relay(Preamble):
             stream.abort()
             if self.target is None:
                 self.pool.release(self.trying)
-        for side in (self.client, self.upstream):
-            if side is not None:
-                side.stop()
-                if side.transport is not None and not side.lost:
-                    side.transport.close()
+        for end in (self.client, self.upstream):
+            if end is not None:
+                end.stop()
+                if not end.lost:
+                    end.close()
         self._maybe_forget()
 
     def finish(self) -> None:
@@ -391,29 +403,27 @@ class Relay(Preamble):
             self.close()
             return
         self.state = FINISHING
-        for side in (self.client, upstream):
-            side.peer = _DISCARD
-            transport = side.transport
-            if side.lost or transport.is_closing():
+        for end in (self.client, upstream):
+            end.peer = _DISCARD
+            if end.lost or end.closing:
                 continue
-            if transport.can_write_eof():
-                transport.write_eof()
-            transport.resume_reading()
+            end.write_eof()
+            end.resume_reading()
         if self.client.eof and upstream.eof:
             self.close()
 
     def abort(self) -> None:
-        """Close both transports now, dropping buffered data (fast stop)."""
+        """Close both ends now, dropping buffered data (fast stop)."""
         self.close()
-        for side in (self.client, self.upstream):
-            if side is not None and side.transport is not None and not side.lost:
-                side.transport.abort()
+        for end in (self.client, self.upstream):
+            if end is not None and not end.lost:
+                end.abort()
 
     def _maybe_forget(self) -> None:
         if self.state is not CLOSED:
             return
-        for side in (self.client, self.upstream):
-            if side is not None and side.transport is not None and not side.lost:
+        for end in (self.client, self.upstream):
+            if end is not None and not end.lost:
                 return
         if self.client.relay is None:
             return                                       # forgotten already
@@ -427,10 +437,23 @@ class Relay(Preamble):
 
 
 
-def _set_keepalive(transport, ka: Keepalive) -> None:
-    sock = transport.get_extra_info('socket')
-    if sock is None:
-        return
+class _Discard:
+    """Stands in for an end's peer once a relay is finishing: what is read is dropped."""
+
+    __slots__ = ()
+    lost = False
+
+    def write(self, data) -> None:
+        pass
+
+    def flow_paused(self, on: bool) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
+def _set_keepalive(sock, ka: Keepalive) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if ka.idle is not None:

@@ -3,9 +3,8 @@
 A client connection is accepted by the service's `Acceptor` (accept.py) on the
 shared listening socket, checked (allow/deny, the shared limits; or, with
 `proxy_protocol.accept`, only that the peer is trusted: the rest waits for its
-header) and wrapped in a `Stream` (io/stream.py) on the worker's poller, whose
-protocol is a new `Relay`'s client side (relay.py). Refused clients are reset
-before any Stream exists.
+header) and handed to a new `Relay` (relay.py), which puts it on the worker's
+poller. Refused clients are reset before any relay exists.
 
 With an access log, each relay writes its line when it is forgotten (`forget`),
 and each client refused here one line (denied / limit) before it is reset.
@@ -22,7 +21,7 @@ from mpproxy.config.schema import Listener
 from mpproxy.config.values import format_sockaddr
 from mpproxy.proxy.edge import acl, proxy_header, sni
 from mpproxy.proxy.io.ratelog import RateLimitedLog
-from mpproxy.proxy.io.stream import Poller, Stream
+from mpproxy.proxy.io.poller import Poller
 from mpproxy.proxy.io.wheel import Wheel
 from mpproxy.proxy.tcp import accept
 from mpproxy.proxy.tcp.accept import Acceptor
@@ -100,7 +99,7 @@ class TcpService:
         self.acceptor.start()
 
     def _accepted(self, fd: int, address) -> None:
-        """A new client (an accepted fd): check it, then wrap it in a Stream."""
+        """A new client (an accepted fd): check it, then hand it to a Relay."""
         self.counts.accepted += 1
         if address is None:              # accept4(): non-blocking, and nothing to check
             self._take(fd, None, None)
@@ -123,14 +122,14 @@ class TcpService:
         self._take(fd, address, key)
 
     def _take(self, fd: int, address, key) -> None:
-        """An admitted client: a Stream for its fd and a Relay."""
+        """An admitted client: a Relay for its fd."""
         sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         relay = Relay(self.ctx, address)
         relay.limit_key = key
         try:
             if address is not None:
                 sock.setblocking(False)
-            Stream.accepted(self.poller, sock, relay.client)
+            relay.start(sock)
         except OSError as exc:
             sock.close()
             self._release(key)
@@ -223,7 +222,7 @@ async def _open_emfile_reserve(loop) -> None:
     """Make libuv open its one-time reserve fd now rather than later.
 
     libuv opens /dev/null once per loop, with the loop's first stream handle (a
-    reserve it frees on EMFILE). Relays do not use libuv streams (io/stream.py),
+    reserve it frees on EMFILE). Relays do not use libuv streams (tcp/end.py),
     but the health checker's connects do: a worker that opens it at boot has a
     flat fd count from then on, so a leak shows as a leak.
     """

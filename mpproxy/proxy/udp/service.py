@@ -69,7 +69,7 @@ from collections import OrderedDict
 from functools import partial
 
 from mpproxy.proxy.io.ratelog import RateLimitedLog
-from mpproxy.proxy.io.stream import Poller
+from mpproxy.proxy.io.poller import Poller
 from mpproxy.proxy.udp import handoff, pktinfo
 from mpproxy.proxy.udp.admit import Admission
 from mpproxy.proxy.udp.session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
