@@ -39,7 +39,7 @@ from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.status import Observer
 from mpproxy.master.table import WorkerTable, fmt
 from mpproxy.master.watch import ConfigWatch
-from mpproxy.master.workers import Generation
+from mpproxy.master.workers import Generation, handover_plan
 from mpproxy.observe import log as logmod
 
 log = logmod.log
@@ -65,6 +65,8 @@ class Arbiter:
         self.started = False                        # the first generation became active
         self.upgrade_pid: int | None = None         # the new master started by USR2
         self.upgraded_from: int | None = None       # the old master that started this one
+        self.channel: upgrade.SessionChannel | None = None  # USR2: the new master's inboxes
+        self.offering: upgrade.SessionChannel | None = None  # upgraded: where to send ours
         self.watch = ConfigWatch(config.path)       # watch_config: polled by turn()
         self.control = ControlEndpoint(self.selector, self._reload_requested, log)
         self.reloads = 0                            # reloads started, numbered for control.py
@@ -89,6 +91,10 @@ class Arbiter:
             raise
         if inherited:
             self.sockets.release([generation.bound])   # inherited sockets not listened on
+            self.offering = upgrade.SessionChannel.inherited()
+            if self.offering is not None:
+                generation.inherits = generation.udp()  # its workers wait for the sessions
+                self.sockets.assume_steered(generation.bound, generation.config.workers)
             self.upgraded_from = os.getppid()
             log.log(logmod.NOTICE, 'binary upgrade: listening sockets inherited from pid %d',
                     os.getppid())
@@ -190,7 +196,8 @@ class Arbiter:
                 fmt(self.config.shutdown_timeout))
         self._notify_stopping('graceful shutdown (QUIT): draining')
         self.control.abandon('the master is stopping (QUIT); no reload')
-        self.table.quit()
+        self.table.quit(self._upgrade_handover())
+        self._close_channel()     # the old workers hold the inboxes now
         self.sockets.close_all()     # close, not shutdown: an upgraded master may share them
         if self.upgrade_pid is not None:
             self.observer.close()    # the new master answers on the admin socket now
@@ -229,15 +236,52 @@ class Arbiter:
             log.warning('binary upgrade already in progress (new master pid %d); ignoring USR2',
                         self.upgrade_pid)
             return
+        env, fds = self.observer.admin.export()
+        try:
+            channel, theirs = upgrade.SessionChannel.pair()
+        except OSError as exc:
+            log.warning('binary upgrade: no channel for the UDP sessions (%s); they will not be '
+                        'handed over', exc.strerror or exc)
+            channel = theirs = None
+        if theirs is not None:
+            env = {**env, upgrade.CHANNEL_ENV: str(theirs.fileno())}
+            fds = [*fds, theirs.fileno()]
         try:
             self.upgrade_pid = upgrade.begin(self.pidfile, self.config.path, self.sockets,
-                                             *self.observer.admin.export())
+                                             env, fds)
         except OSError as exc:
             log.error('binary upgrade failed: %s', exc.strerror or exc)
+            if channel is not None:
+                channel.close()
             return
+        finally:
+            if theirs is not None:
+                theirs.close()
+        if channel is not None:
+            self._close_channel()
+            self.channel = channel
+            channel.watch(self.selector)
         log.log(logmod.NOTICE, 'binary upgrade: new master pid %d started; send QUIT to this '
                 'master (pid %d) once it serves', self.upgrade_pid, os.getpid())
         notify.send(STATUS=f'binary upgrade: new master pid {self.upgrade_pid} starting')
+
+    def _upgrade_handover(self):
+        """At QUIT after USR2: steer the UDP flows to the new master's worker count, and the
+        plan by which the active generation's workers hand their sessions to its workers."""
+        channel, active = self.channel, self.table.active()
+        if channel is None or not channel.inboxes or active is None or not active.udp():
+            return None
+        if channel.slots != active.config.workers and self.sockets.steerable(active.bound):
+            self.table.pause_udp_now()  # none may read a flow the new count sends it
+        steered = self.sockets.steer(active.bound, channel.slots)
+        log.log(logmod.NOTICE, 'binary upgrade: handing the UDP sessions to the new master\'s '
+                '%d worker(s)', channel.slots)
+        return handover_plan(list(channel.inboxes), steered)
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
     def handle_chld(self) -> None:
         pass                      # the table reaps after every dispatch
@@ -279,7 +323,27 @@ class Arbiter:
     # -- what the worker table reports ------------------------------------------------------
     def _on_ready(self, generation: Generation) -> None:
         """Every worker of `generation` serves: it becomes the running configuration."""
-        self.table.promote(generation)
+        if generation.pausing is None and self.offering is None and not generation.inherits \
+                and self.started and generation.udp() \
+                and generation.config.workers != self.config.workers \
+                and self.sockets.steerable(generation.bound):
+            self.table.pause_udp(generation)    # first the old workers stop reading UDP
+            return
+        steered = None
+        if self.offering is not None:     # upgraded: the old master hands its sessions over
+            if generation.inherits:
+                self.offering.offer(generation.inboxes())
+            self.offering.close()
+            self.offering = None
+        elif not generation.inherits:     # the UDP flows follow a changed worker count
+            workers = generation.config.workers
+            steered = self.sockets.steer(generation.bound, workers)
+            if steered is None and self.started and workers != self.config.workers \
+                    and generation.udp():
+                log.warning('workers changed from %d to %d: UDP flows re-hash to other workers '
+                            '(not steered); sessions of the slots that change are re-created',
+                            self.config.workers, workers)
+        self.table.promote(generation, steered)
         self._commit(generation)
         self.sockets.shutdown_unused(generation.bound)
         if not self.started:
@@ -300,9 +364,6 @@ class Arbiter:
         old, config = self.config, generation.config
         self.config = config
         self.observer.commit(generation.admin)
-        if config.workers != old.workers and any(l.protocol == 'udp' for l in config.listeners):
-            log.warning('workers changed from %d to %d: UDP flows re-hash to other workers',
-                        old.workers, config.workers)
         if config.log_level != old.log_level or config.error_log != old.error_log:
             try:
                 logmod.setup(config.error_log, config.log_level)
@@ -315,6 +376,8 @@ class Arbiter:
     def _on_failed(self, generation: Generation, why: str) -> None:
         """`generation` never served: undo it; a reload keeps the old one, a start stops."""
         self.builder.discard(generation, self.table.generations)
+        if isinstance(generation.pausing, list):
+            self.table.resume_udp()
         if self.started:
             self._reload_failed(generation.reload, f'generation {generation.number}: {why}')
             return
@@ -332,6 +395,7 @@ class Arbiter:
         if pid != self.upgrade_pid:
             return
         self.upgrade_pid = None
+        self._close_channel()                     # its inboxes are gone: our sessions stay
         upgrade.restore_pidfile(self.pidfile)     # before the log line: whoever reads it
         log.error('binary upgrade failed: the new master (pid %d) exited with code %d; '
                   'this master goes on serving', pid, os.waitstatus_to_exitcode(status))
@@ -359,6 +423,9 @@ class Arbiter:
             self._notify(READY=1, STATUS=status)
 
     def _shutdown(self) -> None:
+        self._close_channel()
+        if self.offering is not None:
+            self.offering.close()
         self.control.close()
         self.sockets.close_all()
         self.observer.close()

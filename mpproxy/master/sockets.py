@@ -7,6 +7,13 @@ unless `reuseport`, UDP listeners one SO_REUSEPORT socket per slot. A reload
 is (the same socket, so no accept queue is reset and no UDP flow re-hashes), a
 new key is bound; if anything fails, only what this call bound is closed.
 A socket is closed when no live generation refers to it any more (`release`).
+
+A UDP listener's flows are steered by the proxy (shared/steer.py: a reuseport BPF
+program attached when the group is bound), not by the kernel's secret hash, so
+that the master knows which slot a client reaches after the number of workers
+changes (`steer`): sockets bound for new slots get nothing until the program
+for the new count replaces the old one, and sockets of removed slots, always
+the last ones of the group, leave it without moving the others.
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ import socket
 
 from mpproxy.config.schema import Config, Listener
 from mpproxy.errors import StartupError
+from mpproxy.observe import log as logmod
+from mpproxy.shared import steer
+
+log = logmod.log
 
 Key = tuple[str, str, int]
 INHERIT_ENV = 'MPPROXY_INHERIT'   # listening sockets passed to an upgraded master (USR2)
@@ -41,6 +52,8 @@ class SocketSet:
     def __init__(self):
         self._held: dict[Key, list[socket.socket]] = {}
         self._mode: dict[Key, tuple] = {}
+        self._steered: dict[Key, int] = {}    # UDP key -> slots its flows are steered to
+                                              # (0: the kernel's hash; steering failed)
 
     def acquire(self, config: Config) -> Bound:
         """Bind or reuse every listener of `config`; all or nothing (raises StartupError)."""
@@ -72,10 +85,41 @@ class SocketSet:
             raise
         for listener, socks, per_slot in entries:
             key = listener.key
+            if listener.protocol == 'udp' and key not in self._held:
+                self._steered[key] = _attach(listener.name, socks[0], len(socks))
             held = self._held.setdefault(key, [])
             held.extend(s for s in socks if s not in held)
             self._mode[key] = (per_slot, listener.ipv6only)
         return Bound(entries)
+
+    def steer(self, bound: Bound, slots: int) -> int | None:
+        """Steer the UDP listeners of `bound` to `slots` slots (their worker count changed):
+        `slots` when some flows moved, and each session must follow its client; None when
+        nothing moved, or steering failed (logged: sessions then stay in their slot)."""
+        moved = failed = False
+        for listener, socks, _ in bound.entries:
+            key = listener.key
+            current = self._steered.get(key, 0)
+            if listener.protocol != 'udp' or not current or current == slots:
+                failed = failed or (listener.protocol == 'udp' and not current)
+                continue
+            self._steered[key] = _attach(listener.name, socks[0], slots)
+            moved = True
+            failed = failed or not self._steered[key]
+        return slots if moved and not failed else None
+
+    def steerable(self, bound: Bound) -> bool:
+        """Every UDP listener of `bound` that existed before is steered (steer() can move
+        its flows)."""
+        return all(self._steered.get(l.key, 0) for l, _, _ in bound.entries
+                   if l.protocol == 'udp' and l.key in self._held)
+
+    def assume_steered(self, bound: Bound, slots: int) -> None:
+        """An upgraded master: its UDP listeners will be steered to `slots` by the old master
+        when it hands its sessions over (or are already)."""
+        for listener, _, _ in bound.entries:
+            if self._steered.get(listener.key):
+                self._steered[listener.key] = slots
 
     def export(self) -> str:
         """The held sockets as the value of INHERIT_ENV, made inheritable for an exec."""
@@ -83,7 +127,8 @@ class SocketSet:
         for key, socks in self._held.items():
             for sock in socks:
                 os.set_inheritable(sock.fileno(), True)
-            entries.append([*key, *self._mode[key], [s.fileno() for s in socks]])
+            entries.append([*key, *self._mode[key], [s.fileno() for s in socks],
+                            self._steered.get(key, 0)])
         return json.dumps(entries)
 
     def adopt(self, value: str) -> None:
@@ -94,8 +139,9 @@ class SocketSet:
             return
         for entry in entries if isinstance(entries, list) else ():
             try:
-                proto, host, port, per_slot, ipv6only, fds = entry
+                proto, host, port, per_slot, ipv6only, fds, *more = entry
                 socks = [socket.socket(fileno=int(fd)) for fd in fds]
+                steered = int(more[0]) if more else 0
             except (ValueError, TypeError, OSError):
                 continue
             for sock in socks:
@@ -104,6 +150,8 @@ class SocketSet:
             key = (proto, host, int(port))
             self._held[key] = socks
             self._mode[key] = (bool(per_slot), bool(ipv6only))
+            if proto == 'udp':
+                self._steered[key] = steered
 
     def shutdown_unused(self, active: Bound) -> None:
         """Stop accepting on TCP sockets the active generation no longer listens on.
@@ -136,6 +184,7 @@ class SocketSet:
             else:
                 del self._held[key]
                 del self._mode[key]
+                self._steered.pop(key, None)
 
     def close_all(self) -> None:
         for socks in self._held.values():
@@ -143,9 +192,22 @@ class SocketSet:
                 sock.close()
         self._held.clear()
         self._mode.clear()
+        self._steered.clear()
 
     def fds(self) -> list[int]:
         return [s.fileno() for socks in self._held.values() for s in socks]
+
+
+def _attach(name: str, sock: socket.socket, slots: int) -> int:
+    """Steer a UDP group's flows to `slots` slots: `slots`, or 0 when the kernel refuses."""
+    try:
+        steer.attach(sock, slots)
+    except OSError as exc:
+        log.warning('udp listener %s: cannot steer its flows (%s); a change of the number '
+                    'of workers will move clients to new UDP sessions', name,
+                    exc.strerror or exc)
+        return 0
+    return slots
 
 
 def _bind(listener: Listener) -> socket.socket:

@@ -31,13 +31,14 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import select
 import selectors
 import signal
 import time
 
 from mpproxy.errors import EXIT_WORKER_BOOT
 from mpproxy.master.workers import (ACTIVE, DRAINING, STARTING, Generation, WorkerHandle,
-                                    close_handoff, drain_with_handoff, spawn)
+                                    close_handoff, drain_with_handoff, handover_plan, spawn)
 from mpproxy.observe import log as logmod
 
 log = logmod.log
@@ -49,6 +50,7 @@ BACKOFF_MAX = 30.0        # a slot whose worker keeps dying (or cannot be forked
 STABLE_AFTER = 10.0       # a worker that lived this long resets its slot's back-off
 START_TIMEOUT = 10.0      # a new generation's workers must all be serving by then
 FORK_LOG_INTERVAL = 30.0  # one line per slot and fork failure cause per this many seconds
+PAUSE_WAIT = 1.0          # how long the old workers may take to stop reading UDP (pause_udp)
 
 
 class WorkerTable:
@@ -82,25 +84,81 @@ class WorkerTable:
         """A built generation; its workers are forked by the next `manage`."""
         self.generations.append(generation)
 
-    def promote(self, generation: Generation) -> None:
-        """All workers of a starting generation serve: it becomes active, the old one drains
-        (handing its UDP sessions slot by slot to the new workers)."""
+    def promote(self, generation: Generation, steered: int | None = None) -> None:
+        """All workers of a starting generation serve: it becomes active, the old one drains,
+        handing its UDP sessions to the new workers: slot by slot, or with `steered` (the
+        flows were just steered to that many slots) each to the slot its client now reaches.
+        Then the master's copies of the inboxes close: EOF once the old workers are done."""
         generation.state = ACTIVE
+        plan = handover_plan(generation.inboxes(), steered)
         for other in self.generations:
             if other is not generation and other.state in (ACTIVE, STARTING):
-                self._drain(other, quiet=other.state == STARTING, successors=generation)
+                self._drain(other, quiet=other.state == STARTING, handover=plan)
         for worker in generation.workers.values():
             close_handoff(worker)
+
+    def pause_udp(self, generation: Generation) -> None:
+        """`generation` serves and will steer the UDP flows to a new worker count: first the
+        active generation's workers stop reading their UDP sockets (`S`, answered `s`), so
+        that none reads a flow the new program sends it before it hands its sessions over.
+        ('ready', generation) comes again once all answered, or after PAUSE_WAIT."""
+        active = self.active()
+        waiting = set()
+        for worker in active.workers.values() if active is not None else ():
+            try:
+                worker.control.send(b'S')
+                waiting.add(worker.slot)
+            except OSError:
+                pass
+        generation.pausing = [time.monotonic() + PAUSE_WAIT, waiting]
+
+    def pause_udp_now(self, timeout: float = PAUSE_WAIT) -> None:
+        """`pause_udp` at QUIT after USR2, when the master cannot wait a loop turn: ask the
+        active workers to stop reading UDP and wait here (at most `timeout`) for each `s`."""
+        active = self.active()
+        waiting = {}
+        for worker in active.workers.values() if active is not None else ():
+            try:
+                worker.control.send(b'S')
+                waiting[worker.control] = worker
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(waiting), [], [], deadline - time.monotonic())
+            for sock in ready:
+                try:
+                    data = sock.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b''
+                worker = waiting[sock]
+                if data:
+                    worker.last_beat = time.monotonic()
+                if not data or b's' in data:
+                    del waiting[sock]
+
+    def resume_udp(self) -> None:
+        """A reload that paused the active workers' UDP failed: they read again (`R`)."""
+        active = self.active()
+        for worker in active.workers.values() if active is not None else ():
+            try:
+                worker.control.send(b'R')
+            except OSError:
+                pass
 
     def supersede(self, generation: Generation) -> None:
         """A newer reload replaces a generation still starting: its workers drain (they
         serve nothing yet) and it is forgotten once they are gone."""
         self._drain(generation, quiet=True)
 
-    def quit(self) -> None:
+    def quit(self, handover=None) -> None:
+        """Drain every generation; `handover` (a `handover_plan`, at the end of a binary
+        upgrade): the active one's UDP sessions go to the new master's workers."""
         self.stopping = 'quit'
         for generation in self.generations:
-            self._drain(generation)
+            self._drain(generation, handover=handover if generation.state == ACTIVE else None)
 
     def term(self) -> None:
         self.stopping = 'term'
@@ -182,7 +240,11 @@ class WorkerTable:
             if generation.state in (ACTIVE, STARTING) and not self.stopping:
                 self._spawn_missing(generation, now)
             if generation.state == STARTING and generation.all_ready():
-                self._events.append(('ready', generation))
+                pausing = generation.pausing
+                if isinstance(pausing, list) and (not pausing[1] or now >= pausing[0]):
+                    generation.pausing = pausing = 'done'
+                if not isinstance(pausing, list):
+                    self._events.append(('ready', generation))
             self._watch_heartbeats(generation, now)
             if generation.state == DRAINING and generation.deadline is not None:
                 if now >= generation.deadline + KILL_GRACE:
@@ -259,14 +321,11 @@ class WorkerTable:
         self.fork_reports[(slot, exc.errno)] = [now + FORK_LOG_INTERVAL, 0]
 
     def _has_udp_to_take(self, generation: Generation, slot: int) -> bool:
-        """A starting worker takes over the UDP sessions of the active worker of its slot."""
-        if generation.state != STARTING:
+        """A starting worker takes over UDP sessions of the active generation (its slot's,
+        or any slot's when the worker count changes), or of the old master (`inherits`)."""
+        if generation.state != STARTING or not generation.udp():
             return False
-        if not any(l.protocol == 'udp' for l in generation.config.listeners):
-            return False
-        return any(g.state == ACTIVE and slot in g.workers
-                   and any(l.protocol == 'udp' for l in g.config.listeners)
-                   for g in self.generations)
+        return generation.inherits or any(g.state == ACTIVE and g.udp() for g in self.generations)
 
     def _on_control(self, worker: WorkerHandle) -> None:
         """A worker's control socket: heartbeats ('.' a second) and 'r' once it serves."""
@@ -282,6 +341,10 @@ class WorkerTable:
         worker.last_beat = time.monotonic()
         if b'r' in data and not worker.ready:
             worker.ready = True
+        if b's' in data:          # it stopped reading UDP (pause_udp)
+            for generation in self.generations:
+                if isinstance(generation.pausing, list) and worker.generation.state == ACTIVE:
+                    generation.pausing[1].discard(worker.slot)
 
     def _watch_heartbeats(self, generation: Generation, now: float) -> None:
         timeout = generation.config.worker_timeout
@@ -296,8 +359,7 @@ class WorkerTable:
                           worker.slot, worker.pid, fmt(timeout))
                 worker.signal(signal.SIGKILL)
 
-    def _drain(self, generation: Generation, quiet: bool = False,
-               successors: Generation | None = None) -> None:
+    def _drain(self, generation: Generation, quiet: bool = False, handover=None) -> None:
         if generation.state == DRAINING:
             return
         generation.state = DRAINING
@@ -307,9 +369,9 @@ class WorkerTable:
                      len(generation.workers))
         for slot, worker in generation.workers.items():
             close_handoff(worker)             # it never got sessions: nothing to wait for
-            new = successors.workers.get(slot) if successors else None
-            if new is not None and new.handoff_peer is not None:
-                drain_with_handoff(worker, new)
+            plan = handover(slot) if handover is not None else None
+            if plan is not None:
+                drain_with_handoff(worker, *plan)
             else:
                 worker.signal(signal.SIGQUIT)
 

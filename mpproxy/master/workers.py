@@ -15,6 +15,7 @@ a reload never leaves a slot without a reader.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -68,7 +69,8 @@ class Generation:
     is forked (sockets, shared blocks, the admin socket it wants), then its workers."""
 
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
-                 'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'reload')
+                 'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'reload',
+                 'inherits', 'pausing')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
@@ -88,6 +90,18 @@ class Generation:
         self.layout = metrics.Layout(config)           # what its workers' metrics values are
         self.admin = admin                             # (address, socket) it serves admin on
         self.reload: int | None = None                 # the reload that made it (control.py)
+        self.inherits = False     # the first of a binary upgrade: its workers wait (no time
+                                  # limit) for the old master's UDP sessions
+        self.pausing = None       # before its UDP flows are steered: [deadline, old workers
+                                  # yet to stop reading UDP], then 'done' (table.pause_udp)
+
+    def udp(self) -> bool:
+        return any(l.protocol == 'udp' for l in self.config.listeners)
+
+    def inboxes(self) -> list:
+        """Every slot's inbox (the sending end), in slot order; None where a slot has none."""
+        return [self.workers[slot].handoff_peer if slot in self.workers else None
+                for slot in range(self.config.workers)]
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers.values():
@@ -123,7 +137,8 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     spec = process.WorkerSpec(
         slot=slot, generation=generation.number, config=generation.config,
         master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
-        handoff=successor, health=generation.health, credentials=generation.credentials,
+        handoff=successor, handoff_wait=None if generation.inherits else process.HANDOFF_WAIT,
+        health=generation.health, credentials=generation.credentials,
         limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index,
         metrics=area)
     for handler in log.handlers:     # the child must not write the master's pending lines
@@ -185,6 +200,21 @@ def _metrics_area(generation: Generation, slot: int) -> metrics.Area | None:
         return None
 
 
+def handover_plan(inboxes: list, steered: int | None):
+    """How a draining generation's workers hand their UDP sessions to `inboxes` (the new
+    workers' sending ends by slot, None where a slot has none): plan(slot) -> (inboxes,
+    slots) for `drain_with_handoff`, or None (no hand-over: QUIT). With `steered` (the
+    flows were just steered to that many slots) and every inbox there, each session goes to
+    its client's slot; otherwise to its own slot's successor."""
+    if steered is not None and len(inboxes) == steered and all(i is not None for i in inboxes):
+        return lambda slot: (inboxes, steered)
+
+    def same_slot(slot: int):
+        inbox = inboxes[slot] if slot < len(inboxes) else None
+        return ([inbox], None) if inbox is not None else None
+    return same_slot
+
+
 def close_handoff(worker: WorkerHandle) -> None:
     """Give up a pending handoff: the worker sees EOF and starts serving UDP itself."""
     if worker.handoff_peer is not None:
@@ -192,11 +222,14 @@ def close_handoff(worker: WorkerHandle) -> None:
         worker.handoff_peer = None
 
 
-def drain_with_handoff(old: WorkerHandle, new: WorkerHandle) -> None:
-    """Tell `old` to drain and to hand its UDP sessions to `new` (one `Q` with an fd)."""
+def drain_with_handoff(old: WorkerHandle, inboxes: list[socket.socket],
+                       slots: int | None = None) -> None:
+    """Tell `old` to drain and to hand its UDP sessions to `inboxes`: one `Q` with their
+    fds; `Q{"slots": M}` when the flows were just steered to M slots (inbox i = slot i),
+    else every session goes to the one inbox (its slot's successor)."""
+    message = b'Q' if slots is None else b'Q' + json.dumps({'slots': slots}).encode() + b'\n'
     try:
-        socket.send_fds(old.control, [b'Q'], [new.handoff_peer.fileno()])
-    except OSError:               # the old worker is gone: `new` sees EOF and goes on
+        socket.send_fds(old.control, [message], [inbox.fileno() for inbox in inboxes])
+    except OSError:               # the old worker is gone: the new ones see EOF and go on
         old.signal(signal.SIGQUIT)
-    close_handoff(new)
     old.signalled = signal.SIGQUIT

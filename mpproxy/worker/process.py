@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import json
 import mmap
 import os
 import signal
@@ -71,6 +72,7 @@ class WorkerSpec:
     control: socket.socket                                # the worker's end
     sockets: tuple[tuple[Listener, socket.socket], ...]   # this slot's listening sockets
     handoff: socket.socket | None = None                  # UDP sessions arrive here on reload
+    handoff_wait: float | None = HANDOFF_WAIT             # ... until then at most (None: EOF)
     health: mmap.mmap | None = None                       # active health state, shared
     credentials: Credentials | None = None                # switch to this user before serving
     limits: LimitTable | None = None                      # shared connection counts, or None
@@ -119,6 +121,8 @@ class Worker(Handover):
         self.receiver: handoff.Receiver | None = None
         self.handoff_timer = None
         self.handoff_adopted = self.handoff_lost = 0
+        self.carried: list = []               # (service, datagrams) handed over, served at EOF
+        self.udp_paused = False               # the master asked it to stop reading UDP ('S')
         self.limit_area = None
         self.access: access.AccessLog | None = None
         self.publisher: metrics.Publisher | None = None
@@ -170,7 +174,8 @@ class Worker(Handover):
         else:                     # serve UDP once the previous worker of this slot handed over
             self.receiver = handoff.Receiver(spec.handoff)
             loop.add_reader(spec.handoff.fileno(), self._on_handoff)
-            self.handoff_timer = loop.call_later(HANDOFF_WAIT, self._handoff_done)
+            if spec.handoff_wait is not None:
+                self.handoff_timer = loop.call_later(spec.handoff_wait, self._handoff_done)
         loop.run_forever()
         if self.access is not None:
             access_log, self.access = self.access, None
@@ -313,9 +318,11 @@ class Worker(Handover):
             self.publisher = None
 
     def _on_control(self) -> None:
-        """Messages from the master: `Q` = drain (with an fd: hand UDP sessions over on it)."""
+        """Messages from the master: `Q` = drain; with fds, hand the UDP sessions over to
+        those inboxes, and `Q{"slots": M}`: the flows were steered to M slots, inbox i is
+        slot i's."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.spec.control, 4096, 1)
+            data, fds, _flags, _addr = socket.recv_fds(self.spec.control, 4096, 256)
         except BlockingIOError:
             return
         except OSError:
@@ -325,8 +332,17 @@ class Worker(Handover):
                 socket.close(fd)
             self._master_gone()
             return
+        if b'S' in data or b'R' in data:  # stop / resume reading UDP (a change of workers)
+            self.udp_paused = b'S' in data
+            if self.udp_paused:
+                for service in self._udp_services():
+                    service.pause()
+                self._send(b's')
+            else:
+                self._start_udp()
         if b'Q' in data:
-            self.drain(socket.socket(fileno=fds[0]) if fds else None)
+            plan = _plan(data)
+            self.drain([socket.socket(fileno=fd) for fd in fds] or None, plan.get('slots'))
         else:
             for fd in fds:
                 socket.close(fd)
@@ -337,14 +353,15 @@ class Worker(Handover):
         self.stop()
 
     # -- stopping ---------------------------------------------------------------------------
-    def drain(self, successor: socket.socket | None = None) -> None:
+    def drain(self, inboxes: list[socket.socket] | None = None, slots: int | None = None) -> None:
         """QUIT: stop taking new clients, let open ones finish until shutdown_timeout.
 
-        With `successor` (a reload), live UDP sessions are handed over on it first.
+        With `inboxes` (a reload, or the end of a binary upgrade), live UDP sessions are
+        handed over to the new workers first (`slots`: see `_hand_over`).
         """
         if self.draining:
-            if successor is not None:
-                successor.close()
+            for inbox in inboxes or ():
+                inbox.close()
             return
         self.draining = True
         if self.checker is not None:      # the new generation's worker 0 checks from now on
@@ -353,8 +370,8 @@ class Worker(Handover):
             f'mpproxy: worker {self.spec.slot} (generation {self.spec.generation}) draining')
         if self.receiver is not None:     # never got its own sessions: nothing to pass on
             self._handoff_done()
-        if successor is not None:
-            self._hand_over(successor)
+        if inboxes:
+            self._hand_over(inboxes, slots)
         for service in self.services:
             service.drain()
         if self.access is not None:
@@ -393,6 +410,21 @@ class Worker(Handover):
         """
         self._close_services(graceful=False)
         self.loop.call_soon(self.loop.stop)
+
+
+def _plan(data: bytes) -> dict:
+    """The JSON object after `Q` in a drain message (empty when there is none)."""
+    start, end = data.find(b'{'), data.rfind(b'}')
+    if start < 0 or end < start:
+        return {}
+    try:
+        plan = json.loads(data[start:end + 1])
+    except ValueError:
+        return {}
+    if not isinstance(plan, dict):
+        return {}
+    slots = plan.get('slots')
+    return {'slots': slots} if isinstance(slots, int) and slots > 0 else {}
 
 
 def _log_loop_exception(loop, context) -> None:

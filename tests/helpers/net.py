@@ -1,11 +1,13 @@
 """The client side on loopback: free ports, TCP connections and echo round trips, UDP
-clients, a PROXY-protocol exchange, an HTTP request, a TLS ClientHello, and `EchoProber`
-(echo connections in a thread that must never fail). Every socket has a timeout and every
+clients, a PROXY-protocol exchange, an HTTP request, a TLS ClientHello, `EchoProber`
+(echo connections in a thread that must never fail) and `UdpFleet` (many UDP clients on a
+fixed cadence, in one thread). Every socket has a timeout and every
 read a bound."""
 
 from __future__ import annotations
 
 import http.client
+import selectors
 import socket
 import threading
 import time
@@ -176,3 +178,79 @@ class EchoProber:
     def finish(self) -> None:
         self.stop.set()
         self.thread.join(10)
+
+
+class UdpFleet:
+    """`n` UDP clients, each sending a numbered datagram every `interval` to 127.0.0.1:`port`
+    from its own source port, all driven by one thread (bounded: at most `limit` seconds).
+    The backend is a `UdpEcho(tag_source=True)`: each reply names the upstream source port
+    (the session) that carried it. `finish()` stops sending and waits for the replies."""
+
+    def __init__(self, port: int, n: int = 50, interval: float = 0.01, limit: float = 60.0):
+        self.dest = ('127.0.0.1', port)
+        self.socks = []
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(('127.0.0.1', 0))
+            sock.setblocking(False)
+            self.socks.append(sock)
+        self.interval = interval
+        self.limit = limit
+        self.sent = [0] * n
+        self.replies: list[dict[int, int]] = [{} for _ in range(n)]   # seq -> upstream port
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        selector = selectors.DefaultSelector()
+        for i, sock in enumerate(self.socks):
+            selector.register(sock, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + self.limit
+        next_send = time.monotonic()
+        quiet_until = None
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if not self.stop.is_set() and now >= next_send:
+                for i, sock in enumerate(self.socks):
+                    try:
+                        sock.sendto(b'%d' % self.sent[i], self.dest)
+                        self.sent[i] += 1
+                    except OSError:
+                        pass
+                next_send += self.interval
+            elif self.stop.is_set():
+                quiet_until = quiet_until or now + 5.0
+                if now >= quiet_until or self.complete():
+                    break
+            for key, _ in selector.select(max(0.0, min(next_send - time.monotonic(), 0.01))):
+                i = key.data
+                while True:
+                    try:
+                        data = self.socks[i].recv(200)
+                    except (BlockingIOError, OSError):
+                        break
+                    port, _, seq = data.partition(b'|')
+                    self.replies[i][int(seq)] = int(port)
+        selector.close()
+
+    def answered(self, at_least: int) -> bool:
+        """Every client got at least this many replies."""
+        return all(len(r) >= at_least for r in self.replies)
+
+    def complete(self) -> bool:
+        return all(len(r) >= s for r, s in zip(self.replies, self.sent))
+
+    def finish(self, timeout: float = 10.0) -> None:
+        self.stop.set()
+        self.thread.join(timeout)
+        for sock in self.socks:
+            sock.close()
+
+    def lost(self) -> list[int]:
+        """Per client: datagrams sent and never answered."""
+        return [s - len(r) for r, s in zip(self.replies, self.sent)]
+
+    def ports(self) -> list[set[int]]:
+        """Per client: the upstream source ports its replies came through."""
+        return [set(r.values()) for r in self.replies]

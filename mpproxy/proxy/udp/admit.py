@@ -119,6 +119,17 @@ class Admission:
         self._prefix(sess, head)
         return True
 
+    def replay(self, source) -> None:
+        """Datagrams carried over from an old worker (`handoff.Replay`): through this
+        listener's reader, as if read from its socket now."""
+        lsock, self._lsock = self._lsock, source
+        try:
+            reader = self.reader
+            while source:
+                reader()
+        finally:
+            self._lsock = lsock
+
     # -- reader callbacks (the hot path) -------------------------------------
     # Flat on purpose (scripts/bench "udp" and "udpnew"): attributes are cached in locals once
     # per callback; a datagram of an open session reads none and calls no method of ours.

@@ -215,6 +215,20 @@ class UdpService:
         self.stats.sessions_handed_out += len(out)
         return out
 
+    def pause(self) -> None:
+        """Stop reading the listener until `start()`; sessions go on (their replies too)."""
+        self._stop_reading()
+
+    def take_queued(self) -> list:
+        """Stop reading; what the listener socket still holds, unread: [(addr, anc, data)]
+        (carried to the new workers when the flows' slots change)."""
+        self._stop_reading()
+        return handoff.read_queued(self._lsock, self._wildcard)
+
+    def replay(self, datagrams: list) -> None:
+        """Datagrams an old worker carried over: served as if read here now."""
+        self._admission.replay(handoff.Replay(datagrams, self._lsock.family))
+
     def adopt_sessions(self, metas: list, fds: list[int]) -> int:
         """Take over sessions a previous worker handed over; returns how many."""
         now = self._time()

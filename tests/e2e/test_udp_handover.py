@@ -1,0 +1,161 @@
+"""UDP sessions cross a binary upgrade and a change of the number of workers (issue 17).
+
+50 clients, each sending every 10 ms from its own port, through mpproxy to an echo backend
+that names in each reply the upstream source port (the session) it came from. Every client
+must get every reply, all through one upstream port from start to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from helpers.backends import UdpEcho
+from helpers.configs import udp_config, with_pid_file
+from helpers.net import UdpFleet, free_port, get
+from helpers.proc import alive, read_pid, wait_for
+
+CLIENTS = 50
+
+
+def assert_kept(fleet: UdpFleet) -> None:
+    lost = fleet.lost()
+    assert sum(lost) == 0, f'{sum(lost)} datagram(s) unanswered: {lost}'
+    moved = [sorted(p) for p in fleet.ports() if len(p) != 1]
+    assert not moved, f'{len(moved)} client(s) moved to a new upstream port: {moved[:5]}'
+
+
+def metric(admin: int, name: str) -> int:
+    status, _, body = get(admin, '/metrics')
+    assert status == 200
+    total = 0
+    for line in body.decode().splitlines():
+        if line.startswith(name):
+            total += int(float(line.rsplit(' ', 1)[1]))
+    return total
+
+
+def config(port: int, backend, workers: int, admin: int | None = None, **extra) -> dict:
+    cfg = udp_config(port, backend.address, workers=workers, extra=extra or None)
+    if admin is not None:
+        cfg['admin'] = {'listen': f'127.0.0.1:{admin}'}
+    return cfg
+
+
+def reload_keeps_sessions(proxies, before: int, after: int) -> None:
+    backend = UdpEcho(tag_source=True)
+    fleet = None
+    try:
+        port, admin = free_port(), free_port()
+        proxy = proxies(config(port, backend, before, admin)).start(wait_workers=before)
+        fleet = UdpFleet(port, CLIENTS)
+        wait_for(lambda: fleet.answered(5), 10, what='every client answered')
+        proxy.write_config(config(port, backend, after, admin))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log('generation 2 active', timeout=10)
+        replies_after(fleet, 30, 'after the reload')
+        wait_for(lambda: len(proxy.serving_workers()) == after, 10, what='the old workers gone')
+        fleet.finish()
+        assert_kept(fleet)
+        wait_for(lambda: metric(admin, 'mpproxy_udp_sessions_adopted_total') >= CLIENTS, 5,
+                 what='the adopted sessions in /metrics')
+        assert 'could not be sent' not in proxy.log()
+    finally:
+        if fleet is not None:
+            fleet.finish()
+        backend.close()
+
+
+def test_reload_from_two_workers_to_one_keeps_every_udp_session(proxies):
+    reload_keeps_sessions(proxies, 2, 1)
+
+
+def test_reload_from_one_worker_to_three_keeps_every_udp_session(proxies):
+    reload_keeps_sessions(proxies, 1, 3)
+
+
+def test_reload_from_three_workers_to_two_keeps_every_udp_session(proxies):
+    reload_keeps_sessions(proxies, 3, 2)
+
+
+def upgrade(scene) -> None:
+    """USR2 to the scene's proxy; returns once the new master's workers serve."""
+    proxy = scene.proxy
+    proxy.signal(signal.SIGUSR2)
+    scene.new = wait_for(lambda: (lambda p: p if p not in (None, proxy.pid) else None)(
+        read_pid(scene.pid_file)), 10, what='the new master')
+    proxy.known_pids.add(scene.new)
+    proxy.wait_log('mpproxy started', count=2, timeout=10)
+
+
+@contextlib.contextmanager
+def upgrade_scene(proxies, tmp_path, workers: int, admin: int | None = None):
+    """A proxy with `workers` workers and a pid file, the fleet answered through it; the new
+    master of an upgrade (`scene.new`) is stopped at the end if it still runs."""
+    backend = UdpEcho(tag_source=True)
+    scene = SimpleNamespace(new=None, fleet=None, pid_file=tmp_path / 'mpproxy.pid')
+    try:
+        port = free_port()
+        scene.config = lambda n: with_pid_file(config(port, backend, n, admin), str(scene.pid_file))
+        scene.proxy = proxies(scene.config(workers)).start(wait_workers=workers)
+        scene.fleet = UdpFleet(port, CLIENTS)
+        wait_for(lambda: scene.fleet.answered(5), 10, what='every client answered')
+        yield scene
+    finally:
+        if scene.fleet is not None:
+            scene.fleet.finish()
+        backend.close()
+        if scene.new and alive(scene.new):
+            os.kill(scene.new, signal.SIGQUIT)
+            wait_for(lambda: not alive(scene.new), 15, what='the new master to stop')
+
+
+def replies_after(fleet: UdpFleet, n: int, what: str) -> None:
+    sent = list(fleet.sent)
+    wait_for(lambda: all(len(r) >= s + n for r, s in zip(fleet.replies, sent)), 10,
+             what=f'{n} replies each {what}')
+
+
+def test_udp_sessions_follow_a_binary_upgrade(proxies, tmp_path):
+    admin = free_port()
+    with upgrade_scene(proxies, tmp_path, 2, admin) as scene:
+        upgrade(scene)
+        replies_after(scene.fleet, 20, 'after USR2')   # the old master serves UDP alone
+        scene.proxy.signal(signal.SIGQUIT)
+        assert scene.proxy.wait_exit(40) == 0
+        replies_after(scene.fleet, 30, 'from the new master')
+        scene.fleet.finish()
+        assert_kept(scene.fleet)
+        wait_for(lambda: metric(admin, 'mpproxy_udp_sessions_adopted_total') >= CLIENTS, 5,
+                 what='the adopted sessions in /metrics of the new master')
+        handed = re.findall(r'handed (\d+) UDP session', scene.proxy.log())
+        assert sum(int(n) for n in handed) >= CLIENTS, scene.proxy.log()[-3000:]
+
+
+@pytest.mark.parametrize('before, after', [(1, 3), (3, 2)])
+def test_udp_sessions_follow_an_upgrade_that_changes_the_worker_count(proxies, tmp_path,
+                                                                       before, after):
+    with upgrade_scene(proxies, tmp_path, before) as scene:
+        scene.proxy.write_config(scene.config(after))
+        upgrade(scene)
+        scene.proxy.signal(signal.SIGQUIT)
+        assert scene.proxy.wait_exit(40) == 0
+        replies_after(scene.fleet, 30, 'from the new master')
+        scene.fleet.finish()
+        assert_kept(scene.fleet)
+
+
+def test_a_backed_out_upgrade_keeps_every_session_on_the_old_master(proxies, tmp_path):
+    with upgrade_scene(proxies, tmp_path, 2) as scene:
+        upgrade(scene)
+        os.kill(scene.new, signal.SIGKILL)     # backed out: the new master dies before QUIT
+        scene.proxy.wait_log('binary upgrade failed', timeout=10)
+        replies_after(scene.fleet, 30, 'after the new master died')
+        scene.fleet.finish()
+        assert_kept(scene.fleet)
+        assert alive(scene.proxy.pid) and read_pid(scene.pid_file) == scene.proxy.pid
