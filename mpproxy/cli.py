@@ -2,6 +2,7 @@
 
     mpproxy [-c CONFIG] [-t] [-T] [-s reload|stop|quit|reopen] [--daemon] [-V]
     mpproxy [-c CONFIG] status       # a short view of the running proxy, from admin.listen
+    mpproxy [-c CONFIG] server drain|maint|ready|weight UPSTREAM SERVER [...]
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ def parse_args(argv):
                         help='send a signal to the running master (its pid is read from pid_file)')
     parser.add_argument('--daemon', action='store_true', help='detach from the terminal')
     parser.add_argument('-V', '--version', action='version', version=f'mpproxy {__version__}')
-    parser.add_argument('command', nargs='?', choices=('status',),
-                        help='status: show the running proxy (its /status on admin.listen)')
-    return parser.parse_args(argv)
+    parser.add_argument('command', nargs='?', choices=('status', 'server'),
+                        help='status: show the running proxy (its /status on admin.listen); '
+                             'server: change an upstream server at run time (server -h)')
+    parser.add_argument('rest', nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rest and args.command != 'server':
+        parser.error(f'unrecognized arguments: {" ".join(args.rest)}')
+    return args
 
 
 def main(argv=None) -> int:
@@ -67,6 +73,9 @@ def main(argv=None) -> int:
     if args.command == 'status':
         from mpproxy.observe import status_view
         return status_view.main(config)
+    if args.command == 'server':
+        from mpproxy.observe import server_cli
+        return server_cli.main(config, args.rest)
     return _serve(config, args)
 
 

@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 TOP_KEYS = ('workers', 'pid_file', 'user', 'group', 'worker_rlimit_nofile', 'shutdown_timeout',
             'max_draining_generations', 'worker_timeout', 'resolver', 'error_log', 'log_level',
             'access_log', 'admin', 'watch_config', 'upstreams', 'listeners')
-UPSTREAM_KEYS = ('balance', 'hash_key', 'servers', 'health_check', 'resolve')
-SERVER_KEYS = ('address', 'weight', 'max_fails', 'fail_timeout', 'max_conns', 'backup')
+UPSTREAM_KEYS = ('balance', 'hash_key', 'servers', 'health_check', 'resolve', 'slow_start')
+SERVER_KEYS = ('address', 'weight', 'max_fails', 'fail_timeout', 'max_conns', 'backup',
+               'slow_start')
+ADMIN_KEYS = ('listen', 'token_file')
 HEALTH_CHECK_KEYS = ('type', 'interval', 'timeout', 'rise', 'fall', 'send', 'expect')
 LISTENER_KEYS = ('name', 'listen', 'protocol', 'upstream', 'backlog', 'reuseport', 'ipv6only',
                  'keepalive', 'connect_timeout', 'idle_timeout', 'half_close_timeout', 'half_close',
@@ -146,7 +148,7 @@ def build(walker: Walker, root) -> Config:
         error_log=top.get('error_log', text, 'stderr'),
         log_level=top.get('log_level', choice(*LOG_LEVELS), 'info'),
         access_log=_optional_section(top, 'access_log', ('path', 'format'), _access_log),
-        admin=_optional_section(top, 'admin', ('listen',), _admin),
+        admin=_optional_section(top, 'admin', ADMIN_KEYS, _admin),
         watch_config=top.get('watch_config', boolean, False),
         upstreams={name: up for name, up in declared.items() if up} | inline,
         listeners=listeners)
@@ -191,7 +193,8 @@ def _access_log(s: Section) -> AccessLog | None:
 
 def _admin(s: Section) -> Admin | None:
     listen = s.get('listen', partial(parse_address, listen=True), required=True)
-    return Admin(listen) if listen else None
+    token_file = s.get('token_file', optional(text))
+    return Admin(listen, token_file) if listen else None
 
 
 def _upstreams(top: Section) -> dict[str, Upstream | None]:
@@ -222,7 +225,8 @@ def _upstream(s: Section, name: str) -> Upstream:
                       'round_robin'),
         hash_key=s.get('hash_key', choice('client_ip', 'client_addr'), 'client_ip'),
         health_check=_optional_section(s, 'health_check', HEALTH_CHECK_KEYS, _health_check),
-        resolve=resolve)
+        resolve=resolve,
+        slow_start=s.get('slow_start', duration(zero_ok=True), 0.0))
 
 
 def _health_check(s: Section) -> HealthCheck:
@@ -262,7 +266,8 @@ def _server(s: Section) -> Server | None:
         max_fails=s.get('max_fails', integer(0, 1000), 1),
         fail_timeout=s.get('fail_timeout', POSITIVE, 10.0),
         max_conns=s.get('max_conns', COUNT, 0),
-        backup=s.get('backup', boolean, False))
+        backup=s.get('backup', boolean, False),
+        slow_start=s.get('slow_start', optional(duration(zero_ok=True))))
     return server if address else None
 
 

@@ -41,7 +41,8 @@ def dump(config: Config) -> str:
         'log_level': config.log_level,
         'access_log': config.access_log and _Flow(path=config.access_log.path,
                                                   format=config.access_log.format),
-        'admin': config.admin and _Flow(listen=str(config.admin.listen)),
+        'admin': config.admin and _Flow(listen=str(config.admin.listen),
+                                        token_file=config.admin.token_file),
         'watch_config': config.watch_config,
         'upstreams': {name: _upstream(upstream) for name, upstream in config.upstreams.items()},
         'listeners': [_listener(listener) for listener in config.listeners],
@@ -60,13 +61,14 @@ def _upstream(upstream: Upstream) -> dict:
             timeout=format_duration(check.timeout), rise=check.rise, fall=check.fall,
             send=check.send, expect=check.expect),
         'resolve': _optional_duration(upstream.resolve),
+        'slow_start': format_duration(upstream.slow_start),
     }
 
 
 def _server(server: Server) -> _Flow:
     return _Flow(address=str(server.address), weight=server.weight, max_fails=server.max_fails,
                  fail_timeout=format_duration(server.fail_timeout), max_conns=server.max_conns,
-                 backup=server.backup)
+                 backup=server.backup, slow_start=_optional_duration(server.slow_start))
 
 
 def _listener(listener: Listener) -> dict:

@@ -73,6 +73,8 @@ class Server:
     fail_timeout: float = 10.0
     max_conns: int = 0
     backup: bool = False
+    slow_start: float | None = None    # back in rotation: weight ramps up over this (0: at
+                                       # once; None: the upstream's slow_start)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Upstream:
     hash_key: str = 'client_ip'        # client_ip | client_addr
     health_check: HealthCheck | None = None
     resolve: float | None = None       # re-resolve DNS names this often
+    slow_start: float = 0.0            # its servers' slow_start unless they set their own
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class AccessLog:
 @dataclass(frozen=True)
 class Admin:
     listen: Address
+    token_file: str | None = None      # a bearer token in this file allows writes over TCP
 
 
 @dataclass(frozen=True)

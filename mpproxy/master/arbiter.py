@@ -35,6 +35,7 @@ from mpproxy.master.build import Builder, prepare_access_log
 from mpproxy.master.control import ControlEndpoint
 from mpproxy.master.guard import Guard
 from mpproxy.master.pidfile import PidFile
+from mpproxy.master.servers import ServerControl
 from mpproxy.master.sockets import INHERIT_ENV, SocketSet
 from mpproxy.master.status import Observer
 from mpproxy.master.table import WorkerTable, fmt
@@ -56,8 +57,9 @@ class Arbiter:
         self.selector = selectors.DefaultSelector()
         self.sockets = SocketSet()
         self.table = WorkerTable(self.selector, retire=self._retire)
-        self.observer = Observer(self.selector, self.table, config.path)
-        self.builder = Builder(self.sockets, self.observer)
+        self.servers = ServerControl()              # `mpproxy server ...`: run-time states
+        self.observer = Observer(self.selector, self.table, config.path, self.servers)
+        self.builder = Builder(self.sockets, self.observer, self.servers)
         self.guard = Guard()
         self.pidfile: PidFile | None = None
         self.signals: list[int] = []
@@ -81,6 +83,7 @@ class Arbiter:
         inherited = os.environ.pop(INHERIT_ENV, None)
         if inherited:
             self.sockets.adopt(inherited)
+            self.servers.adopt()
         try:
             self.observer.start(self.config)
             generation = self.builder.build(self.config, [])
@@ -237,6 +240,7 @@ class Arbiter:
                         self.upgrade_pid)
             return
         env, fds = self.observer.admin.export()
+        env = {**env, **self.servers.export()}
         try:
             channel, theirs = upgrade.SessionChannel.pair()
         except OSError as exc:
@@ -363,7 +367,8 @@ class Arbiter:
     def _commit(self, generation: Generation) -> None:
         old, config = self.config, generation.config
         self.config = config
-        self.observer.commit(generation.admin)
+        self.observer.commit(generation.admin, config)
+        self.servers.commit(config)
         if config.log_level != old.log_level or config.error_log != old.error_log:
             try:
                 logmod.setup(config.error_log, config.log_level)

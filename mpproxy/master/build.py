@@ -6,7 +6,7 @@ does the same for a loaded `Config`, in this order:
 
     credentials (the workers' user) ─▶ access log file ─▶ connection-limit indices
       ─▶ listening sockets (reused by key, new ones bound) ─▶ admin socket
-      ─▶ health-check block (mmap)  ═▶  Generation (STARTING, no worker yet)
+      ─▶ health-check block (mmap) ─▶ server-state block  ═▶  Generation (STARTING)
 
 Each step that makes something registers how to undo it; when a later step raises
 (StartupError, OSError: EADDRINUSE, EMFILE, ENOMEM ...; or anything else), what was made
@@ -40,8 +40,9 @@ log = logmod.log
 
 
 class Builder:
-    def __init__(self, sockets: SocketSet, observer):
+    def __init__(self, sockets: SocketSet, observer, servers=None):
         self.sockets = sockets
+        self.servers = servers                     # master/servers.py: run-time server states
         self.observer = observer                   # binds and closes admin sockets
         self.limits: limits.LimitTable | None = None   # connection counts shared by all workers
         self.next_number = 1
@@ -62,6 +63,7 @@ class Builder:
             block = health.allocate(config)
             if block is not None:
                 undo.append(block.close)
+            states = self.servers.allocate(config) if self.servers is not None else None
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -71,6 +73,7 @@ class Builder:
             raise
         generation = Generation(self.next_number, config, bound, credentials, self.limits,
                                 limit_index, block, admin)
+        generation.servers = states
         self.next_number += 1
         return generation
 

@@ -22,6 +22,7 @@ import time
 from mpproxy import __version__
 from mpproxy.config.schema import Config
 from mpproxy.errors import StartupError
+from mpproxy.master.servers import RequestError
 from mpproxy.master.workers import ACTIVE, WorkerHandle
 from mpproxy.observe import admin, prometheus
 from mpproxy.observe import log as logmod
@@ -34,8 +35,9 @@ BEAT_STALE = 3.0          # seconds without a heartbeat (one a second) that make
 
 
 class Observer:
-    def __init__(self, selector, table, config_path: str):
+    def __init__(self, selector, table, config_path: str, servers=None):
         self.table = table
+        self.servers = servers            # master/servers.ServerControl
         self.config_path = config_path
         self.totals = prometheus.Totals()
         self.started = time.time()
@@ -43,7 +45,8 @@ class Observer:
         self.admin = admin.AdminServer(selector, {'/metrics': self.metrics_page,
                                                           '/status': self.status_page,
                                                           '/healthz': self.healthz_page,
-                                                          '/readyz': self.readyz_page}, log)
+                                                          '/readyz': self.readyz_page}, log,
+                                       writer=self.write_request)
 
     # -- the admin listener (arbiter: start, reload, upgrade, stop) ------------------------
     def start(self, config: Config) -> None:
@@ -51,6 +54,34 @@ class Observer:
         address = config.admin.listen if config.admin else None
         sock = admin.AdminServer.adopt(address)
         self.admin.serve(address, sock or self._bind(config))
+        self._token(config)
+
+    def _token(self, config: Config) -> None:
+        """The bearer token writes need, from `admin.token_file` (unreadable or empty: none,
+        logged: the endpoint is read-only)."""
+        path = config.admin.token_file if config.admin else None
+        token = None
+        if path:
+            try:
+                with open(path, 'rb') as f:
+                    token = f.read().strip() or None
+                if token is None:
+                    log.error('admin token_file %s is empty; the admin endpoint is read-only', path)
+            except OSError as exc:
+                log.error('cannot read admin token_file %s: %s; the admin endpoint is read-only',
+                          path, exc.strerror or exc)
+        self.admin.token = token
+
+    def write_request(self, method: str, path: str, body: bytes):
+        """PUT /servers/<upstream>/<server> (master/servers.py), authorized by admin.py."""
+        active = self.table.active()
+        if active is None or self.servers is None:
+            return 503, 'text/plain', b'no active generation\n'
+        try:
+            result = self.servers.change(self.table.generations, active.config, path, body)
+        except RequestError as exc:
+            return exc.status, 'text/plain', f'{exc}\n'.encode()
+        return 200, 'application/json', (json.dumps(result) + '\n').encode()
 
     def prepare(self, config: Config):
         """The admin socket `config` needs, bound now if its address changed (StartupError)."""
@@ -59,8 +90,10 @@ class Observer:
             return address, self.admin.sock
         return address, self._bind(config)
 
-    def commit(self, prepared) -> None:
+    def commit(self, prepared, config: Config | None = None) -> None:
         self.admin.serve(*prepared)
+        if config is not None:
+            self._token(config)
 
     def discard(self, prepared) -> None:
         """A prepared admin socket that will not be served (its reload failed): closed,
@@ -132,6 +165,17 @@ class Observer:
             samples['mpproxy_upstream_server_check_up'] = {
                 (('upstream', u), ('server', s)): 1 - down
                 for u, s, down in _checks(active)}
+            if self.servers is not None:
+                states, weights = {}, {}
+                for name in used_upstreams(active.config):
+                    for server in active.config.upstreams[name].servers:
+                        now = self.servers.describe(name, server)
+                        base = (('upstream', name), ('server', now['server']))
+                        for state in ('ready', 'drain', 'maint'):
+                            states[base + (('state', state),)] = int(now['state'] == state)
+                        weights[base] = now['weight']
+                samples['mpproxy_upstream_server_admin_state'] = states
+                samples['mpproxy_upstream_server_weight'] = weights
         return 200, prometheus.CONTENT_TYPE, prometheus.render(samples).encode()
 
     # -- probes (orchestrators, load balancers) ---------------------------------------------
@@ -211,7 +255,7 @@ class Observer:
                             for g in table.generations],
             'workers': workers,
             'listeners': _listeners(active, samples),
-            'upstreams': _upstreams(active, samples),
+            'upstreams': _upstreams(active, samples, self.servers),
         }
 
 
@@ -263,7 +307,7 @@ def _listeners(generation, samples) -> list[dict]:
     return out
 
 
-def _upstreams(generation, samples) -> list[dict]:
+def _upstreams(generation, samples, control=None) -> list[dict]:
     """The servers of the active generation's upstreams and their state in its workers."""
     if generation is None:
         return []
@@ -289,7 +333,10 @@ def _upstreams(generation, samples) -> list[dict]:
                 state = 'partial'
             else:
                 state = 'up'
+            admin_state = control.describe(name, server) if control is not None else {}
             servers.append({'server': label, 'state': state,
+                            'admin_state': admin_state.get('state', 'ready'),
+                            'weight': admin_state.get('weight', server.weight),
                             'health_check': None if check is None else ('down' if check else 'up'),
                             'down_in_workers': down_in,
                             'active': active.get((name, label), 0),

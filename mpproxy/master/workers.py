@@ -70,7 +70,7 @@ class Generation:
 
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
                  'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'reload',
-                 'inherits', 'pausing')
+                 'inherits', 'pausing', 'servers')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
@@ -92,6 +92,7 @@ class Generation:
         self.reload: int | None = None                 # the reload that made it (control.py)
         self.inherits = False     # the first of a binary upgrade: its workers wait (no time
                                   # limit) for the old master's UDP sessions
+        self.servers = None       # shared/servers.StateBlock: run-time server states
         self.pausing = None       # before its UDP flows are steered: [deadline, old workers
                                   # yet to stop reading UDP], then 'done' (table.pause_udp)
 
@@ -138,7 +139,8 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
         slot=slot, generation=generation.number, config=generation.config,
         master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
         handoff=successor, handoff_wait=None if generation.inherits else process.HANDOFF_WAIT,
-        health=generation.health, credentials=generation.credentials,
+        health=generation.health,
+        servers=generation.servers.block if generation.servers is not None else None, credentials=generation.credentials,
         limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index,
         metrics=area)
     for handler in log.handlers:     # the child must not write the master's pending lines

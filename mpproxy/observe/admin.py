@@ -13,14 +13,19 @@ A connection's states::
 At most MAX_CONNECTIONS are open at once; past that the listening socket is not
 read and new clients wait in its backlog, so a slow or hostile client holds one
 slot for at most READ_TIMEOUT and never blocks the master. One request per
-connection (`Connection: close`); GET and HEAD only (405 otherwise); the path
-(query string ignored) picks a handler in `routes`, which returns
-(status, content type, body) and runs in the master: it must be quick.
+connection (`Connection: close`); GET and HEAD pick a handler in `routes` by
+path (query string ignored), which returns (status, content type, body) and
+runs in the master: it must be quick. PUT and POST go to `writer` (server
+control), only with `Authorization: Bearer <token>` matching the token of
+`admin.token_file` (compared in constant time): without a token file the
+endpoint is read-only (403), a wrong or missing token gets 401; each refusal is
+logged. A body is at most MAX_BODY bytes (413) and needs Content-Length (411).
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import os
 import selectors
 import socket
@@ -30,14 +35,17 @@ from mpproxy.config.schema import Address
 
 MAX_CONNECTIONS = 16
 MAX_HEAD = 8192            # bytes: request line and headers
+MAX_BODY = 4096            # bytes: a PUT or POST body
+WRITABLE = '/servers/'     # the paths PUT and POST may change (others: 405)
 READ_TIMEOUT = 5.0         # seconds for the whole request head
 WRITE_TIMEOUT = 10.0       # seconds for the whole response
 ACCEPT_PAUSE = 1.0         # out of files: stop accepting this long
 BACKLOG = 64
 INHERIT_ENV = 'MPPROXY_INHERIT_ADMIN'     # the admin socket passed to an upgraded master
-REASONS = {200: 'OK', 400: 'Bad Request', 404: 'Not Found', 405: 'Method Not Allowed',
-           431: 'Request Header Fields Too Large', 500: 'Internal Server Error',
-           503: 'Service Unavailable'}
+REASONS = {200: 'OK', 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden',
+           404: 'Not Found', 405: 'Method Not Allowed', 409: 'Conflict', 411: 'Length Required',
+           413: 'Content Too Large', 431: 'Request Header Fields Too Large',
+           500: 'Internal Server Error', 503: 'Service Unavailable'}
 
 
 def watch_listener(selector: selectors.BaseSelector, sock, accept, on: bool,
@@ -83,9 +91,11 @@ class _Connection:
 class AdminServer:
     """Serves `routes` ({path: handler() -> (status, content type, body)}) on one address."""
 
-    def __init__(self, selector: selectors.BaseSelector, routes: dict, log):
+    def __init__(self, selector: selectors.BaseSelector, routes: dict, log, writer=None):
         self.selector = selector
         self.routes = routes
+        self.writer = writer          # writer(method, path, body) -> (status, type, body)
+        self.token: bytes | None = None   # the bearer token writes need; None: read-only
         self.log = log
         self.address: Address | None = None
         self.sock: socket.socket | None = None
@@ -191,23 +201,34 @@ class AdminServer:
             self._drop(conn)
             return
         conn.head += data
-        end = conn.head.find(b'\r\n\r\n')
+        end, gap = conn.head.find(b'\r\n\r\n'), 4
         if end < 0:
-            end = conn.head.find(b'\n\n')
+            end, gap = conn.head.find(b'\n\n'), 2
         if 0 <= end <= MAX_HEAD:
-            self._handle(conn, bytes(conn.head[:end]))
+            head = bytes(conn.head[:end])
+            length = _content_length(head)
+            if length is not None and 0 <= length <= MAX_BODY \
+                    and len(conn.head) < end + gap + length:
+                return                # the body is not all here yet
+            self._handle(conn, head, bytes(conn.head[end + gap:end + gap + max(0, length or 0)]),
+                         length)
         elif len(conn.head) > MAX_HEAD:
             self._respond(conn, 'GET', 431, 'text/plain', b'request head too large\n')
 
-    def _handle(self, conn: _Connection, head: bytes) -> None:
+    def _handle(self, conn: _Connection, head: bytes, body: bytes = b'',
+                length: int | None = None) -> None:
         line = head.split(b'\n', 1)[0].rstrip(b'\r').decode('latin-1')
         parts = line.split(' ')
         if len(parts) != 3 or not parts[2].startswith('HTTP/') or not parts[1].startswith('/'):
             self._respond(conn, 'GET', 400, 'text/plain', b'bad request\n')
             return
         method, target = parts[0], parts[1]
+        if method in ('PUT', 'POST') and self.writer is not None \
+                and target.startswith(WRITABLE):
+            self._write_request(conn, head, method, target.split('?', 1)[0], body, length)
+            return
         if method not in ('GET', 'HEAD'):
-            self._respond(conn, 'GET', 405, 'text/plain', b'only GET and HEAD\n',
+            self._respond(conn, 'GET', 405, 'text/plain', b'only GET and HEAD here\n',
                           extra='Allow: GET, HEAD\r\n')
             return
         handler = self.routes.get(target.split('?', 1)[0])
@@ -221,6 +242,38 @@ class AdminServer:
                               target.split('?', 1)[0], type(exc).__name__, exc, exc_info=True)
             status, content_type, body = 500, 'text/plain', b'internal error\n'
         self._respond(conn, method, status, content_type, body)
+
+    def _write_request(self, conn: _Connection, head: bytes, method: str, path: str,
+                       body: bytes, length: int | None) -> None:
+        """A PUT or POST: authorized, bounded, then `writer`."""
+        peer = _peer(conn.sock)
+        if self.token is None:
+            self.log.warning('admin %s: %s %s from %s refused: read-only (no admin.token_file)',
+                             self.address, method, path, peer)
+            self._respond(conn, method, 403, 'text/plain',
+                          b'read-only: set admin.token_file to allow changes\n')
+            return
+        given = _bearer(head)
+        if given is None or not hmac.compare_digest(given, self.token):
+            self.log.warning('admin %s: %s %s from %s refused: %s bearer token', self.address,
+                             method, path, peer, 'no' if given is None else 'a wrong')
+            self._respond(conn, method, 401, 'text/plain', b'a valid bearer token is needed\n',
+                          extra='WWW-Authenticate: Bearer\r\n')
+            return
+        if length is None:
+            self._respond(conn, method, 411, 'text/plain', b'Content-Length is needed\n')
+            return
+        if not 0 <= length <= MAX_BODY:
+            self._respond(conn, method, 413, 'text/plain',
+                          f'a body is at most {MAX_BODY} bytes\n'.encode())
+            return
+        try:
+            status, content_type, out = self.writer(method, path, body)
+        except Exception as exc:  # noqa: BLE001 - a bug in a handler must never stop the master
+            self.log.critical('unexpected error in the admin write %s: %s: %s; answered 500',
+                              path, type(exc).__name__, exc, exc_info=True)
+            status, content_type, out = 500, 'text/plain', b'internal error\n'
+        self._respond(conn, method, status, content_type, out)
 
     def _respond(self, conn: _Connection, method: str, status: int, content_type: str,
                  body: bytes, extra: str = '') -> None:
@@ -259,3 +312,34 @@ class AdminServer:
             pass
         conn.sock.close()
         self._update()
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    out = {}
+    for line in head.split(b'\n')[1:]:
+        name, sep, value = line.decode('latin-1').partition(':')
+        if sep:
+            out[name.strip().lower()] = value.strip()
+    return out
+
+
+def _content_length(head: bytes) -> int | None:
+    value = _headers(head).get('content-length')
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return -1
+
+
+def _bearer(head: bytes) -> bytes | None:
+    scheme, _, token = _headers(head).get('authorization', '').partition(' ')
+    return token.strip().encode() if scheme.lower() == 'bearer' and token.strip() else None
+
+
+def _peer(sock) -> str:
+    try:
+        return '%s:%s' % sock.getpeername()[:2]
+    except OSError:
+        return '?'

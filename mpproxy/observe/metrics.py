@@ -136,6 +136,10 @@ FAMILIES = (
     Family('mpproxy_upstream_server_check_up', GAUGE, ('upstream', 'server'),
            'Active health check result of the active generation: 1 up, 0 down (upstreams '
            'with health_check only).'),
+    Family('mpproxy_upstream_server_admin_state', GAUGE, ('upstream', 'server', 'state'),
+           'Run-time state set by `mpproxy server` (ready, drain, maint): 1 for the current one.'),
+    Family('mpproxy_upstream_server_weight', GAUGE, ('upstream', 'server'),
+           'Weight of the server now: the config\'s, or what `mpproxy server weight` set.'),
 )
 BY_NAME = {family.name: family for family in FAMILIES}
 

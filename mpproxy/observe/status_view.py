@@ -75,9 +75,11 @@ def render(status: dict) -> str:
                    'lllrrrr')
     lines.append('')
     rows = [(upstream['name'], server['server'], server['state'],
+             server.get('admin_state', 'ready'), server.get('weight', '-'),
              server['health_check'] or '-', server['active'], server['connect_errors'])
             for upstream in status['upstreams'] for server in upstream['servers']]
-    lines += table(('UPSTREAM', 'SERVER', 'STATE', 'CHECK', 'ACTIVE', 'ERRORS'), rows, 'llllrr')
+    lines += table(('UPSTREAM', 'SERVER', 'STATE', 'ADMIN', 'WEIGHT', 'CHECK', 'ACTIVE',
+                    'ERRORS'), rows, 'lllllrrr')
     return '\n'.join(lines) + '\n'
 
 

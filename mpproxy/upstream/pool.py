@@ -70,12 +70,21 @@ class UpstreamPool:
     An entry's states::
 
         UP --max_fails failures within fail_timeout--> DOWN --fail_timeout passed--> UP
+
+    Run-time control (`mpproxy server`, read from the master's block by the worker and
+    applied with `control`): a server in drain or maint is never picked, not even when
+    every other one is down; a weight set there replaces the config's. slow_start: an entry
+    that comes back (its health check passes again, its passive-health time is over, or it
+    is set ready) starts at a small share of its weight, which `tick` (every 0.5 s) raises
+    linearly to all of it over slow_start; with `balance: hash` slow_start is ignored (a
+    ramp would move keys back and forth).
     """
 
     __slots__ = ('name', 'upstream', 'targets', 'balancer', 'needs_client', 'active', 'fails',
                  'window', 'down_until', 'max_fails', 'fail_timeout', 'max_conns',
                  'primary', 'backup', 'log', 'generation', 'by_key', 'since', 'position',
-                 'health', 'connect_errors', 'connect_hist', 'connect_ns', 'single')
+                 'health', 'connect_errors', 'connect_hist', 'connect_ns', 'single',
+                 'out', 'weights', 'labels', 'slow', 'was_down', 'ramp_from', 'effective')
 
     def __init__(self, upstream: Upstream, log=None, resolved=None):
         """`resolved`: per server of `upstream`, its [(family, sockaddr), ...]; None: resolve here."""
@@ -85,6 +94,10 @@ class UpstreamPool:
         self.generation = 0
         self.health = None                    # set by the worker when the upstream is checked
         n = len(upstream.servers)
+        self.out = frozenset()                # entries drained or in maint: never picked
+        self.weights: list[int] = [s.weight for s in upstream.servers]   # per server position
+        self.slow = [(s.slow_start if s.slow_start is not None else upstream.slow_start)
+                     if upstream.balance != 'hash' else 0.0 for s in upstream.servers]
         self.connect_errors = [0] * n         # metrics, per server position (see above)
         self.connect_hist = [0] * (n * (len(CONNECT_BUCKETS) + 1))
         self.connect_ns = [0] * n
@@ -109,9 +122,14 @@ class UpstreamPool:
                 labels.append(f'{label}/{sockaddr[0]}')
                 servers.append(server)
         upstream = self.upstream
+        weights = [self.weights[p] for p in positions]
         balancer = make_balancer(upstream.balance, weights, upstream.hash_key, labels) \
             if entries else None
         n = len(entries)
+        self.labels = labels
+        self.effective = weights              # per entry: what the balancer has now
+        self.was_down = [False] * n           # (slow_start) down at the last tick
+        self.ramp_from = [0.0] * n            # (slow_start) came back then; 0: not ramping
         self.targets: tuple[Target, ...] = tuple(entries)
         self.by_key = {_key(t): t.index for t in entries}
         self.active = [0] * n                 # connections or sessions open now
@@ -166,10 +184,59 @@ class UpstreamPool:
             return j
         return None
 
+    # -- run-time control and slow start (see the class docstring) ----------------------------
+    def control(self, records) -> None:
+        """The master's records per server position: (state, weight, since, until), state 0 =
+        ready; weight 0 = the config's."""
+        self.out = frozenset(i for i, p in enumerate(self.position) if records[p][0])
+        weights = [r[1] or s.weight for r, s in zip(records, self.upstream.servers)]
+        if weights != self.weights:
+            self.weights = weights
+            self._reweigh(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """slow_start: notice entries that came back, and raise the weights of ramping ones."""
+        if not any(self.slow):
+            return
+        health = self.health
+        ramping = False
+        for i in range(len(self.targets)):
+            down = i in self.out or self.down_until[i] > now or \
+                (health is not None and health[0][health[1] + self.position[i]] != 0)
+            if self.was_down[i] and not down and self.slow[self.position[i]]:
+                self.ramp_from[i] = now
+            self.was_down[i] = down
+            ramping = ramping or self.ramp_from[i] > 0
+        if ramping:
+            self._reweigh(now)
+
+    def _reweigh(self, now: float) -> None:
+        """Give the balancer each entry's weight now (its ramp's share, if ramping)."""
+        slowed = any(self.slow)
+        scale = SLOW_SCALE if slowed else 1
+        weights = []
+        for i, p in enumerate(self.position):
+            weight = self.weights[p] * scale
+            if self.ramp_from[i]:
+                share = (now - self.ramp_from[i]) / self.slow[p]
+                if share >= 1:
+                    self.ramp_from[i] = 0.0
+                else:
+                    weight = max(1, int(weight * max(share, SLOW_FLOOR)))
+            weights.append(weight)
+        if weights == self.effective or self.balancer is None:
+            return
+        self.effective = weights
+        balancer = make_balancer(self.upstream.balance, weights, self.upstream.hash_key,
+                                 self.labels)
+        if hasattr(balancer, 'conns'):
+            balancer.conns[:] = self.balancer.conns
+        self.balancer = balancer
+
     def candidates(self, client_addr, tries: int):
         """Servers to try in turn for a new client (at most `tries`), picked lazily:
         a balancer that counts connections counts one per server actually tried."""
-        if self.single and self.health is None and tries > 0:
+        if self.single and self.health is None and tries > 0 and not self.out:
             index = self.balancer.pick(client_addr, _NONE)     # (its side effects: counts)
             self.active[index] += 1
             return iter((self.targets[index],))
@@ -197,7 +264,8 @@ class UpstreamPool:
             yield target
 
     def _pick(self, balancer, client_addr, tried: set[int]) -> int | None:
-        unavailable = set(tried)
+        out = self.out
+        unavailable = set(tried) | out
         now = time.monotonic()
         health = self.health                 # (shared block, offset) with active checks
         for i, until in enumerate(self.down_until):
@@ -209,7 +277,7 @@ class UpstreamPool:
             index = balancer.pick(client_addr, unavailable | self.primary)
         if index is None and not tried and len(unavailable) == len(self.targets):
             full = {i for i in range(len(self.targets))
-                    if self.max_conns[i] and self.active[i] >= self.max_conns[i]}
+                    if self.max_conns[i] and self.active[i] >= self.max_conns[i]} | out
             index = balancer.pick(client_addr, full | self.backup)   # all down: try anyway
             if index is None and self.backup:
                 index = balancer.pick(client_addr, full | self.primary)
@@ -255,6 +323,8 @@ class UpstreamPool:
 
 
 _NONE: frozenset = frozenset()
+SLOW_SCALE = 20           # with slow_start, weights are scaled so that a ramp has steps
+SLOW_FLOOR = 0.05         # a server coming back starts at this share of its weight
 
 
 def _key(target: Target) -> tuple:

@@ -51,6 +51,7 @@ from mpproxy.upstream import discovery, health
 from mpproxy.upstream.pool import UpstreamPool
 from mpproxy.worker import privileges
 from mpproxy.worker.handover import Handover
+from mpproxy.worker.servers import ServerWatch
 
 log = logmod.log
 
@@ -74,6 +75,7 @@ class WorkerSpec:
     handoff: socket.socket | None = None                  # UDP sessions arrive here on reload
     handoff_wait: float | None = HANDOFF_WAIT             # ... until then at most (None: EOF)
     health: mmap.mmap | None = None                       # active health state, shared
+    servers: mmap.mmap | None = None                      # run-time server states, shared
     credentials: Credentials | None = None                # switch to this user before serving
     limits: LimitTable | None = None                      # shared connection counts, or None
     limit_slot: int | None = None                         # own area in `limits`; None: private
@@ -116,6 +118,7 @@ class Worker(Handover):
         self.by_listener: dict = {}           # Listener.key -> its service (metrics)
         self.pools: dict[str, UpstreamPool] = {}
         self.checker: health.Checker | None = None
+        self.server_watch: ServerWatch | None = None
         self.exit_code = EXIT_OK
         self.draining = False
         self.receiver: handoff.Receiver | None = None
@@ -266,6 +269,10 @@ class Worker(Handover):
                 self.checker = health.Checker(self.loop, self.config, self.spec.health,
                                               self.pools, log)
                 self.checker.start()
+        if self.spec.servers is not None:
+            self.server_watch = ServerWatch(self.loop, self.config, self.spec.servers,
+                                            self.pools, self.services, log)
+            self.server_watch.start()
 
     def _gate(self, listener: Listener):
         """The listener's gate into the limits shared by all workers, or None."""

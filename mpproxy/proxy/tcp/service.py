@@ -191,6 +191,16 @@ class TcpService:
             relay.connect_time if relay.target is not None else None,
             self.loop.time() - relay.started)
 
+    def end_server(self, upstream: str, label: str) -> int:
+        """Close the relays connected to server `label` of `upstream` (maint); how many."""
+        ended = 0
+        for relay in list(self.relays):
+            target = relay.target
+            if target is not None and target.label == label and relay.pool.name == upstream:
+                relay.close()
+                ended += 1
+        return ended
+
     def starving(self, relay: Relay, on: bool) -> None:
         """`relay` waits (on) or no longer waits (off) for a file for its upstream socket."""
         if on:

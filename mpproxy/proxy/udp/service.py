@@ -215,6 +215,16 @@ class UdpService:
         self.stats.sessions_handed_out += len(out)
         return out
 
+    def end_server(self, upstream: str, label: str) -> int:
+        """End the sessions with server `label` of `upstream` (maint); how many."""
+        if self._pool.name != upstream:
+            return 0
+        ended = [s for s in self._sessions.values() if s.target.label == label]
+        for sess in ended:
+            self._end(sess, 'maint')
+        self.stats.sessions_closed += len(ended)
+        return len(ended)
+
     def pause(self) -> None:
         """Stop reading the listener until `start()`; sessions go on (their replies too)."""
         self._stop_reading()

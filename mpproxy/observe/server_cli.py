@@ -1,0 +1,126 @@
+"""`mpproxy server drain|maint|ready|weight ...`: change a server at run time.
+
+Runs in its own process (the command line): one authorized PUT to the master's admin
+endpoint (`admin.listen` of the config file, with the bearer token of `admin.token_file`),
+then, with `--wait`, GETs of /status until the server's connections and sessions (over
+every worker) are 0, and stay 0 for SETTLED seconds (a worker publishes its counts once a
+second: a connection opened just before the command shows within that), or the timeout.
+
+    mpproxy server drain  UPSTREAM SERVER [--wait] [--timeout 60]
+    mpproxy server maint  UPSTREAM SERVER [--grace 10] [--wait] [--timeout 60]
+    mpproxy server ready  UPSTREAM SERVER
+    mpproxy server weight UPSTREAM SERVER N
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import time
+from urllib.parse import quote
+
+from mpproxy.config.schema import Config
+from mpproxy.errors import EXIT_FAILURE, EXIT_OK
+from mpproxy.observe import status_view
+
+TIMEOUT = 5.0
+WAIT_POLL = 0.25
+SETTLED = 1.2             # workers publish their counts once a second: 0 must hold this long
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='mpproxy server',
+                                     description='Change an upstream server at run time.')
+    parser.add_argument('action', choices=('drain', 'maint', 'ready', 'weight'))
+    parser.add_argument('upstream')
+    parser.add_argument('server', help='as in the config: host:port')
+    parser.add_argument('weight', nargs='?', type=int, help='weight: the new weight (1..10000)')
+    parser.add_argument('--grace', type=float, default=0.0,
+                        help='maint: seconds before open connections are ended (default 0)')
+    parser.add_argument('--wait', action='store_true',
+                        help='drain, maint: return once the server has no connection left')
+    parser.add_argument('--timeout', type=float, default=60.0,
+                        help='--wait: give up after this many seconds (exit 1)')
+    return parser.parse_args(argv)
+
+
+def main(config: Config, argv: list[str]) -> int:
+    args = parse(argv)
+    if config.admin is None:
+        print(f'mpproxy: server needs the admin endpoint: set admin: {{listen: ..., token_file: '
+              f'...}} in {config.path} and reload', file=sys.stderr)
+        return EXIT_FAILURE
+    if args.action == 'weight':
+        if args.weight is None:
+            print('mpproxy: server weight UPSTREAM SERVER N', file=sys.stderr)
+            return EXIT_FAILURE
+        body = {'weight': args.weight}
+    else:
+        body = {'state': args.action}
+        if args.action == 'maint':
+            body['grace'] = args.grace
+    token = b''
+    if config.admin.token_file:
+        try:
+            with open(config.admin.token_file, 'rb') as f:
+                token = f.read().strip()
+        except OSError as exc:
+            print(f'mpproxy: cannot read {config.admin.token_file}: {exc.strerror}',
+                  file=sys.stderr)
+            return EXIT_FAILURE
+    address = config.admin.listen
+    host = status_view._LOOPBACK.get(address.host, address.host)
+    path = f'/servers/{quote(args.upstream, safe="")}/{quote(args.server, safe="")}'
+    try:
+        status, text = _put(host, address.port, path, json.dumps(body).encode(), token)
+    except (OSError, http.client.HTTPException) as exc:
+        print(f'mpproxy: cannot reach the admin endpoint {address}: '
+              f'{getattr(exc, "strerror", None) or exc}', file=sys.stderr)
+        return EXIT_FAILURE
+    if status != 200:
+        print(f'mpproxy: {status}: {text.strip()}', file=sys.stderr)
+        return EXIT_FAILURE
+    state = json.loads(text)
+    print(f"upstream {state['upstream']}: server {state['server']}: {state['state']}, "
+          f"weight {state['weight']}")
+    if args.wait and args.action in ('drain', 'maint'):
+        return _wait(host, address.port, args.upstream, args.server, args.timeout)
+    return EXIT_OK
+
+
+def _put(host: str, port: int, path: str, body: bytes, token: bytes) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    headers = {'Content-Type': 'application/json'}
+    if token:
+        headers['Authorization'] = 'Bearer ' + token.decode('latin-1')
+    try:
+        conn.request('PUT', path, body, headers)
+        response = conn.getresponse()
+        return response.status, response.read().decode('utf-8', 'replace')
+    finally:
+        conn.close()
+
+
+def _wait(host: str, port: int, upstream: str, server: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    left = None
+    zero_since = None
+    while True:
+        try:
+            status = status_view.fetch(host, port)
+            left = next((s['active'] for u in status['upstreams'] if u['name'] == upstream
+                         for s in u['servers'] if s['server'] == server), 0)
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+        now = time.monotonic()
+        zero_since = (zero_since or now) if left == 0 else None
+        if zero_since is not None and now - zero_since >= SETTLED:
+            print(f'upstream {upstream}: server {server}: no connection left')
+            return EXIT_OK
+        if time.monotonic() >= deadline:
+            print(f'mpproxy: server {server} still has {left} connection(s) after '
+                  f'{timeout:g}s', file=sys.stderr)
+            return EXIT_FAILURE
+        time.sleep(WAIT_POLL)     # polling the master's page, bounded by the deadline

@@ -1,0 +1,249 @@
+"""Run-time server control (issue 15): `mpproxy server drain|maint|ready|weight` through the
+master's admin endpoint, for every worker at once, kept across reloads and USR2; writes need
+the bearer token of admin.token_file; slow_start ramps a server back in."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import time
+
+import pytest
+
+from helpers.backends import UdpEcho, tagged_backend
+from helpers.configs import with_pid_file
+from helpers.net import connect, free_port, get
+from helpers.proc import alive, read_pid, run_cli, wait_for
+
+TOKEN = 'secret-token-for-tests'
+
+
+@pytest.fixture
+def pair():
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    yield a, b
+    a.close()
+    b.close()
+
+
+def config(port, admin, servers, tmp_path, workers=2, token=True, **upstream) -> dict:
+    token_file = tmp_path / 'admin.token'
+    token_file.write_text(TOKEN + '\n')
+    cfg = {'workers': workers,
+           'admin': {'listen': f'127.0.0.1:{admin}'},
+           'upstreams': {'pool': {'balance': 'round_robin', **upstream, 'servers': servers}},
+           'listeners': [{'listen': f'127.0.0.1:{port}', 'upstream': 'pool'}]}
+    if token:
+        cfg['admin']['token_file'] = str(token_file)
+    return cfg
+
+
+def tag(port: int) -> bytes:
+    with connect(port) as s:
+        return s.recv(1)
+
+
+def tags(port: int, n: int) -> list[bytes]:
+    return [tag(port) for _ in range(n)]
+
+
+def cli(proxy, *args):
+    return run_cli('-c', str(proxy.config_path), 'server', *args)
+
+
+def put(admin: int, path: str, body, token: str | None = TOKEN, raw: bytes | None = None):
+    conn = http.client.HTTPConnection('127.0.0.1', admin, timeout=5)
+    headers = {'Authorization': f'Bearer {token}'} if token else {}
+    try:
+        conn.request('PUT', path, raw if raw is not None else json.dumps(body).encode(), headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def server_status(admin: int, label: str) -> dict:
+    status = json.loads(get(admin, '/status')[2])
+    return next(s for u in status['upstreams'] for s in u['servers'] if s['server'] == label)
+
+
+def test_drain_takes_new_connections_away_and_keeps_the_open_ones(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path)).start(wait_workers=2)
+    held = []
+    while not any(t == b'A' for t, _ in held):       # an open connection through A
+        s = connect(port)
+        held.append((s.recv(1), s))
+    out = cli(proxy, 'drain', 'pool', a.address)
+    assert out.returncode == 0, out.stderr
+    assert 'drain' in out.stdout
+    wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='new connections all to B')
+    assert tags(port, 20) == [b'B'] * 20
+    for t, s in held:                                 # the open ones go on
+        s.sendall(b'still')
+        assert s.recv(5) == b'still'
+    assert server_status(admin, a.address)['admin_state'] == 'drain'
+    metrics = get(admin, '/metrics')[2].decode()
+    assert (f'mpproxy_upstream_server_admin_state{{upstream="pool",server="{a.address}",'
+            f'state="drain"}} 1') in metrics
+    shown = run_cli('-c', str(proxy.config_path), 'status')
+    assert any(a.address in line and 'drain' in line for line in shown.stdout.splitlines())
+    waited = cli(proxy, 'drain', 'pool', a.address, '--wait', '--timeout', '2.5')
+    assert waited.returncode == 1 and 'still has 1 connection' in waited.stderr  # one is open
+    for _, s in held:
+        s.close()
+    waited = cli(proxy, 'drain', 'pool', a.address, '--wait', '--timeout', '5')
+    assert waited.returncode == 0, waited.stderr
+    assert cli(proxy, 'ready', 'pool', a.address).returncode == 0
+    wait_for(lambda: b'A' in tags(port, 10), 3, what='A back in rotation')
+    assert 'server %s set to drain' % a.address in proxy.log()
+
+
+def test_maint_ends_the_open_connections_after_the_grace(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path)).start(wait_workers=2)
+    held = None
+    others = []
+    while held is None:
+        s = connect(port)
+        if s.recv(1) == b'A':
+            held = s
+        else:
+            others.append(s)
+    out = cli(proxy, 'maint', 'pool', a.address, '--grace', '0.5')
+    assert out.returncode == 0, out.stderr
+    started = time.monotonic()
+    held.settimeout(5)
+    assert held.recv(10) == b''                   # ended by the proxy ...
+    assert time.monotonic() - started >= 0.3      # ... after the grace, not at once
+    for s in others:                              # B's connections go on
+        s.sendall(b'ok')
+        assert s.recv(2) == b'ok'
+        s.close()
+    held.close()
+    assert tags(port, 10) == [b'B'] * 10
+    proxy.wait_log('is in maintenance: ended')
+
+
+def test_weight_changes_the_share_of_new_connections(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path, workers=1))
+    proxy.start(wait_workers=1)
+    assert sorted(tags(port, 10)) == [b'A'] * 5 + [b'B'] * 5
+    out = cli(proxy, 'weight', 'pool', a.address, '9')
+    assert out.returncode == 0 and 'weight 9' in out.stdout, out.stderr
+    wait_for(lambda: server_status(admin, a.address)['weight'] == 9, 3, what='weight 9 shown')
+    time.sleep(0.6)       # one poll of the worker (0.5 s): the state is in effect after it
+    got = tags(port, 100)
+    assert got.count(b'A') == 90, got.count(b'A')
+
+
+def test_writes_need_the_token_and_bad_requests_change_nothing(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path)).start(wait_workers=2)
+    path = f'/servers/pool/{a.address}'
+    assert put(admin, path, {'state': 'drain'}, token=None)[0] == 401
+    assert put(admin, path, {'state': 'drain'}, token='wrong')[0] == 401
+    assert put(admin, '/servers/nope/' + a.address, {'state': 'drain'})[0] == 404
+    assert put(admin, '/servers/pool/127.0.0.1:1', {'state': 'drain'})[0] == 404
+    assert put(admin, path, {'weight': 0})[0] == 400
+    assert put(admin, path, {'state': 'sleeping'})[0] == 400
+    assert put(admin, path, None, raw=b'not json')[0] == 400
+    assert put(admin, path, None, raw=b'x' * 5000)[0] == 413
+    assert server_status(admin, a.address)['admin_state'] == 'ready'
+    assert sorted(set(tags(port, 6))) == [b'A', b'B']
+    status, body = put(admin, path, {'state': 'drain'})
+    assert status == 200 and json.loads(body)['state'] == 'drain'
+    assert 'refused: no bearer token' in proxy.log()
+
+
+def test_without_a_token_file_the_endpoint_is_read_only(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path, token=False))
+    proxy.start(wait_workers=2)
+    assert put(admin, f'/servers/pool/{a.address}', {'state': 'drain'})[0] == 403
+    out = cli(proxy, 'drain', 'pool', a.address)
+    assert out.returncode == 1 and '403' in out.stderr
+    assert 'read-only' in proxy.log()
+    assert get(admin, '/status')[0] == 200
+
+
+def test_the_state_survives_a_reload_and_a_binary_upgrade(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    pid_file = tmp_path / 'mpproxy.pid'
+    cfg = with_pid_file(config(port, admin, [a.address, b.address], tmp_path), str(pid_file))
+    proxy = proxies(cfg).start(wait_workers=2)
+    assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
+    wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='A drained')
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log('generation 2 active')
+    assert tags(port, 20) == [b'B'] * 20
+    assert server_status(admin, a.address)['admin_state'] == 'drain'
+    proxy.signal(signal.SIGUSR2)
+    new = wait_for(lambda: (lambda p: p if p not in (None, proxy.pid) else None)(
+        read_pid(pid_file)), 10, what='the new master')
+    proxy.known_pids.add(new)
+    try:
+        proxy.wait_log('mpproxy started', count=2, timeout=10)
+        proxy.signal(signal.SIGQUIT)
+        assert proxy.wait_exit(40) == 0
+        assert tags(port, 20) == [b'B'] * 20
+        assert server_status(admin, a.address)['admin_state'] == 'drain'
+    finally:
+        if alive(new):
+            import os
+            os.kill(new, signal.SIGQUIT)
+            wait_for(lambda: not alive(new), 15, what='the new master to stop')
+
+
+def test_a_drained_udp_server_gets_no_new_session_and_keeps_its_own(proxies, tmp_path):
+    a, b = UdpEcho(prefix=b'A'), UdpEcho(prefix=b'B')
+    try:
+        port, admin = free_port(), free_port()
+        cfg = config(port, admin, [a.address, b.address], tmp_path, workers=1)
+        cfg['listeners'][0]['protocol'] = 'udp'
+        proxy = proxies(cfg).start(wait_workers=1)
+        clients = []
+        for _ in range(4):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.settimeout(2)
+            c.sendto(b'x', ('127.0.0.1', port))
+            clients.append((c, c.recv(10)[:1]))
+        assert {t for _, t in clients} == {b'A', b'B'}
+        assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
+        time.sleep(0.6)       # one poll of the worker (0.5 s)
+        for c, t in clients:                          # existing sessions keep their server
+            c.sendto(b'y', ('127.0.0.1', port))
+            assert c.recv(10)[:1] == t
+        for _ in range(6):                            # new ones avoid A
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.settimeout(2)
+                c.sendto(b'z', ('127.0.0.1', port))
+                assert c.recv(10)[:1] == b'B'
+        for c, _ in clients:
+            c.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_slow_start_ramps_a_server_back_in(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    servers = [{'address': a.address, 'slow_start': '4s'}, b.address]
+    proxy = proxies(config(port, admin, servers, tmp_path, workers=1)).start(wait_workers=1)
+    assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
+    wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='A drained')
+    assert cli(proxy, 'ready', 'pool', a.address).returncode == 0
+    wait_for(lambda: b'A' in tags(port, 40), 3, what='A picked again')
+    early = tags(port, 60).count(b'A')                # early in the ramp: a small share
+    wait_for(lambda: tags(port, 40).count(b'A') == 20, 8, what='A at its full share')
+    assert early < 20, early                          # (an even share would be 30 of 60)
