@@ -235,15 +235,63 @@ def test_a_drained_udp_server_gets_no_new_session_and_keeps_its_own(proxies, tmp
         b.close()
 
 
-def test_slow_start_ramps_a_server_back_in(proxies, tmp_path, pair):
+@pytest.mark.parametrize('balance', ['round_robin', 'least_conn', 'random_two'])
+def test_slow_start_ramps_a_server_back_in(proxies, tmp_path, pair, balance):
     a, b = pair
     port, admin = free_port(), free_port()
     servers = [{'address': a.address, 'slow_start': '4s'}, b.address]
-    proxy = proxies(config(port, admin, servers, tmp_path, workers=1)).start(wait_workers=1)
+    proxy = proxies(config(port, admin, servers, tmp_path, workers=1, balance=balance))
+    proxy.start(wait_workers=1)
     assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
     wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='A drained')
     assert cli(proxy, 'ready', 'pool', a.address).returncode == 0
     wait_for(lambda: b'A' in tags(port, 40), 3, what='A picked again')
-    early = tags(port, 60).count(b'A')                # early in the ramp: a small share
-    wait_for(lambda: tags(port, 40).count(b'A') == 20, 8, what='A at its full share')
+    early = held_tags(port, 60).count(b'A')           # early in the ramp: a small share
+    wait_for(lambda: held_tags(port, 60).count(b'A') >= 24, 10, what='A at about its full share')
     assert early < 20, early                          # (an even share would be 30 of 60)
+
+
+def held_tags(port: int, n: int) -> list[bytes]:
+    """The tags of `n` connections open at once (least_conn and random_two weigh the open
+    connections by weight, so their share follows the weights only when they overlap)."""
+    socks = [connect(port) for _ in range(n)]
+    try:
+        return [s.recv(1) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize('balance', ['least_conn', 'hash', 'random_two'])
+def test_drain_works_with_every_balancer(proxies, tmp_path, pair, balance):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path, workers=1,
+                           balance=balance, hash_key='client_addr')).start(wait_workers=1)
+    wait_for(lambda: b'A' in tags(port, 10), 3, what='A picked before the drain')
+    assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
+    wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='new connections all to B')
+    assert tags(port, 30) == [b'B'] * 30
+
+
+def test_health_checks_never_undrain_and_a_drained_server_is_no_last_resort(proxies, tmp_path,
+                                                                              pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    cfg = config(port, admin, [a.address, b.address], tmp_path, workers=1,
+                 health_check={'interval': '0.1s', 'timeout': '0.5s', 'rise': 1, 'fall': 1})
+    proxy = proxies(cfg).start(wait_workers=1)
+    assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
+    wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='A drained')
+    checked = len(a.peers)                        # health checks connect to A: five more
+    wait_for(lambda: len(a.peers) >= checked + 5, 5, what='five health checks of A')
+    assert tags(port, 20) == [b'B'] * 20
+    assert server_status(admin, a.address)['health_check'] == 'up'
+    b.close()                                     # the only server in rotation goes down
+    proxy.wait_log(f'server {b.address} is down', timeout=5)
+    for _ in range(5):                            # A is not tried as a last resort
+        with connect(port) as s:
+            s.settimeout(5)
+            assert s.recv(1) == b''
+    assert cli(proxy, 'ready', 'pool', a.address).returncode == 0
+    wait_for(lambda: tag(port) == b'A', 3, what='A serves once ready')
