@@ -150,7 +150,11 @@ class WorkerTable:
 
     def supersede(self, generation: Generation) -> None:
         """A newer reload replaces a generation still starting: its workers drain (they
-        serve nothing yet) and it is forgotten once they are gone."""
+        serve nothing yet) and it is forgotten once they are gone. If it had paused the
+        active workers' UDP (pause_udp), they read again: the newer one pauses anew."""
+        if isinstance(generation.pausing, list):
+            generation.pausing = None
+            self.resume_udp()
         self._drain(generation, quiet=True)
 
     def quit(self, handover=None) -> None:
