@@ -108,6 +108,8 @@ def test_term_during_the_grace_stops_at_once(proxies, tcp_echo, udp_echo):
         proxy.signal(signal.SIGQUIT)
         wait_for(lambda: code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
         assert served(port)                                   # in the grace
+        view = run_cli('-c', str(proxy.config_path), 'status')
+        assert 'stopping: shutdown_grace, draining in ' in view.stdout, view
         proxy.signal(signal.SIGTERM)
         assert proxy.wait_exit(5) == 0                        # not 60 s of grace
         wait_for(lambda: not any(alive(p) for p in workers), 3, what='the workers gone')
