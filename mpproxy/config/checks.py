@@ -21,9 +21,10 @@ if TYPE_CHECKING:
     from mpproxy.config.loader import Section, Walker
 
 # The keys of each section, in DESIGN.md's order (dump.py writes them in this order too).
-TOP_KEYS = ('workers', 'pid_file', 'user', 'group', 'worker_rlimit_nofile', 'shutdown_timeout',
-            'max_draining_generations', 'worker_timeout', 'resolver', 'error_log', 'log_level',
-            'access_log', 'admin', 'watch_config', 'upstreams', 'listeners')
+TOP_KEYS = ('workers', 'pid_file', 'user', 'group', 'worker_rlimit_nofile', 'shutdown_grace',
+            'shutdown_timeout', 'max_draining_generations', 'worker_timeout', 'resolver',
+            'error_log', 'log_level', 'access_log', 'admin', 'watch_config', 'upstreams',
+            'listeners')
 UPSTREAM_KEYS = ('balance', 'hash_key', 'servers', 'health_check', 'resolve', 'slow_start')
 SERVER_KEYS = ('address', 'weight', 'max_fails', 'fail_timeout', 'max_conns', 'backup',
                'slow_start')
@@ -141,6 +142,7 @@ def build(walker: Walker, root) -> Config:
         user=user,
         group=group,
         worker_rlimit_nofile=top.get('worker_rlimit_nofile', optional(integer(1, 2**30))),
+        shutdown_grace=top.get('shutdown_grace', NON_NEGATIVE, 0.0),
         shutdown_timeout=top.get('shutdown_timeout', NON_NEGATIVE, 30.0),
         max_draining_generations=top.get('max_draining_generations', integer(1, 1000), 4),
         worker_timeout=top.get('worker_timeout', POSITIVE, 30.0),

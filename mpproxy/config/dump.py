@@ -33,6 +33,7 @@ def dump(config: Config) -> str:
         'user': config.user,
         'group': config.group,
         'worker_rlimit_nofile': config.worker_rlimit_nofile,
+        'shutdown_grace': format_duration(config.shutdown_grace),
         'shutdown_timeout': format_duration(config.shutdown_timeout),
         'max_draining_generations': config.max_draining_generations,
         'worker_timeout': format_duration(config.worker_timeout),

@@ -139,6 +139,7 @@ class Config:
     user: str | None = None
     group: str | None = None
     worker_rlimit_nofile: int | None = None
+    shutdown_grace: float = 0.0        # QUIT: /readyz fails, listeners accept this long more
     shutdown_timeout: float = 30.0
     max_draining_generations: int = 4
     worker_timeout: float = 30.0

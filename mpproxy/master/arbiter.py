@@ -170,10 +170,17 @@ class Arbiter:
     def _watching(self) -> bool:
         """watch_config is on, and this master neither stops nor has a new master from USR2
         alive (that one watches the file itself; see watch.py)."""
-        return self.config.watch_config and not self.table.stopping and self.upgrade_pid is None
+        return self.config.watch_config and not self._stopping() and self.upgrade_pid is None
+
+    def _stopping(self) -> bool:
+        """QUIT or TERM came: draining, stopping, or in QUIT's shutdown_grace."""
+        return bool(self.table.stopping) or self.table.grace_until is not None
 
     def _timeout(self) -> float:
-        return 0.05 if self.table.stopping else 0.25
+        if self.table.stopping:
+            return 0.05
+        left = self.table.grace_left()       # wake up when the grace runs out
+        return 0.25 if left is None else min(0.25, max(0.01, left))
 
     def _retire(self, worker) -> None:
         self.observer.retire(worker)
@@ -184,8 +191,9 @@ class Arbiter:
 
     # -- signals ----------------------------------------------------------------------------
     def handle_hup(self) -> None:
-        if self.table.stopping:
-            self.control.abandon('the master is stopping; no reload')
+        if self._stopping():      # a reload started before QUIT may still end in the grace
+            log.log(logmod.NOTICE, 'reload refused: the master is stopping')
+            self.control.answer(None, False, 'the master is stopping; no reload')
             return
         log.log(logmod.NOTICE, 'reloading configuration from %s', self.config.path)
         self._notify(RELOADING=1, MONOTONIC_USEC=notify.monotonic_usec(),
@@ -193,10 +201,43 @@ class Arbiter:
         self.reload()
 
     def handle_quit(self) -> None:
-        if self.table.stopping:
+        """Graceful stop. With `shutdown_grace`, first the grace: /readyz fails at once while
+        everything else serves on (the workers are told nothing), so that load balancers
+        and orchestrators stop sending before the listeners close; then the drain, as
+        without a grace. A second QUIT cuts the grace short. No grace while the other
+        master of a binary upgrade serves on the same sockets, nor before the first
+        generation serves."""
+        table = self.table
+        if table.stopping:
             return
-        log.log(logmod.NOTICE, 'graceful shutdown (QUIT): draining for up to %ss',
+        drain = fmt(self.config.shutdown_timeout)
+        if table.grace_until is not None:
+            log.log(logmod.NOTICE, 'second QUIT: shutdown_grace cut short, draining for up to '
+                    '%ss', drain)
+            self._drain_all()
+            return
+        grace = self.config.shutdown_grace
+        partner = self._upgrade_partner()
+        if grace and partner is None and self.started:
+            log.log(logmod.NOTICE, 'graceful shutdown (QUIT): /readyz fails now; the listeners '
+                    'accept for %ss more (shutdown_grace), then drain for up to %ss',
+                    fmt(grace), drain)
+            self._notify_stopping(f'graceful shutdown (QUIT): not ready, accepting for '
+                                  f'{fmt(grace)}s more (shutdown_grace)')
+            table.grace(grace)
+            return
+        log.log(logmod.NOTICE, 'graceful shutdown (QUIT): draining for up to %ss%s', drain,
+                f' (no shutdown_grace: master pid {partner} of the binary upgrade serves)'
+                if grace and partner is not None else '')
+        self._drain_all()
+
+    def _on_grace_over(self) -> None:
+        log.log(logmod.NOTICE, 'shutdown_grace over: draining for up to %ss',
                 fmt(self.config.shutdown_timeout))
+        self._drain_all()
+
+    def _drain_all(self) -> None:
+        """QUIT's drain: the listeners close, every generation drains."""
         self._notify_stopping('graceful shutdown (QUIT): draining')
         self.control.abandon('the master is stopping (QUIT); no reload')
         self.table.quit(self._upgrade_handover())
@@ -233,7 +274,7 @@ class Arbiter:
 
     def handle_usr2(self) -> None:
         """Binary upgrade: exec a new master from the installed program, sockets inherited."""
-        if self.table.stopping:
+        if self._stopping():
             return
         if self.upgrade_pid is not None:
             log.warning('binary upgrade already in progress (new master pid %d); ignoring USR2',
@@ -416,15 +457,24 @@ class Arbiter:
             notify.send(**fields)
 
     def _notify_stopping(self, status: str) -> None:
-        """STOPPING=1, unless the service goes on in the other master of a binary upgrade:
-        the new one this master started, or the old one that started this master (while it
-        lives it is our parent; backing out of an upgrade is QUIT to the new master)."""
-        if self.upgraded_from is None or os.getppid() != self.upgraded_from:
-            self._notify(STOPPING=1, STATUS=status)
+        """STOPPING=1, unless the service goes on in the other master of a binary upgrade."""
+        if self._upgrade_partner() is None:
+            notify.send(STOPPING=1, STATUS=status)
+
+    def _upgrade_partner(self) -> int | None:
+        """The pid of the other master of a binary upgrade, while it lives: the new one this
+        master started (USR2), or the old one that started this master (while it lives it
+        is our parent; backing out of an upgrade is QUIT to the new master)."""
+        if self.upgrade_pid is not None:
+            return self.upgrade_pid
+        if self.upgraded_from is not None and os.getppid() == self.upgraded_from:
+            return self.upgraded_from
+        return None
 
     def _reload_done(self, status: str) -> None:
-        """READY=1 after RELOADING=1, once no new generation is still starting."""
-        if not self.table.starting():
+        """READY=1 after RELOADING=1, once no new generation is still starting; not once the
+        master stops (a reload started before QUIT can end during the shutdown_grace)."""
+        if not self.table.starting() and not self._stopping():
             self._notify(READY=1, STATUS=status)
 
     def _shutdown(self) -> None:

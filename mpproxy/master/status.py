@@ -1,6 +1,7 @@
 """The master's side of metrics: retired totals, the admin endpoint, /metrics and /status,
 and the probes /healthz (every worker slot has a live worker with a recent heartbeat) and
-/readyz (serving and not draining: 503 from QUIT on, so a load balancer stops sending first).
+/readyz (serving and not stopping: 503 from QUIT on, so a load balancer stops sending first;
+with `shutdown_grace` the listeners go on accepting that long after it, see table.py).
 
 The arbiter owns one `Observer`; it reads the worker table, never the arbiter. It reads
 the workers' snapshot areas (observe/metrics.py) only when a page is asked for, and once
@@ -186,7 +187,8 @@ class Observer:
             else (200, 'text/plain', b'ok\n')
 
     def readyz_page(self):
-        """Readiness: 200 while the listeners are bound and served; 503 from QUIT on."""
+        """Readiness: 200 while the listeners are bound and served; 503 from QUIT on (also
+        during its shutdown_grace, while they still accept)."""
         problem = self.unready()
         return (503, 'text/plain', f'not ready: {problem}\n'.encode()) if problem \
             else (200, 'text/plain', b'ready\n')
@@ -214,6 +216,9 @@ class Observer:
         table = self.table
         if table.stopping:
             return 'draining' if table.stopping == 'quit' else 'stopping'
+        left = table.grace_left()
+        if left is not None:
+            return f'stopping (shutdown_grace), draining in {left:.1f}s'
         active = table.active()
         if active is None or not any(w.ready for w in active.workers.values()):
             return 'no serving worker'
@@ -229,6 +234,7 @@ class Observer:
         samples = self._samples(live)
         snapshots = {id(w): values for w, values in live}
         table, active = self.table, self._active()
+        grace = table.grace_left()
         workers = []
         for generation in table.generations:
             for slot in sorted(generation.workers):
@@ -246,7 +252,9 @@ class Observer:
         return {
             'version': __version__,
             'master': {'pid': os.getpid(), 'started': round(self.started, 3),
-                       'uptime': round(now - self.started_monotonic, 3)},
+                       'uptime': round(now - self.started_monotonic, 3),
+                       'state': _master_state(table), 'grace_left': None if grace is None
+                       else round(grace, 1)},
             'config': {'path': self.config_path,
                        'loaded': None if active is None else round(_wall(active.loaded_at), 3),
                        'generation': None if active is None else active.number},
@@ -257,6 +265,13 @@ class Observer:
             'listeners': _listeners(active, samples),
             'upstreams': _upstreams(active, samples, self.servers),
         }
+
+
+def _master_state(table) -> str:
+    """serving, grace (QUIT's shutdown_grace), draining (after QUIT) or stopping (TERM)."""
+    if table.stopping:
+        return 'draining' if table.stopping == 'quit' else 'stopping'
+    return 'serving' if table.grace_until is None else 'grace'
 
 
 def _wall(monotonic: float) -> float:

@@ -15,9 +15,20 @@ nginx's `ngx_reap_children` + `ngx_start_worker_processes`):
                       ('failed', g, why)  g never served; its workers already got TERM
                       ('finished', g)     g's last worker is gone: release its sockets
                       ('child', pid, st)  a child that is no worker (the USR2 master)
+                      ('grace_over',)     QUIT's shutdown_grace has run out: the arbiter
+                                          drains; reported on every pass until quit() or term()
 
-and, on its own decisions: add(g) a built generation, promote(g), supersede(g), quit(),
-term(). `manage` forks the missing workers of ACTIVE and STARTING generations; a fork
+and, on its own decisions: add(g) a built generation, promote(g), supersede(g), grace(s),
+quit(), term(). Stopping (`stopping`, and `grace_until` for the grace):
+
+    serving --QUIT, shutdown_grace > 0--> grace --grace_over, or a 2nd QUIT--> quit --> exit
+       +--QUIT, no grace (none set, or a binary upgrade) ------------------------^
+    serving, grace or quit --TERM, INT--> term --> exit
+
+During the grace nothing changes for the workers: they accept, read UDP and are
+respawned as ever; only the arbiter and the probes (status.py) know the master stops.
+
+`manage` forks the missing workers of ACTIVE and STARTING generations; a fork
 that fails (EAGAIN from a pids cgroup or RLIMIT_NPROC, ENOMEM, EMFILE for its sockets)
 fails a STARTING generation (the reload fails, nothing else changes) and puts an ACTIVE
 slot on the respawn back-off (0.5 s doubling to 30 s), logged once per slot and cause per
@@ -62,6 +73,7 @@ class WorkerTable:
         self.unforked: dict[int, int] = {}        # slot -> forks failed in a row
         self.fork_reports: dict[tuple[int, int], list] = {}   # (slot, errno) -> [next, quiet]
         self.stopping: str | None = None          # None | 'quit' | 'term'
+        self.grace_until: float | None = None     # QUIT's shutdown_grace: serving until then
         self.stop_deadline: float | None = None
         self._events: list[tuple] = []
 
@@ -157,15 +169,28 @@ class WorkerTable:
             self.resume_udp()
         self._drain(generation, quiet=True)
 
+    def grace(self, seconds: float) -> None:
+        """QUIT with shutdown_grace: every generation serves on for `seconds` (the workers
+        are told nothing), then `manage` reports ('grace_over',)."""
+        self.grace_until = time.monotonic() + seconds
+
+    def grace_left(self) -> float | None:
+        """The seconds of shutdown_grace left (0.0 once it ran out), None outside a grace."""
+        if self.grace_until is None:
+            return None
+        return max(0.0, self.grace_until - time.monotonic())
+
     def quit(self, handover=None) -> None:
         """Drain every generation; `handover` (a `handover_plan`, at the end of a binary
         upgrade): the active one's UDP sessions go to the new master's workers."""
         self.stopping = 'quit'
+        self.grace_until = None
         for generation in self.generations:
             self._drain(generation, handover=handover if generation.state == ACTIVE else None)
 
     def term(self) -> None:
         self.stopping = 'term'
+        self.grace_until = None
         self.stop_deadline = time.monotonic() + TERM_GRACE
         for generation in self.generations:
             generation.signal_all(signal.SIGTERM)
@@ -265,6 +290,8 @@ class WorkerTable:
                 self.generations.remove(generation)
                 self._events.append(('finished', generation))
         self._limit_draining(max_draining)
+        if self.grace_until is not None and now >= self.grace_until:
+            self._events.append(('grace_over',))
         if self.stopping == 'term' and self.stop_deadline and now >= self.stop_deadline:
             for worker in self.live_workers():
                 if not worker.killed:

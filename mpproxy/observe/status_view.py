@@ -54,6 +54,11 @@ def render(status: dict) -> str:
              f"{duration(master['uptime'])}, config {config['path']}"
              + (f" (generation {config['generation']}, loaded {_clock(config['loaded'])})"
                 if config['loaded'] else '')]
+    state = master.get('state', 'serving')          # absent from older masters' /status
+    if state == 'grace':
+        lines.append(f"stopping: shutdown_grace, draining in {master['grace_left']:g}s")
+    elif state != 'serving':
+        lines.append(f'stopping: {state}')
     generations = ', '.join(f"{g['number']} {g['state']} ({g['workers']} worker"
                             f"{'' if g['workers'] == 1 else 's'})" for g in status['generations'])
     lines.append(f'generations: {generations or "none"}')

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from helpers.backends import DnsServer
-from helpers.configs import dns_config, tcp_config, upgrade_config
+from helpers.configs import dns_config, tcp_config, upgrade_config, with_keys
 from helpers.net import echo_roundtrip, free_port
 from helpers.proc import ROOT, alive, read_pid, run_cli, wait_for
 
@@ -157,6 +157,21 @@ def test_fast_stop_sends_stopping(proxies, tcp_echo, notify_socket, sig):
     assert proxy.wait_exit(10) == 0
 
 
+def test_quit_with_shutdown_grace_says_stopping_at_once_then_draining(proxies, tcp_echo,
+                                                                    notify_socket):
+    port = free_port()
+    config = with_keys(tcp_config(port, tcp_echo.address, workers=1), shutdown_grace='1s')
+    proxy = proxies(config, env=notify_socket.env).start()
+    expect_ready(notify_socket, proxy.pid)
+    proxy.signal(signal.SIGQUIT)
+    assert notify_socket.next().lines == [
+        'STOPPING=1', 'STATUS=graceful shutdown (QUIT): not ready, accepting for 1s more '
+        '(shutdown_grace)']
+    assert notify_socket.next().lines == [
+        'STOPPING=1', 'STATUS=graceful shutdown (QUIT): draining']      # the grace is over
+    assert proxy.wait_exit(10) == 0
+
+
 def test_usr2_new_master_takes_mainpid_and_old_one_stays_silent(proxies, tmp_path, tcp_echo,
                                                                  notify_socket):
     port = free_port()
@@ -291,12 +306,15 @@ def test_unit_has_the_directives_mpproxy_needs():
     assert service['KillSignal'] == ['SIGQUIT'] and service['KillMode'] == ['mixed']
     assert service['Restart'] == ['on-failure']
     assert int(service['LimitNOFILE'][0]) >= 65536
-    # The stop deadline outlasts the master's own: shutdown_timeout, then close and kill slack.
+    # The stop deadline outlasts the master's own: shutdown_grace, shutdown_timeout, then
+    # close and kill slack.
     from mpproxy.config.loader import load
     from mpproxy.master.table import CLOSE_SLACK
     from mpproxy.master.table import KILL_GRACE
-    default = load(str(ROOT / 'etc' / 'mpproxy.yaml')).shutdown_timeout
-    assert int(service['TimeoutStopSec'][0].rstrip('s')) > default + CLOSE_SLACK + KILL_GRACE
+    sample = load(str(ROOT / 'etc' / 'mpproxy.yaml'))
+    stop = sample.shutdown_grace + sample.shutdown_timeout + CLOSE_SLACK + KILL_GRACE
+    assert int(service['TimeoutStopSec'][0].rstrip('s')) > stop
+    assert 'shutdown_grace + shutdown_timeout' in UNIT.read_text(), 'the note on TimeoutStopSec'
     caps = service['CapabilityBoundingSet'][0].split()
     for cap in ('CAP_NET_BIND_SERVICE', 'CAP_SETUID', 'CAP_SETGID', 'CAP_KILL', 'CAP_CHOWN'):
         assert cap in caps

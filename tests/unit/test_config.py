@@ -126,6 +126,7 @@ def test_defaults(tmp_path):
     assert config.path == str(tmp_path / 'mpproxy.yaml')
     assert config.workers == os.cpu_count()
     assert (config.shutdown_timeout, config.log_level, config.error_log) == (30.0, 'info', 'stderr')
+    assert config.shutdown_grace == 0.0
     tcp, udp = config.listeners
     assert (tcp.protocol, tcp.idle_timeout, tcp.name) == ('tcp', 600.0, '127.0.0.1:8000')
     assert (udp.protocol, udp.idle_timeout, udp.name) == ('udp', 30.0, '127.0.0.1:8000')
@@ -287,6 +288,10 @@ BROKEN = {
     'huge workers': ('workers: 100000\n' + MINIMAL, '1: workers: must be an integer <= 1024'),
     'huge duration': ('shutdown_timeout: 100000h\n' + MINIMAL,
                       '1: shutdown_timeout: must be at most 8760h'),
+    'bad grace': ('shutdown_grace: soon\n' + MINIMAL,
+                  '1: shutdown_grace: must be a duration like 500ms, 30s, 10m, 1h or a number of '
+                  "seconds, got 'soon'"),
+    'negative grace': ('shutdown_grace: -5\n' + MINIMAL, '1: shutdown_grace: must not be negative'),
     'duplicate listener': (MINIMAL + '  - listen: 127.0.0.1:8000\n    upstream: web\n',
                            '7: listeners[1].listen: duplicate listener '
                            '(same protocol and address as listeners[0])'),
@@ -457,6 +462,7 @@ ROUND_TRIP = [
     user: nobody
     group: 65534
     worker_rlimit_nofile: 65536
+    shutdown_grace: 10s
     shutdown_timeout: 0
     max_draining_generations: 2
     worker_timeout: 1.5s
@@ -511,6 +517,7 @@ def test_dump_fills_in_defaults_in_design_order(tmp_path):
     assert (listener['idle_timeout'], listener['connect_timeout'], listener['keepalive']) == (
         '10m', '5s', False)
     assert doc['shutdown_timeout'] == '30s' and doc['workers'] == os.cpu_count()
+    assert doc['shutdown_grace'] == '0s'
 
 
 # -- fuzzing: any input gives a Config or a ConfigError, never anything else ---

@@ -5,7 +5,7 @@ checked; every manifest is validated against the Kubernetes API schemas that the
 `kubernetes-validate` package ships (offline, strict: an unknown or misspelt field is an
 error) for the oldest and the newest version we claim; the mpproxy.yaml inside the
 ConfigMap and the image's default config are loaded with mpproxy's own loader, and the
-manifests are checked against them (ports, probes, grace period, mount).
+manifests are checked against them (ports, probes, the stop's timing, mount).
 
 Each property is a `check_*` function over a `Deploy` (the parsed files); the tests run it
 on the real files, and `test_each_check_fails_when_its_property_breaks` runs it again on a
@@ -40,8 +40,9 @@ KUSTOMIZATIONS = sorted(KUBERNETES.rglob('kustomization.yaml'))
 # The oldest Kubernetes we claim (mixed-protocol LoadBalancer Services are GA since 1.26) and
 # the newest whose schemas the package ships.
 VERSIONS = ('1.29', kubernetes_validate.latest_version())
-# A stopped master's workers close at shutdown_timeout; the master TERMs them CLOSE_SLACK
-# later and SIGKILLs them KILL_GRACE after that (README, "Drain deadline").
+# QUIT: the master serves on for shutdown_grace, then its workers drain and close at
+# shutdown_timeout; the master TERMs them CLOSE_SLACK later and SIGKILLs them KILL_GRACE after
+# that (README, "Drain deadline").
 EXIT_SLACK = table.CLOSE_SLACK + table.KILL_GRACE
 
 
@@ -200,13 +201,30 @@ def check_probes(d: Deploy):
             assert 'host' not in get, f'{kind}: {probe} goes to the pod IP'
 
 
-def check_grace_period(d: Deploy):
-    drain = load_config(d.config_text()).shutdown_timeout
+def check_readiness_grace(d: Deploy):
+    """The kubelet sends QUIT as the pod's endpoints are removed; shutdown_grace, not a
+    preStop sleep, keeps the listeners open while that spreads (/readyz fails at once), and
+    lasts until the readiness probe has seen the 503."""
+    grace = load_config(d.config_text()).shutdown_grace
+    assert grace > 0, 'shutdown_grace: the listeners must outlive the removal of the endpoints'
     for kind, pod in d.pods():
-        need = pre_stop_seconds(pod) + drain + EXIT_SLACK
+        assert pre_stop_seconds(pod) == 0, \
+            f'{kind}: no preStop sleep; it only delays QUIT (shutdown_grace does its work)'
+        probe = container(pod)['readinessProbe']
+        noticed = probe.get('periodSeconds', 10) * probe.get('failureThreshold', 3)
+        assert noticed <= grace, \
+            f'{kind}: the readiness probe needs {noticed}s to see a stop, longer than ' \
+            f'shutdown_grace ({grace:g}s)'
+
+
+def check_grace_period(d: Deploy):
+    config = load_config(d.config_text())
+    for kind, pod in d.pods():
+        need = pre_stop_seconds(pod) + config.shutdown_grace + config.shutdown_timeout \
+            + EXIT_SLACK
         assert pod['terminationGracePeriodSeconds'] > need, \
-            f'{kind}: terminationGracePeriodSeconds must exceed preStop + shutdown_timeout + ' \
-            f'{EXIT_SLACK}s = {need}s'
+            f'{kind}: terminationGracePeriodSeconds must exceed preStop + shutdown_grace + ' \
+            f'shutdown_timeout + {EXIT_SLACK}s = {need}s'
 
 
 def check_service_ports(d: Deploy):
@@ -346,8 +364,9 @@ def check_build_context(d: Deploy):
         assert _ignored(d.dockerignore, path), f'{path} need not be sent to the builder'
 
 
-CHECKS = [check_manifest_kinds, check_config_loads, check_probes, check_grace_period,
-          check_service_ports, check_container_ports, check_edge_pod, check_config_mount,
+CHECKS = [check_manifest_kinds, check_config_loads, check_probes, check_readiness_grace,
+          check_grace_period, check_service_ports, check_container_ports, check_edge_pod,
+          check_config_mount,
           check_security, check_resources, check_dockerfile_base, check_dockerfile_user,
           check_dockerfile_stop, check_dockerfile_command, check_image_config,
           check_build_context]
@@ -444,6 +463,15 @@ BREAKS = [
     ('grace 30s', check_grace_period,
      lambda d: _pod(d, 'DaemonSet').update(terminationGracePeriodSeconds=30)),
     ('drain 40s', check_grace_period, _edit('shutdown_timeout: 25s', 'shutdown_timeout: 40s')),
+    ('shutdown_grace 20s', check_grace_period,
+     _edit('shutdown_grace: 10s', 'shutdown_grace: 20s')),
+    ('no shutdown_grace', check_readiness_grace, _edit('shutdown_grace: 10s', '')),
+    ('preStop sleep', check_readiness_grace, lambda d: _main(d, 'Deployment').update(
+        lifecycle={'preStop': {'sleep': {'seconds': 10}}})),
+    ('preStop exec sleep', check_readiness_grace, lambda d: _main(d, 'DaemonSet').update(
+        lifecycle={'preStop': {'exec': {'command': ['sleep', '5']}}})),
+    ('slow readiness probe', check_readiness_grace,
+     lambda d: _main(d, 'DaemonSet')['readinessProbe'].update(periodSeconds=10)),
     ('no UDP', check_service_ports, lambda d: d.docs['Service']['spec']['ports'].pop()),
     ('listener moved', check_service_ports,
      _edit(UDP_LISTENER, UDP_LISTENER.replace('8443', '8444'))),
