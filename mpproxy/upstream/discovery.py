@@ -46,7 +46,7 @@ async def open_pool(upstream: Upstream, resolver_servers=(), log=None,
         if isinstance(answer, BaseException) and not isinstance(answer, ResolveError):
             raise answer
         if not isinstance(answer, ResolveError):
-            resolved.append(_stable(answer))
+            resolved.append(_stable(answer.addresses))
             failing.append(False)
         else:
             exc = answer
@@ -109,7 +109,7 @@ async def refresh_once(pool: UpstreamPool, resolver: Resolver, resolved: list, f
             continue
         host = server.address.host
         try:
-            addresses = await resolver.resolve(host, server.address.port)
+            addresses = (await resolver.resolve(host, server.address.port)).addresses
         except ResolveError as exc:
             if not failing[i] and log is not None:
                 log.warning('upstream %s: cannot resolve %s: %s; keeping its last addresses',
