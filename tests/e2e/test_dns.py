@@ -117,6 +117,39 @@ def test_without_resolver_the_systems_search_list_and_ndots_apply(proxies, tmp_p
             backend.close()
 
 
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_the_ttl_decides_when_a_name_is_asked_again_within_min_and_max(proxies, tmp_path, dns):
+    ttls = {'short.test': 0, 'capped.test': 3600, 'long.test': 3600, 'fixed.test': 3600}
+    resolve = {'short.test': {'min': '1s', 'max': '1h'},        # TTL 0: every min (1 s)
+               'capped.test': {'min': '100ms', 'max': '1s'},    # TTL 1 h: every max (1 s)
+               'long.test': {'min': '100ms', 'max': '1h'},      # TTL 1 h: not again in this test
+               'fixed.test': '500ms'}                            # every 500 ms, TTL aside
+    for name, ttl in ttls.items():
+        dns.records[name] = ['127.0.0.1']
+        dns.ttls[name] = ttl
+    upstreams = {name.split('.')[0]: {'resolve': resolve[name], 'servers': [f'{name}:9']}
+                 for name in ttls}
+    config = {'workers': 1, 'resolver': [f'127.0.0.1:{dns.port}'], 'upstreams': upstreams,
+              'listeners': [listener(free_port(), name) for name in upstreams]}
+    proxy = proxies(config)
+    dumped = run_cli('-T', '-c', str(proxy.config_path)).stdout
+    assert 'resolve: {min: 100ms, max: 1s}' in dumped and 'resolve: 500ms' in dumped
+    proxy.start(wait_workers=1)
+
+    def asked(name):
+        return [when for when, asked, qtype, _ in list(dns.asked)
+                if asked == name and qtype == 'A']
+
+    wait_for(lambda: len(asked('capped.test')) >= 4, 15, what='capped.test asked 4 times')
+    assert len(asked('long.test')) == 1                  # its TTL holds: asked at the start only
+    assert len(asked('short.test')) >= 2 and min(gaps(asked('short.test'))) >= 0.95
+    assert min(gaps(asked('capped.test'))) >= 0.95
+    assert len(asked('fixed.test')) >= 4 and min(gaps(asked('fixed.test'))) >= 0.45
+
+
 def test_new_connections_follow_dns_and_a_silent_dns_keeps_the_last_set(proxies, dns):
     backend_port = free_port(host='127.0.0.2')
     a = Tagged('127.0.0.1', backend_port, b'A')

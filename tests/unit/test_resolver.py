@@ -8,7 +8,7 @@ import pytest
 import uvloop
 
 from helpers.backends import DnsServer
-from mpproxy.config.schema import Address, Server, Upstream
+from mpproxy.config.schema import Address, Resolve, Server, Upstream
 from mpproxy.errors import WorkerBootError
 from mpproxy.upstream import discovery, hosts
 from mpproxy.upstream.pool import UpstreamPool
@@ -243,14 +243,15 @@ def test_candidates_survive_a_swap_between_picks():
 
 
 class FakeResolver:
-    def __init__(self, answers):
+    def __init__(self, answers, ttl=60):
         self.answers = answers    # host -> list or an exception
+        self.ttl = ttl            # the TTL of every answer (None: none)
 
     async def resolve(self, host, port):
         answer = self.answers.get(host, [host])
         if isinstance(answer, Exception):
             raise answer
-        return Answer([(socket.AF_INET, (ip, port)) for ip in answer], 60)
+        return Answer([(socket.AF_INET, (ip, port)) for ip in answer], self.ttl)
 
 
 class Log:
@@ -259,6 +260,9 @@ class Log:
 
     def _add(self, level, msg, *args):
         self.lines.append((level, msg % args))
+
+    def debug(self, msg, *args):
+        self._add('debug', msg, *args)
 
     def info(self, msg, *args):
         self._add('info', msg, *args)
@@ -277,10 +281,15 @@ def test_open_pool_without_resolve_fails_on_an_unresolvable_name():
         asyncio.run(discovery.open_pool(up, resolver=fake))
 
 
+def follower(up, fake, resolved, failing, ttls, log=None):
+    pool = UpstreamPool(up, resolved=[list(r) for r in resolved])
+    return pool, discovery.Follower(pool, fake, resolved, failing, ttls, log)
+
+
 def test_refresh_follows_changes_and_keeps_the_last_good_set():
     async def main():
         up = Upstream('web', (Server(Address('n.test', 80)), Server(Address('10.9.9.9', 80))),
-                      resolve=0.01)
+                      resolve=Resolve(0.01, 0.01))
         fake = FakeResolver({'n.test': ResolveError('timeout')})
         log = Log()
         started = await discovery.open_pool(up, resolver=fake, log=log)   # no crash, no server
@@ -289,18 +298,58 @@ def test_refresh_follows_changes_and_keeps_the_last_good_set():
         assert len(discovery._refreshers) == 1
         for task in list(discovery._refreshers):
             task.cancel()
-        resolved, failing = [[], v4('10.9.9.9')], [True, False]
-        pool = UpstreamPool(up, resolved=[list(r) for r in resolved])
+        pool, f = follower(up, fake, [[], v4('10.9.9.9')], [True, False], [0.0, None], log)
         fake.answers['n.test'] = ['10.0.0.2', '10.0.0.1']
-        assert await discovery.refresh_once(pool, fake, resolved, failing, log)
+        assert await f.refresh_once()
         assert ('info', 'upstream web: servers now 10.0.0.1:80, 10.0.0.2:80, 10.9.9.9:80') \
             in log.lines
         fake.answers['n.test'] = ['10.0.0.1', '10.0.0.2']      # rotated: no change
-        assert not await discovery.refresh_once(pool, fake, resolved, failing, log)
+        assert not await f.refresh_once()
         fake.answers['n.test'] = ResolveError('no answer')
-        assert not await discovery.refresh_once(pool, fake, resolved, failing, log)
+        assert not await f.refresh_once()
         assert len(pool.targets) == 3
         fake.answers['n.test'] = ['10.0.0.3']
-        await discovery.refresh(pool, fake, resolved, failing, log, rounds=1)
+        await f.run(rounds=1)
         assert [t.sockaddr[0] for t in pool.targets] == ['10.0.0.3', '10.9.9.9']
+    asyncio.run(main())
+
+
+# -- when names are looked up again: the TTL, within `resolve`'s [min, max] -------------------
+
+def test_next_delay_is_the_shortest_ttl_within_min_and_max():
+    bounds = Resolve(5.0, 300.0)
+    assert discovery.next_delay(bounds, [30]) == 30
+    assert discovery.next_delay(bounds, [1]) == 5              # at least min
+    assert discovery.next_delay(bounds, [86400]) == 300        # at most max
+    assert discovery.next_delay(bounds, [60, 10]) == 10        # the shortest of the names
+    assert discovery.next_delay(bounds, [60, 0.0]) == 5        # a failed lookup: again at min
+    assert discovery.next_delay(bounds, [None]) == 300         # no TTL (hosts file): max
+    assert discovery.next_delay(Resolve(30, 30), [1, None, 0.0]) == 30   # `resolve: 30s`
+
+
+def test_the_follower_sleeps_what_each_answer_allows():
+    """The clock is the test's: `sleep` records each delay and changes what DNS answers."""
+    async def main():
+        up = Upstream('web', (Server(Address('n.test', 80)), Server(Address('10.9.9.9', 80))),
+                      resolve=Resolve(5.0, 300.0))
+        fake = FakeResolver({'n.test': ['10.0.0.1']}, ttl=60)
+        pool, f = follower(up, fake, [v4('10.0.0.1'), v4('10.9.9.9')], [False, False],
+                           [60.0, None], Log())
+        steps = [(['10.0.0.2'], 1),                      # after 60 s: TTL 1 -> min 5 s
+                 (ResolveError('no answer'), 1),         # after 5 s: failure -> min 5 s
+                 (['10.0.0.3'], 86400),                  # after 5 s: TTL 1 day -> max 300 s
+                 (['10.0.0.3'], 120)]                    # after 300 s: 120 s
+        delays, servers = [], []
+
+        async def sleep(seconds):
+            delays.append(seconds)
+            servers.append(pool.targets[0].sockaddr[0])
+            fake.answers['n.test'], fake.ttl = steps[len(delays) - 1]
+
+        await f.run(rounds=4, sleep=sleep)
+        assert delays == [60, 5, 5, 300]
+        assert servers == ['10.0.0.1', '10.0.0.2', '10.0.0.2', '10.0.0.3']   # kept on failure
+        assert f.delay() == 120
+        assert [t.sockaddr[0] for t in pool.targets] == ['10.0.0.3', '10.9.9.9']
+        assert f.failing == [False, False]
     asyncio.run(main())
