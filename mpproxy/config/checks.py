@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from mpproxy.config import accounts
 from mpproxy.config.schema import (AccessLog, Admin, Config, HealthCheck, Keepalive, Listener,
-                                   ProxyProtocol, Server, UdpOptions, Upstream)
+                                   ProxyProtocol, Resolve, Server, UdpOptions, Upstream)
 from mpproxy.config.values import describe, format_duration, parse_address, parse_duration
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ SERVER_KEYS = ('address', 'weight', 'max_fails', 'fail_timeout', 'max_conns', 'b
                'slow_start')
 ADMIN_KEYS = ('listen', 'token_file')
 HEALTH_CHECK_KEYS = ('type', 'interval', 'timeout', 'rise', 'fall', 'send', 'expect')
+RESOLVE_KEYS = ('min', 'max')
+RESOLVE_BOUNDS = (5.0, 300.0)       # `resolve: {}`: the TTL, within [5s, 5m]
 LISTENER_KEYS = ('name', 'listen', 'protocol', 'upstream', 'backlog', 'reuseport', 'ipv6only',
                  'keepalive', 'connect_timeout', 'idle_timeout', 'half_close_timeout', 'half_close',
                  'next_upstream_tries', 'sni_routes', 'proxy_protocol', 'allow', 'deny',
@@ -213,7 +215,7 @@ def _upstreams(top: Section) -> dict[str, Upstream | None]:
 
 
 def _upstream(s: Section, name: str) -> Upstream:
-    resolve = s.get('resolve', optional(POSITIVE))
+    resolve = _resolve(s)
     if s.value('servers', []) == []:
         servers = ()
         if resolve is None:
@@ -229,6 +231,37 @@ def _upstream(s: Section, name: str) -> Upstream:
         health_check=_optional_section(s, 'health_check', HEALTH_CHECK_KEYS, _health_check),
         resolve=resolve,
         slow_start=s.get('slow_start', duration(zero_ok=True), 0.0))
+
+
+def _resolve(s: Section) -> Resolve | None:
+    """`resolve`: a duration (a fixed interval) or {min, max} (the answer's TTL, bounded)."""
+    value = s.value('resolve')
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        seconds = s.get('resolve', _resolve_interval)
+        return Resolve(seconds, seconds) if seconds else None
+    r = s.section('resolve', RESOLVE_KEYS)
+    if r is None:
+        return None
+    low = r.get('min', POSITIVE, RESOLVE_BOUNDS[0])
+    high = r.get('max', POSITIVE, RESOLVE_BOUNDS[1])
+    if high < low:
+        if 'max' in r:
+            r.report('max', f'must not be less than min ({format_duration(low)})')
+        else:
+            r.report('min', f'must not be more than max ({format_duration(high)}, the default)')
+    return Resolve(low, high)
+
+
+def _resolve_interval(value) -> float:
+    try:
+        return POSITIVE(value)
+    except ValueError as exc:
+        if not str(exc).startswith('must be a duration'):
+            raise
+        raise ValueError(f'must be a duration like 30s or a mapping like {{min: 5s, max: 5m}}, '
+                         f'got {describe(value)}') from None
 
 
 def _health_check(s: Section) -> HealthCheck:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import yaml
 
-from mpproxy.config.schema import Config, Keepalive, Listener, Server, Upstream
+from mpproxy.config.schema import Config, Keepalive, Listener, Resolve, Server, Upstream
 from mpproxy.config.values import format_duration
 
 
@@ -61,9 +61,16 @@ def _upstream(upstream: Upstream) -> dict:
             type=check.type, interval=format_duration(check.interval),
             timeout=format_duration(check.timeout), rise=check.rise, fall=check.fall,
             send=check.send, expect=check.expect),
-        'resolve': _optional_duration(upstream.resolve),
+        'resolve': _resolve(upstream.resolve),
         'slow_start': format_duration(upstream.slow_start),
     }
+
+
+def _resolve(resolve: Resolve | None) -> str | _Flow | None:
+    """A fixed interval as the duration it was written as; bounds as {min, max}."""
+    if resolve is None or resolve.min == resolve.max:
+        return _optional_duration(resolve and resolve.min)
+    return _Flow(min=format_duration(resolve.min), max=format_duration(resolve.max))
 
 
 def _server(server: Server) -> _Flow:

@@ -78,13 +78,21 @@ class Server:
 
 
 @dataclass(frozen=True)
+class Resolve:
+    """When a worker looks an upstream's names up again: once the answer's TTL has run out,
+    kept within [min, max] seconds. `resolve: 30s` is min = max = 30: a fixed interval."""
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     servers: tuple[Server, ...]
     balance: str = 'round_robin'       # round_robin | least_conn | hash | random_two
     hash_key: str = 'client_ip'        # client_ip | client_addr
     health_check: HealthCheck | None = None
-    resolve: float | None = None       # re-resolve DNS names this often
+    resolve: Resolve | None = None     # re-resolve DNS names; None: only at the start
     slow_start: float = 0.0            # its servers' slow_start unless they set their own
 
 

@@ -1,262 +1,208 @@
-"""A small async DNS client for upstream names (A and AAAA over UDP), run in workers only.
+"""Upstream names to socket addresses, with how long the answer holds: dnspython's asyncio
+stub resolver, run in workers only (and by `-t`, in its own process).
 
-With `resolver:` servers configured, queries go to them over UDP: each query is
-tried `TRIES` times, each try walks the servers in order with `TRY_TIMEOUT`
-seconds per server. Answers are parsed here (compression pointers, CNAME chains
-in the answer section); TTLs are ignored, the upstream's `resolve` interval
-decides when to ask again. A truncated answer is used as far as it goes (no TCP
-fallback). With no `resolver:` the system resolver is used through
-`loop.getaddrinfo`, bounded by `SYSTEM_TIMEOUT`.
+A and AAAA are asked at the same time. The library does what a small hand-written client
+does not: a truncated UDP answer (TC set) is asked again over TCP (a headless Service with
+60 pods does not fit in 512 bytes), queries carry EDNS0 with a 1232-byte payload (most
+such answers then fit in one datagram), the answer's TTL is known (the shortest along its
+CNAME chain), and the system's search list and ndots apply.
 
-Every failure (timeout, error rcode, malformed answer, no address) is a
-ResolveError; the parser never raises anything else.
+- `resolver:` servers configured: every query goes to them, the name as written (absolute:
+  no search list, no hosts file). Each try gives a server `TRY_TIMEOUT` seconds, the list
+  is walked `TRIES` times (dnspython backs off 0.1 s, 0.2 s... between rounds), and a
+  server that is unreachable, answers SERVFAIL or REFUSED, or sends garbage is skipped for
+  the rest of that query.
+- none: the system's configuration, as the C library uses it: the hosts file first
+  (`hosts.py`), then the nameservers, search list, ndots and timeout of /etc/resolv.conf
+  (or of the file $MPPROXY_RESOLV_CONF names), each query bounded by `SYSTEM_TIMEOUT`.
+  A nameserver may carry a port as `[address]:port` (the C library skips such a line; the
+  tests use it); no nameserver means 127.0.0.1, as in glibc. The file is read at the
+  first lookup of the Resolver, i.e. once per worker: a reload picks up a change.
+
+Every failure is a ResolveError whose message says why (`DNS error NXDOMAIN`,
+`no answer within 4.1s`, `DNS error SERVFAIL from 10.0.0.53:53`, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import os
 import socket
-import struct
+from typing import NamedTuple
 
-from mpproxy.config.schema import Address
+import dns.asyncbackend
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
 
-TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
-CLASS_IN = 1
+from mpproxy.upstream import hosts
+
 TRY_TIMEOUT = 2.0
 TRIES = 2
 SYSTEM_TIMEOUT = 5.0
-MAX_CNAME_CHAIN = 8
-RCODES = {1: 'FORMERR', 2: 'SERVFAIL', 3: 'NXDOMAIN', 4: 'NOTIMP', 5: 'REFUSED'}
+EDNS_PAYLOAD = 1232            # DNS Flag Day 2020: fits an IPv6 path without fragments
+RESOLV_CONF = '/etc/resolv.conf'
+RESOLV_CONF_ENV = 'MPPROXY_RESOLV_CONF'
 
 
 class ResolveError(Exception):
     """A name could not be resolved; the message says why."""
 
 
-# -- messages ---------------------------------------------------------------------------------
-
-def encode_name(name: str) -> bytes:
-    name = name.rstrip('.')
-    if not name:
-        return b'\0'
-    out = bytearray()
-    for label in name.split('.'):
-        try:
-            raw = label.encode('idna') if not label.isascii() else label.encode('ascii')
-        except UnicodeError:
-            raise ResolveError(f'{name!r} is not a valid DNS name') from None
-        if not 0 < len(raw) < 64:
-            raise ResolveError(f'{name!r} is not a valid DNS name')
-        out += bytes((len(raw),)) + raw
-    out += b'\0'
-    if len(out) > 255:
-        raise ResolveError(f'{name!r} is too long for DNS')
-    return bytes(out)
-
-
-def build_query(name: str, qtype: int, qid: int) -> bytes:
-    """A standard query (RD set) for `name` of `qtype`, with id `qid`."""
-    return struct.pack('!HHHHHH', qid, 0x0100, 1, 0, 0, 0) + encode_name(name) + \
-        struct.pack('!HH', qtype, CLASS_IN)
-
-
-def _read_name(data: bytes, offset: int) -> tuple[str, int]:
-    """The name at `offset` (following compression pointers) and the offset after it."""
-    labels: list[str] = []
-    end = None
-    jumps = 0
-    while True:
-        if offset >= len(data):
-            raise ResolveError('malformed DNS answer: name runs past the end')
-        length = data[offset]
-        if length & 0xC0 == 0xC0:
-            if offset + 1 >= len(data):
-                raise ResolveError('malformed DNS answer: truncated pointer')
-            if end is None:
-                end = offset + 2
-            jumps += 1
-            if jumps > 64:
-                raise ResolveError('malformed DNS answer: compression loop')
-            offset = ((length & 0x3F) << 8) | data[offset + 1]
-            continue
-        if length & 0xC0:
-            raise ResolveError('malformed DNS answer: bad label type')
-        offset += 1
-        if length == 0:
-            break
-        if offset + length > len(data):
-            raise ResolveError('malformed DNS answer: label runs past the end')
-        labels.append(data[offset:offset + length].decode('ascii', 'replace').lower())
-        offset += length
-        if sum(len(label) + 1 for label in labels) > 255:
-            raise ResolveError('malformed DNS answer: name too long')
-    return '.'.join(labels), (end if end is not None else offset)
-
-
-def parse_response(data: bytes, qid: int, name: str, qtype: int) -> list[str]:
-    """The addresses (text) of type `qtype` for `name` in a response, following CNAMEs.
-
-    An empty list means the name exists but has no record of that type (NODATA).
-    Raises ResolveError for anything else: wrong id, error rcode, malformed data.
-    """
-    try:
-        return _parse(data, qid, name, qtype)
-    except ResolveError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever slipped through is still malformed input
-        raise ResolveError(f'malformed DNS answer: {exc}') from None
-
-
-def _parse(data: bytes, qid: int, name: str, qtype: int) -> list[str]:
-    if len(data) < 12:
-        raise ResolveError('malformed DNS answer: shorter than a header')
-    rid, flags, qdcount, ancount, _, _ = struct.unpack_from('!HHHHHH', data)
-    if rid != qid:
-        raise ResolveError('DNS answer with a wrong id')
-    if not flags & 0x8000:
-        raise ResolveError('DNS message is not a response')
-    rcode = flags & 0x000F
-    if rcode:
-        raise ResolveError(f'DNS error {RCODES.get(rcode, rcode)}')
-    offset = 12
-    for _ in range(qdcount):
-        _, offset = _read_name(data, offset)
-        offset += 4
-    records = []
-    for _ in range(ancount):
-        owner, offset = _read_name(data, offset)
-        if offset + 10 > len(data):
-            if flags & 0x0200:
-                break             # truncated: use what arrived
-            raise ResolveError('malformed DNS answer: record header runs past the end')
-        rtype, rclass, _ttl, rdlength = struct.unpack_from('!HHIH', data, offset)
-        offset += 10
-        if offset + rdlength > len(data):
-            if flags & 0x0200:
-                break
-            raise ResolveError('malformed DNS answer: record data runs past the end')
-        rdata_at = offset
-        offset += rdlength
-        if rclass != CLASS_IN:
-            continue
-        if rtype == TYPE_CNAME:
-            target, _ = _read_name(data, rdata_at)
-            records.append((owner, rtype, target))
-        elif rtype == TYPE_A and rdlength == 4:
-            records.append((owner, rtype, str(ipaddress.IPv4Address(data[rdata_at:offset]))))
-        elif rtype == TYPE_AAAA and rdlength == 16:
-            records.append((owner, rtype, str(ipaddress.IPv6Address(data[rdata_at:offset]))))
-        elif rtype in (TYPE_A, TYPE_AAAA):
-            raise ResolveError('malformed DNS answer: bad address length')
-    current = name.rstrip('.').lower()
-    for _ in range(MAX_CNAME_CHAIN):
-        alias = next((r[2] for r in records if r[0] == current and r[1] == TYPE_CNAME), None)
-        if alias is None:
-            break
-        current = alias
-    return [value for owner, rtype, value in records if owner == current and rtype == qtype]
-
-
-# -- transport --------------------------------------------------------------------------------
-
-class _Reply(asyncio.DatagramProtocol):
-    def __init__(self, qid: int, name: str, qtype: int):
-        self.qid, self.name, self.qtype = qid, name, qtype
-        self.done = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data, addr):
-        if self.done.done() or len(data) < 2 or struct.unpack_from('!H', data)[0] != self.qid:
-            return                # a stray or late datagram: keep waiting
-        try:
-            self.done.set_result(parse_response(data, self.qid, self.name, self.qtype))
-        except ResolveError as exc:
-            self.done.set_exception(exc)
-
-    def error_received(self, exc):
-        if not self.done.done():
-            self.done.set_exception(ResolveError(f'DNS server unreachable: {exc}'))
-
-
-async def _ask(server: Address, name: str, qtype: int, timeout: float) -> list[str]:
-    loop = asyncio.get_running_loop()
-    qid = int.from_bytes(os.urandom(2), 'big')
-    family = socket.AF_INET6 if server.is_ipv6 else socket.AF_INET
-    transport, proto = await loop.create_datagram_endpoint(
-        lambda: _Reply(qid, name, qtype), remote_addr=(server.host, server.port), family=family)
-    try:
-        transport.sendto(build_query(name, qtype, qid))
-        return await asyncio.wait_for(proto.done, timeout)
-    except asyncio.TimeoutError:
-        raise ResolveError(f'no answer from {server} within {timeout:g}s') from None
-    finally:
-        transport.close()
-
-
-async def query(servers, name: str, qtype: int, timeout: float = TRY_TIMEOUT,
-                tries: int = TRIES) -> list[str]:
-    """Addresses of `qtype` for `name`: each try walks `servers` until one answers."""
-    error: ResolveError | None = None
-    for _ in range(tries):
-        for server in servers:
-            try:
-                return await _ask(server, name, qtype, timeout)
-            except ResolveError as exc:
-                if str(exc).startswith('DNS error NXDOMAIN'):
-                    raise
-                error = exc
-            except OSError as exc:
-                error = ResolveError(f'cannot query {server}: {exc}')
-    raise error or ResolveError('no resolver configured')
+class Answer(NamedTuple):
+    """What a name resolved to: [(family, sockaddr), ...] and for how long, in seconds
+    (None: no TTL, for an IP literal or a hosts-file entry)."""
+    addresses: list
+    ttl: float | None
 
 
 class Resolver:
-    """Resolves a host to socket addresses for connecting to `port`."""
+    """Resolves a host to socket addresses for connecting to `port`, with the answer's TTL."""
 
     def __init__(self, servers=(), timeout: float = TRY_TIMEOUT, tries: int = TRIES,
-                 system_timeout: float = SYSTEM_TIMEOUT):
+                 system_timeout: float = SYSTEM_TIMEOUT, resolv_conf: str | None = None,
+                 hosts_file: str = hosts.HOSTS):
         self.servers = tuple(servers)
-        self.timeout, self.tries, self.system_timeout = timeout, tries, system_timeout
+        self.timeout, self.tries = timeout, tries
+        self.lifetime = lifetime(timeout, tries, len(self.servers)) if self.servers \
+            else system_timeout
+        self.resolv_conf = resolv_conf or os.environ.get(RESOLV_CONF_ENV) or RESOLV_CONF
+        self.hosts_file = hosts_file
+        self._stub: dns.asyncresolver.Resolver | None = None     # made at the first lookup
 
-    async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
-        """[(family, sockaddr), ...] in a stable order; ResolveError when there is none."""
+    def stub(self) -> dns.asyncresolver.Resolver:
+        """The dnspython resolver this one asks through (configured at the first call)."""
+        if self._stub is None:
+            if self.servers:
+                stub = dns.asyncresolver.Resolver(configure=False)
+                stub.nameservers = [dns.nameserver.Do53Nameserver(s.host, s.port)
+                                    for s in self.servers]
+                stub.timeout = self.timeout
+            else:
+                stub = system_stub(self.resolv_conf)
+            stub.use_edns(0, 0, EDNS_PAYLOAD)
+            self._stub = stub
+        return self._stub
+
+    async def resolve(self, host: str, port: int) -> Answer:
+        """The addresses of `host` in a stable order, and their TTL; ResolveError when none."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
-            return [_sockaddr(str(ip), port)]
-        if self.servers:
-            results = await asyncio.gather(
-                query(self.servers, host, TYPE_A, self.timeout, self.tries),
-                query(self.servers, host, TYPE_AAAA, self.timeout, self.tries),
-                return_exceptions=True)
-            addresses = []
-            for result in results:
-                if isinstance(result, BaseException):
-                    if not isinstance(result, ResolveError):
-                        raise result
-                else:
-                    addresses.extend(result)
-            if not addresses:
-                errors = [r for r in results if isinstance(r, BaseException)]
-                raise errors[0] if errors else ResolveError('no A or AAAA record')
-            return _unique(_sockaddr(a, port) for a in addresses)
-        loop = asyncio.get_running_loop()
+            return Answer([_sockaddr(str(ip), port)], None)
+        if not self.servers:
+            pinned = hosts.lookup(host, self.hosts_file)
+            if pinned:
+                return Answer([_sockaddr(address, port) for address in pinned], None)
+        results = await asyncio.gather(self._ask(host, dns.rdatatype.A),
+                                       self._ask(host, dns.rdatatype.AAAA),
+                                       return_exceptions=True)
+        addresses, ttls, errors = [], [], []
+        for result in results:
+            if isinstance(result, ResolveError):
+                errors.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result[0]:
+                addresses.extend(result[0])
+                ttls.append(result[1])
+        if not addresses:
+            raise errors[0] if errors else ResolveError('no A or AAAA record')
+        return Answer(_unique(_sockaddr(a, port) for a in addresses), min(ttls))
+
+    async def _ask(self, host: str, rdtype) -> tuple[list[str], float]:
+        """The addresses of one type and their TTL; ([], 0) when the name has none."""
+        stub = self.stub()
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), self.system_timeout)
-        except asyncio.TimeoutError:
-            raise ResolveError(f'no answer within {self.system_timeout:g}s') from None
-        except (OSError, UnicodeError) as exc:
-            raise ResolveError(str(exc)) from None
-        out = _unique((family, sockaddr[:2] if family == socket.AF_INET else tuple(sockaddr))
-                      for family, _, _, _, sockaddr in infos
-                      if family in (socket.AF_INET, socket.AF_INET6))
-        if not out:
-            raise ResolveError('no address')
-        return out
+            answer = await stub.resolve(host, rdtype, raise_on_no_answer=False,
+                                        search=not self.servers, lifetime=self.lifetime,
+                                        backend=dns.asyncbackend.get_backend('asyncio'))
+        except dns.resolver.NXDOMAIN as exc:
+            names = exc.kwargs.get('qnames') or ()
+            asked = f" (asked {', '.join(map(str, names))})" if len(names) > 1 else ''
+            raise ResolveError(f'DNS error NXDOMAIN{asked}') from None
+        except dns.resolver.LifetimeTimeout:
+            raise ResolveError(f'no answer within {self.lifetime:g}s') from None
+        except dns.resolver.NoNameservers as exc:
+            raise ResolveError(_failures(exc.kwargs.get('errors') or ())) from None
+        except (dns.exception.DNSException, ValueError) as exc:
+            raise ResolveError(str(exc) or type(exc).__name__) from None
+        if answer.rrset is None:
+            return [], 0.0
+        return [record.address for record in answer.rrset], \
+            float(answer.chaining_result.minimum_ttl)
+
+
+def lifetime(timeout: float, tries: int, servers: int) -> float:
+    """The bound of one query that gives each of `servers` `timeout` seconds on each of
+    `tries` walks of the list, with dnspython's back-off (0.1 s, doubling, at most 2 s)
+    between two walks, and a little slack so scheduling jitter costs no try."""
+    backoff = sum(min(0.1 * 2 ** k, 2.0) for k in range(tries - 1))
+    return round(timeout * tries * servers + backoff + 0.05, 3)
+
+
+def system_stub(path: str) -> dns.asyncresolver.Resolver:
+    """A dnspython resolver configured from the resolv.conf at `path`, as glibc would be,
+    plus `[address]:port` nameservers."""
+    stub = dns.asyncresolver.Resolver(configure=False)
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    servers, rest = [], []
+    for line in lines:
+        tokens = line.split()
+        if len(tokens) >= 2 and tokens[0] == 'nameserver':
+            server = _nameserver(tokens[1])
+            if server is not None:
+                servers.append(server)
+        else:
+            rest.append(line)
+    rest.append('nameserver 127.0.0.1')      # dnspython insists on one; replaced below
+    try:
+        stub.read_resolv_conf(io.StringIO('\n'.join(rest) + '\n'))   # search, ndots, timeout
+    except (dns.exception.DNSException, ValueError):
+        pass                                 # a bad search domain: as if none, like glibc
+    stub.nameservers = servers or [dns.nameserver.Do53Nameserver('127.0.0.1', 53)]
+    return stub
+
+
+def _nameserver(text: str) -> dns.nameserver.Do53Nameserver | None:
+    host, port = text, 53
+    if text.startswith('[') and ']:' in text:
+        host, _, port_text = text[1:].partition(']:')
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return None
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return dns.nameserver.Do53Nameserver(host, port)
+
+
+def _failures(errors) -> str:
+    """One line for dnspython's (server, tcp, port, error, response) tuples."""
+    parts = []
+    for server, tcp, port, error, _ in errors:
+        if server.startswith('Do53:'):           # dnspython's `Do53:address@port`
+            server = server[5:].rpartition('@')[0]
+        where = f'[{server}]:{port}' if ':' in server else f'{server}:{port}'
+        where += ' over TCP' if tcp else ''
+        if isinstance(error, str):
+            parts.append(f'DNS error {error} from {where}')
+        elif isinstance(error, OSError):
+            parts.append(f'cannot query {where}: {error.strerror or error}')
+        else:
+            parts.append(f'bad answer from {where}: {error or type(error).__name__}')
+    return '; '.join(parts) or 'no DNS server could be asked'
 
 
 def _sockaddr(ip: str, port: int) -> tuple[int, tuple]:

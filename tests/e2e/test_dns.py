@@ -1,4 +1,5 @@
-"""Upstream names served by the test's own DNS server (a tiny UDP responder in a thread)."""
+"""Upstream names served by the test's own DNS server (helpers.backends.DnsServer: UDP and
+TCP in threads; it truncates UDP answers past 512 bytes)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import time
 
 import pytest
 
-from helpers.backends import DnsServer
-from helpers.configs import dns_config, render
-from helpers.net import first_bytes, free_port
+from helpers.backends import DnsServer, TcpBackend
+from helpers.configs import dns_config, listener, render
+from helpers.net import exchange, first_bytes, free_port
 from helpers.proc import run_cli, wait_for
+
+PODS = [f'127.0.0.{i}' for i in range(1, 61)]
 
 
 class Tagged:
@@ -51,6 +54,100 @@ def dns():
     server = DnsServer({})
     yield server
     server.close()
+
+
+@pytest.fixture
+def pods():
+    """60 TCP backends on 127.0.0.1 ... 127.0.0.60, one port (returned), each of which
+    answers a connection with its own address and closes it."""
+    def handler(conn):
+        conn.sendall(conn.getsockname()[0].encode())
+
+    backends: list[TcpBackend] = []
+    try:
+        for _ in range(20):
+            port = free_port(host='127.0.0.2')
+            try:
+                for ip in PODS:
+                    backends.append(TcpBackend(handler, ip, port))
+                break
+            except OSError:                      # the port is taken on one of the addresses
+                while backends:
+                    backends.pop().close()
+        assert len(backends) == len(PODS), 'no port free on all 60 addresses'
+        yield port
+    finally:
+        for backend in backends:
+            backend.close()
+
+
+def test_a_headless_service_of_60_pods_comes_over_tcp_and_all_become_servers(proxies, dns, pods):
+    dns.records['pods.test'] = PODS              # 60 A records: ~1 KB, past UDP's 512 bytes
+    port = free_port()
+    proxy = proxies(dns_config(port, dns.port, f'pods.test:{pods}', resolve=None))
+    proxy.start(wait_workers=1)
+    assert dns.names_asked('A', 'udp') == ['pods.test']        # answered with TC set
+    assert dns.names_asked('A', 'tcp') == ['pods.test']        # asked again over TCP
+    reached = [exchange(port, b'').decode() for _ in range(len(PODS))]
+    assert sorted(reached) == sorted(PODS)       # round robin: each of the 60 once
+
+
+def test_without_resolver_the_systems_search_list_and_ndots_apply(proxies, tmp_path, dns):
+    backend_port = free_port(host='127.0.0.2')
+    backends = [Tagged(f'127.0.0.{i}', backend_port, tag) for i, tag in ((1, b'A'), (2, b'B'),
+                                                                         (3, b'C'))]
+    try:
+        dns.records.update({'web.svc.test': ['127.0.0.1'], 'api.prod.cluster.test': ['127.0.0.2'],
+                            'api.prod': ['127.0.0.3']})
+        conf = tmp_path / 'resolv.conf'
+        conf.write_text(f'nameserver [127.0.0.1]:{dns.port}\nsearch svc.test cluster.test\n'
+                        'options ndots:2\n')
+        web, api = free_port(), free_port()
+        config = {'workers': 1,
+                  'upstreams': {'web': {'servers': [f'web:{backend_port}']},
+                                'api': {'servers': [f'api.prod:{backend_port}']}},
+                  'listeners': [listener(web, 'web'), listener(api, 'api')]}
+        proxy = proxies(config, env={'MPPROXY_RESOLV_CONF': str(conf)})
+        proxy.start(wait_workers=1)
+        assert first_bytes(web, 1) == b'A'      # web -> web.svc.test
+        assert first_bytes(api, 1) == b'B'      # 1 dot < ndots 2: the search list before api.prod
+        assert 'api.prod' not in dns.names_asked('A')
+    finally:
+        for backend in backends:
+            backend.close()
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_the_ttl_decides_when_a_name_is_asked_again_within_min_and_max(proxies, tmp_path, dns):
+    ttls = {'short.test': 0, 'capped.test': 3600, 'long.test': 3600, 'fixed.test': 3600}
+    resolve = {'short.test': {'min': '1s', 'max': '1h'},        # TTL 0: every min (1 s)
+               'capped.test': {'min': '100ms', 'max': '1s'},    # TTL 1 h: every max (1 s)
+               'long.test': {'min': '100ms', 'max': '1h'},      # TTL 1 h: not again in this test
+               'fixed.test': '500ms'}                            # every 500 ms, TTL aside
+    for name, ttl in ttls.items():
+        dns.records[name] = ['127.0.0.1']
+        dns.ttls[name] = ttl
+    upstreams = {name.split('.')[0]: {'resolve': resolve[name], 'servers': [f'{name}:9']}
+                 for name in ttls}
+    config = {'workers': 1, 'resolver': [f'127.0.0.1:{dns.port}'], 'upstreams': upstreams,
+              'listeners': [listener(free_port(), name) for name in upstreams]}
+    proxy = proxies(config)
+    dumped = run_cli('-T', '-c', str(proxy.config_path)).stdout
+    assert 'resolve: {min: 100ms, max: 1s}' in dumped and 'resolve: 500ms' in dumped
+    proxy.start(wait_workers=1)
+
+    def asked(name):
+        return [when for when, asked, qtype, _ in list(dns.asked)
+                if asked == name and qtype == 'A']
+
+    wait_for(lambda: len(asked('capped.test')) >= 4, 15, what='capped.test asked 4 times')
+    assert len(asked('long.test')) == 1                  # its TTL holds: asked at the start only
+    assert len(asked('short.test')) >= 2 and min(gaps(asked('short.test'))) >= 0.95
+    assert min(gaps(asked('capped.test'))) >= 0.95
+    assert len(asked('fixed.test')) >= 4 and min(gaps(asked('fixed.test'))) >= 0.45
 
 
 def test_new_connections_follow_dns_and_a_silent_dns_keeps_the_last_set(proxies, dns):

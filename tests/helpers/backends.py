@@ -1,13 +1,14 @@
 """Real servers on loopback, each in its own thread(s): a TCP server with a per-connection
 handler (`TcpBackend`, `echo_handler`, `tagged_backend`, `HeaderEcho`), a UDP server
-(`UdpServer`, `UdpEcho`) and a DNS responder (`DnsServer`). The test closes what it starts
-(the fixtures of conftest.py do it for theirs)."""
+(`UdpServer`, `UdpEcho`) and a DNS server over UDP and TCP (`DnsServer`). The test closes
+what it starts (the fixtures of conftest.py do it for theirs)."""
 
 from __future__ import annotations
 
 import socket
 import struct
 import threading
+import time
 
 from mpproxy.proxy.edge import proxy_header
 
@@ -176,18 +177,61 @@ class UdpEcho(UdpServer):
 
 
 class DnsServer(UdpServer):
-    """Answers A queries from `records` (name -> [ipv4, ...]); AAAA gets no data; unknown
-    names get NXDOMAIN. `silent = True` makes it stop answering."""
+    """A DNS server on 127.0.0.1 answering over UDP and TCP on one port.
 
-    def __init__(self, records: dict[str, list[str]]):
+    `records`: name -> [address, ...]; IPv4 addresses answer A queries, IPv6 ones AAAA. A
+    name it does not know gets NXDOMAIN; a known name without the asked type, no data.
+    Records carry the TTL `ttls.get(name, ttl)`; `rcodes` (name -> rcode, e.g. 2 SERVFAIL)
+    makes it fail a name instead. Over UDP an answer longer than 512 bytes
+    (no EDNS here, whatever the query offers) is cut to the records that fit and has TC
+    set; over TCP it is whole. `silent = True` makes it stop answering. `asked` lists every
+    query as (time.monotonic(), name, 'A' | 'AAAA' | type number, 'udp' | 'tcp').
+    """
+
+    UDP_LIMIT = 512
+    TYPES = {1: 'A', 28: 'AAAA'}
+
+    def __init__(self, records: dict[str, list[str]], ttl: int = 1):
         self.records = records
+        self.ttl = ttl
+        self.ttls: dict[str, int] = {}
+        self.rcodes: dict[str, int] = {}
         self.silent = False
         self.queries = 0
-        super().__init__()
+        self.asked: list[tuple[float, str, object, str]] = []
+        for _ in range(20):                      # a port that is free for both UDP and TCP
+            super().__init__()
+            try:
+                self.tcp = TcpBackend(self._serve_stream, self.host, self.port)
+                return
+            except OSError:
+                super().close()
+        raise OSError('DnsServer: found no port free for both UDP and TCP')
+
+    def names_asked(self, qtype='A', transport=None) -> list[str]:
+        """The names of the queries of `qtype` (over `transport`, or either), in order."""
+        return [name for _, name, kind, how in list(self.asked)
+                if kind == qtype and transport in (None, how)]
 
     def answer(self, data: bytes, addr) -> bytes | None:
+        return self._reply(data, 'udp')
+
+    def _serve_stream(self, conn: socket.socket):
+        """Length-prefixed queries on one TCP connection until the client closes it."""
+        conn.settimeout(5)
+        while True:
+            head = _recv_exactly(conn, 2)
+            if len(head) < 2:
+                return
+            data = _recv_exactly(conn, struct.unpack('!H', head)[0])
+            reply = self._reply(data, 'tcp')
+            if reply is None:
+                return
+            conn.sendall(struct.pack('!H', len(reply)) + reply)
+
+    def _reply(self, data: bytes, transport: str) -> bytes | None:
         self.queries += 1
-        if self.silent or len(data) < 17:
+        if len(data) < 17:
             return None
         labels, i = [], 12
         while data[i]:
@@ -195,10 +239,40 @@ class DnsServer(UdpServer):
             i += 1 + data[i]
         qtype, = struct.unpack_from('!H', data, i + 1)
         question = data[12:i + 5]
-        ips = self.records.get('.'.join(labels))
-        rcode = 3 if ips is None else 0
-        answers = [socket.inet_aton(ip) for ip in ips or ()] if qtype == 1 else []
-        out = data[:2] + struct.pack('!HHHHH', 0x8180 | rcode, 1, len(answers), 0, 0) + question
-        for rdata in answers:
-            out += b'\xc0\x0c' + struct.pack('!HHIH', 1, 1, 1, 4) + rdata
-        return out
+        name = '.'.join(labels)
+        self.asked.append((time.monotonic(), name, self.TYPES.get(qtype, qtype), transport))
+        if self.silent:
+            return None
+        ips = self.records.get(name)
+        family = {1: socket.AF_INET, 28: socket.AF_INET6}.get(qtype)
+        rdatas = [socket.inet_pton(family, ip) for ip in ips or ()
+                  if family and (':' in ip) == (family == socket.AF_INET6)]
+        rcode = self.rcodes.get(name, 3 if ips is None else 0)
+        flags, body, count = 0x8180 | rcode, b'', 0
+        if rcode:
+            rdatas = []
+        ttl = self.ttls.get(name, self.ttl)
+        for rdata in rdatas:
+            record = b'\xc0\x0c' + struct.pack('!HHIH', qtype, 1, ttl, len(rdata)) + rdata
+            if transport == 'udp' and 12 + len(question) + len(body) + len(record) > self.UDP_LIMIT:
+                flags |= 0x0200                   # TC: the client should ask over TCP
+                break
+            body += record
+            count += 1
+        return data[:2] + struct.pack('!HHHHH', flags, 1, count, 0, 0) + question + body
+
+    def close(self):
+        super().close()
+        tcp = getattr(self, 'tcp', None)
+        if tcp is not None:
+            tcp.close()
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b''
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

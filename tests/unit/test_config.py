@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mpproxy.config import ConfigError, accounts, dump, load
 from mpproxy.config.checks import LISTENER_KEYS, SERVER_KEYS, TOP_KEYS, UPSTREAM_KEYS
-from mpproxy.config.schema import Address, Keepalive, Server
+from mpproxy.config.schema import Address, Keepalive, Resolve, Server
 from mpproxy.config.values import format_duration, parse_address, parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +195,33 @@ def test_not_supported_keys_at_their_default_load(tmp_path):
     assert config.upstreams['web'].servers[0].fail_timeout == 10.0
 
 
+def test_resolve_forms(tmp_path):
+    def resolve(value):
+        text = MINIMAL.replace('    servers:', f'    resolve: {value}\n    servers:')
+        return load_text(tmp_path, text).upstreams['web'].resolve
+    assert load_text(tmp_path, MINIMAL).upstreams['web'].resolve is None   # only at the start
+    assert resolve('null') is None
+    assert resolve('30s') == Resolve(30.0, 30.0)                 # a fixed interval
+    assert resolve('{min: 5s, max: 5m}') == Resolve(5.0, 300.0)  # the TTL, within bounds
+    assert resolve('{max: 1m}') == Resolve(5.0, 60.0)
+    assert resolve('{min: 1s}') == Resolve(1.0, 300.0)
+    assert resolve('{}') == Resolve(5.0, 300.0)
+    assert resolve('{min: 10s, max: 10s}') == Resolve(10.0, 10.0)
+
+
+def test_dump_writes_resolve_as_it_was_meant(tmp_path):
+    text = MINIMAL.replace('  web:\n', '  fixed:\n    resolve: 30s\n    servers: [a.test:80]\n'
+                                        '  ttl:\n    resolve: {min: 500ms, max: 1h}\n'
+                                        '    servers: [b.test:80]\n  web:\n')
+    config = load_text(tmp_path, text)
+    doc = yaml.safe_load(dump(config))
+    assert doc['upstreams']['fixed']['resolve'] == '30s'
+    assert doc['upstreams']['ttl']['resolve'] == {'min': '500ms', 'max': '1h'}
+    assert doc['upstreams']['web']['resolve'] is None
+    assert 'resolve: {min: 500ms, max: 1h}' in dump(config)
+    assert_round_trip(tmp_path, config)
+
+
 def test_admin_listen(tmp_path):
     assert load_text(tmp_path, MINIMAL).admin is None                 # off by default
     config = load_text(tmp_path, 'admin: {listen: "[::1]:9901"}\n' + MINIMAL)
@@ -301,6 +328,23 @@ BROKEN = {
                          '1: resolver[0]: must be an IP address and port, like 1.1.1.1:53'),
     'resolve zero': (MINIMAL.replace('    servers:', '    resolve: 0s\n    servers:'),
                      '3: upstreams.web.resolve: must be greater than 0'),
+    'resolve not a duration': (
+        MINIMAL.replace('    servers:', '    resolve: often\n    servers:'),
+        "3: upstreams.web.resolve: must be a duration like 30s or a mapping like "
+        "{min: 5s, max: 5m}, got 'often'"),
+    'resolve max below min': (
+        MINIMAL.replace('    servers:',
+                        '    resolve:\n      min: 10m\n      max: 1m\n    servers:'),
+        '5: upstreams.web.resolve.max: must not be less than min (10m)'),
+    'resolve min above the default max': (
+        MINIMAL.replace('    servers:', '    resolve: {min: 10m}\n    servers:'),
+        '3: upstreams.web.resolve.min: must not be more than max (5m, the default)'),
+    'resolve min zero': (
+        MINIMAL.replace('    servers:', '    resolve:\n      min: 0\n    servers:'),
+        '4: upstreams.web.resolve.min: must be greater than 0'),
+    'resolve unknown key': (
+        MINIMAL.replace('    servers:', '    resolve: {minimum: 5s}\n    servers:'),
+        "3: upstreams.web.resolve.minimum: unknown key (did you mean 'min'?)"),
     'unknown user': ('user: no-such-user-mpproxy\n' + MINIMAL,
                      "1: user: no such user 'no-such-user-mpproxy'"),
     'unknown group': ('user: nobody\ngroup: no-such-group-mpproxy\n' + MINIMAL,

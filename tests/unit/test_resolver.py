@@ -1,170 +1,195 @@
-"""The DNS client (messages, transport) and DNS-driven pool updates."""
+"""The resolver (dnspython against the test's own DNS server on loopback: UDP, TCP on TC,
+the system's resolv.conf and hosts file) and DNS-driven pool updates."""
 
 import asyncio
 import socket
-import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+import uvloop
 
-from mpproxy.config.schema import Address, Server, Upstream
+from helpers.backends import DnsServer
+from mpproxy.config.schema import Address, Resolve, Server, Upstream
 from mpproxy.errors import WorkerBootError
-from mpproxy.upstream import discovery
+from mpproxy.upstream import discovery, hosts
 from mpproxy.upstream.pool import UpstreamPool
-from mpproxy.upstream.resolver import (TYPE_A, TYPE_AAAA, TYPE_CNAME, ResolveError, Resolver,
-                                       build_query, encode_name, parse_response)
+from mpproxy.upstream.resolver import Answer, ResolveError, Resolver, lifetime
+
+PODS = [f'127.0.0.{i}' for i in range(1, 61)]
 
 
-def response(qid, name, qtype, answers, rcode=0, flags=0x8180, compress=True):
-    """A response to `name`; answers: (owner or None for the question name, type, rdata)."""
-    question = encode_name(name) + struct.pack('!HH', qtype, 1)
-    out = struct.pack('!HHHHHH', qid, flags | rcode, 1, len(answers), 0, 0) + question
-    for owner, rtype, rdata in answers:
-        out += (b'\xc0\x0c' if owner is None and compress else encode_name(owner or name))
-        out += struct.pack('!HHIH', rtype, 1, 300, len(rdata)) + rdata
-    return out
+def run(coro):
+    """`coro` on a uvloop loop, the loop the workers run."""
+    return uvloop.run(coro)
 
 
-def test_query_layout():
-    q = build_query('backend.test.', TYPE_AAAA, 0x1234)
-    assert q[:12] == struct.pack('!HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0)
-    assert q[12:] == b'\x07backend\x04test\x00' + struct.pack('!HH', 28, 1)
+@pytest.fixture
+def dns():
+    servers = []
+
+    def make(records=None, **keys):
+        server = DnsServer(records if records is not None else {}, **keys)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
 
 
-@pytest.mark.parametrize('name', ['a..b', 'x' * 64 + '.test', ('a' * 60 + '.') * 5])
-def test_bad_names_are_resolve_errors(name):
-    with pytest.raises(ResolveError):
-        build_query(name, TYPE_A, 1)
+def at(server: DnsServer) -> Address:
+    return Address(server.host, server.port)
 
 
-def test_parse_a_records_with_compression():
-    data = response(7, 'web.test', TYPE_A, [(None, TYPE_A, bytes([10, 0, 0, 1])),
-                                           (None, TYPE_A, bytes([10, 0, 0, 2]))])
-    assert parse_response(data, 7, 'web.test.', TYPE_A) == ['10.0.0.1', '10.0.0.2']
+# -- with `resolver:` servers --------------------------------------------------------------
+
+def test_a_and_aaaa_are_both_asked_and_the_shortest_ttl_is_the_answers(dns):
+    server = dns({'backend.test': ['10.0.0.1', '::2']}, ttl=30)
+    server.ttls['alias.test'] = 5
+    answer = run(Resolver([at(server)]).resolve('backend.test', 80))
+    assert sorted(answer.addresses) == [(socket.AF_INET, ('10.0.0.1', 80)),
+                                        (socket.AF_INET6, ('::2', 80, 0, 0))]
+    assert answer.ttl == 30
+    server.records['v4only.test'] = ['10.0.0.3']
+    server.ttls['v4only.test'] = 7
+    assert run(Resolver([at(server)]).resolve('v4only.test', 81)) == \
+        Answer([(socket.AF_INET, ('10.0.0.3', 81))], 7)
+    assert sorted(server.names_asked('AAAA')) == ['backend.test', 'v4only.test']
 
 
-def test_parse_aaaa_and_cname_chain():
-    # web.test -> alias1.test -> alias2.test (pointer into the first CNAME's rdata) -> ::1
-    header_q = encode_name('web.test')
-    start = 12 + len(header_q) + 4
-    cname1 = encode_name('alias1.test')
-    rec1 = b'\xc0\x0c' + struct.pack('!HHIH', TYPE_CNAME, 1, 1, len(cname1)) + cname1
-    alias1_at = start + 12
-    cname2 = b'\x06alias2' + bytes([0xC0 | (alias1_at + 7) >> 8, (alias1_at + 7) & 0xFF])
-    rec2 = bytes([0xC0, alias1_at]) + struct.pack('!HHIH', TYPE_CNAME, 1, 1, len(cname2)) + cname2
-    alias2_at = start + len(rec1) + 12
-    addr = socket.inet_pton(socket.AF_INET6, '::1')
-    rec3 = bytes([0xC0, alias2_at]) + struct.pack('!HHIH', TYPE_AAAA, 1, 1, 16) + addr
-    stray = encode_name('other.test') + struct.pack('!HHIH', TYPE_AAAA, 1, 1, 16) + addr
-    data = struct.pack('!HHHHHH', 9, 0x8180, 1, 4, 0, 0) + header_q + struct.pack('!HH', 28, 1) \
-        + rec1 + rec2 + rec3 + stray
-    assert parse_response(data, 9, 'WEB.test', TYPE_AAAA) == ['::1']
+def test_a_truncated_udp_answer_is_asked_again_over_tcp_and_all_60_addresses_come(dns):
+    server = dns({'pods.test': PODS})
+    answer = run(Resolver([at(server)]).resolve('pods.test', 8443))
+    assert sorted(a[1][0] for a in answer.addresses) == sorted(PODS)
+    assert server.names_asked('A', 'udp') == ['pods.test']      # truncated: TC set
+    assert server.names_asked('A', 'tcp') == ['pods.test']      # then whole over TCP
 
 
-def test_nodata_is_empty_and_errors_are_named():
-    assert parse_response(response(1, 'a.test', TYPE_A, []), 1, 'a.test', TYPE_A) == []
-    with pytest.raises(ResolveError, match='NXDOMAIN'):
-        parse_response(response(1, 'a.test', TYPE_A, [], rcode=3), 1, 'a.test', TYPE_A)
-    with pytest.raises(ResolveError, match='wrong id'):
-        parse_response(response(1, 'a.test', TYPE_A, []), 2, 'a.test', TYPE_A)
+def test_a_silent_server_is_skipped_for_the_next_one(dns):
+    dead, live = dns(), dns({'backend.test': ['10.0.0.1']})
+    dead.silent = True
+    answer = run(Resolver([at(dead), at(live)], timeout=0.2, tries=1).resolve('backend.test', 80))
+    assert answer.addresses == [(socket.AF_INET, ('10.0.0.1', 80))]
+    assert sorted(dead.names_asked('A') + dead.names_asked('AAAA')) == ['backend.test'] * 2
+    assert run(Resolver([at(dead)]).resolve('10.9.9.9', 5)) == \
+        Answer([(socket.AF_INET, ('10.9.9.9', 5))], None)
 
 
-@pytest.mark.parametrize('data', [
-    b'', b'\x00' * 11,
-    struct.pack('!HHHHHH', 1, 0x8180, 1, 0, 0, 0) + b'\x05ab',                    # name cut
-    struct.pack('!HHHHHH', 1, 0x8180, 1, 0, 0, 0) + b'\xc0\x0c',                  # pointer loop
-    struct.pack('!HHHHHH', 1, 0x8180, 0, 1, 0, 0) + b'\x00' + b'\x00\x01\x00\x01\x00',
-    struct.pack('!HHHHHH', 1, 0x8180, 0, 1, 0, 0) + b'\x00' + struct.pack('!HHIH', 1, 1, 1, 3)
-    + b'\x01\x02\x03',                                                           # A of 3 bytes
-    struct.pack('!HHHHHH', 1, 0x8180, 0, 1, 0, 0) + b'\x00' + struct.pack('!HHIH', 1, 1, 1, 9),
-    struct.pack('!HHHHHH', 1, 0x8180, 1, 0, 0, 0) + b'\x80abc',                   # label type
-])
-def test_malformed_answers_are_resolve_errors(data):
-    with pytest.raises(ResolveError):
-        parse_response(data, 1, 'a.test', TYPE_A)
+def test_a_failing_server_is_skipped_for_the_next_one(dns):
+    failing, live = dns({'a.test': ['10.0.0.1']}), dns({'a.test': ['10.0.0.2']})
+    failing.rcodes['a.test'] = 2                          # SERVFAIL
+    answer = run(Resolver([at(failing), at(live)]).resolve('a.test', 80))
+    assert answer.addresses == [(socket.AF_INET, ('10.0.0.2', 80))]
+    with pytest.raises(ResolveError, match=f'^DNS error SERVFAIL from 127.0.0.1:{failing.port}$'):
+        run(Resolver([at(failing)]).resolve('a.test', 80))
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=200), st.integers(0, 40))
-def test_random_bytes_never_raise_anything_else(tail, cut):
-    base = response(1, 'a.test', TYPE_A, [(None, TYPE_A, b'\x01\x02\x03\x04'),
-                                         ('b.test', TYPE_CNAME, encode_name('a.test'))])
-    for data in (base[:12] + tail, base[:len(base) - cut] + tail, tail):
-        try:
-            parse_response(data, 1, 'a.test', TYPE_A)
-        except ResolveError:
-            pass
+def test_no_answer_is_a_resolve_error_after_every_try(dns):
+    server = dns()
+    server.silent = True
+    resolver = Resolver([at(server)], timeout=0.1, tries=2)
+    with pytest.raises(ResolveError, match=r'no answer within 0\.35s'):
+        run(resolver.resolve('backend.test', 80))
+    assert len(server.names_asked('A')) == 2 and len(server.names_asked('AAAA')) == 2
 
 
-# -- the transport, against a responder on loopback --------------------------------------------
-
-class Responder(asyncio.DatagramProtocol):
-    def __init__(self, records, silent=False):
-        self.records, self.silent, self.seen = records, silent, 0
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        self.seen += 1
-        if self.silent:
-            return
-        qid, = struct.unpack_from('!H', data)
-        qtype, = struct.unpack_from('!H', data, len(data) - 4)
-        answers = [(None, t, socket.inet_pton(socket.AF_INET if t == TYPE_A else socket.AF_INET6,
-                                              ip)) for t, ip in self.records if t == qtype]
-        # the question section is echoed as asked
-        body = data[12:]
-        out = struct.pack('!HHHHHH', qid, 0x8180, 1, len(answers), 0, 0) + body
-        for _, rtype, rdata in answers:
-            out += b'\xc0\x0c' + struct.pack('!HHIH', rtype, 1, 5, len(rdata)) + rdata
-        self.transport.sendto(out, addr)
+def test_lifetime_gives_every_server_every_try():
+    assert lifetime(2.0, 2, 1) == 4.15         # 2 tries of 2 s, 0.1 s back-off, slack
+    assert lifetime(2.0, 2, 3) == 12.15
+    assert lifetime(1.0, 3, 1) == 3.35         # back-offs 0.1 + 0.2
 
 
-async def serve(records, silent=False):
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        lambda: Responder(records, silent), local_addr=('127.0.0.1', 0))
-    return transport, proto, Address('127.0.0.1', transport.get_extra_info('sockname')[1])
+def test_errors_say_why(dns):
+    server = dns({'a.test': ['10.0.0.1']})
+    with pytest.raises(ResolveError, match='^DNS error NXDOMAIN$'):
+        run(Resolver([at(server)]).resolve('missing.test', 80))
+    server.records['empty.test'] = []
+    with pytest.raises(ResolveError, match='^no A or AAAA record$'):
+        run(Resolver([at(server)]).resolve('empty.test', 80))
+    closed = at(server)
+    server.close()                  # dnspython's UDP socket is not connected: no ECONNREFUSED
+    with pytest.raises(ResolveError, match='^no answer within 0.25s$'):
+        run(Resolver([closed], timeout=0.2, tries=1).resolve('a.test', 80))
 
 
-def test_resolver_asks_a_and_aaaa_and_skips_a_dead_server():
-    async def main():
-        dead_t, dead, dead_addr = await serve([], silent=True)
-        live_t, live, live_addr = await serve([(TYPE_A, '10.0.0.1'), (TYPE_AAAA, '::2')])
-        try:
-            r = Resolver([dead_addr, live_addr], timeout=0.2, tries=1)
-            got = await r.resolve('backend.test', 80)
-            assert sorted(got) == [(socket.AF_INET, ('10.0.0.1', 80)),
-                                   (socket.AF_INET6, ('::2', 80, 0, 0))]
-            assert dead.seen == 2
-            assert await r.resolve('10.9.9.9', 5) == [(socket.AF_INET, ('10.9.9.9', 5))]
-        finally:
-            dead_t.close()
-            live_t.close()
-    asyncio.run(main())
+# -- the system's configuration: resolv.conf (search, ndots) and the hosts file ----------------
+
+def resolv_conf(tmp_path, server: DnsServer, *lines: str) -> str:
+    path = tmp_path / 'resolv.conf'
+    path.write_text(f'# written by the test\nnameserver [127.0.0.1]:{server.port}\n'
+                    + ''.join(line + '\n' for line in lines))
+    return str(path)
 
 
-def test_resolver_times_out_with_a_resolve_error():
-    async def main():
-        t, proto, addr = await serve([], silent=True)
-        try:
-            r = Resolver([addr], timeout=0.1, tries=2)
-            with pytest.raises(ResolveError, match='no answer'):
-                await r.resolve('backend.test', 80)
-            assert proto.seen == 4        # A and AAAA, two tries each
-        finally:
-            t.close()
-    asyncio.run(main())
+def test_the_search_list_comes_first_for_a_name_with_fewer_dots_than_ndots(tmp_path, dns):
+    server = dns({'web.svc.test': ['10.0.0.1'], 'api.prod.cluster.test': ['10.0.0.2'],
+                  'api.prod': ['10.0.0.3'], 'db.prod.internal': ['10.0.0.4']})
+    conf = resolv_conf(tmp_path, server, 'search svc.test cluster.test', 'options ndots:2')
+    resolver = Resolver(resolv_conf=conf, hosts_file=str(tmp_path / 'no-hosts'))
+
+    def first(name):
+        return run(resolver.resolve(name, 80)).addresses[0][1][0]
+
+    assert first('web') == '10.0.0.1'                   # 0 dots: web.svc.test
+    assert first('api.prod') == '10.0.0.2'              # 1 dot < ndots: the search list wins
+    assert first('db.prod.internal') == '10.0.0.4'      # 2 dots: as written, first
+    assert server.names_asked('A') == ['web.svc.test', 'api.prod.svc.test',
+                                       'api.prod.cluster.test', 'db.prod.internal']
+    with pytest.raises(ResolveError, match='NXDOMAIN .asked gone.svc.test., gone.cluster.test., '
+                                           'gone.'):
+        run(resolver.resolve('gone', 80))
+    resolver = Resolver(resolv_conf=resolv_conf(tmp_path, server, 'search svc.test cluster.test',
+                                                'options ndots:1'),
+                        hosts_file=str(tmp_path / 'no-hosts'))
+    assert first('api.prod') == '10.0.0.3'              # 1 dot >= ndots: as written, first
+    assert first('web.svc.test.') == '10.0.0.1'         # absolute: never searched
+    assert server.names_asked('A')[-2:] == ['api.prod', 'web.svc.test']
 
 
-def test_system_resolver_and_its_errors():
-    async def main():
-        r = Resolver()
-        assert (socket.AF_INET, ('127.0.0.1', 9)) in await r.resolve('localhost', 9)
-        with pytest.raises(ResolveError):
-            await r.resolve('no-such-host.invalid', 9)
-    asyncio.run(main())
+def test_without_a_nameserver_line_or_file_the_stub_asks_127_0_0_1(tmp_path):
+    stub = Resolver(resolv_conf=str(tmp_path / 'missing.conf')).stub()
+    assert [(n.address, n.port) for n in stub.nameservers] == [('127.0.0.1', 53)]
+    conf = tmp_path / 'odd.conf'
+    conf.write_text('nameserver not-an-ip\nnameserver [::1]:5353\nnameserver 10.0.0.53\n'
+                    'search a.test\noptions ndots:3 timeout:1\n')
+    stub = Resolver(resolv_conf=str(conf)).stub()
+    assert [(n.address, n.port) for n in stub.nameservers] == [('::1', 5353), ('10.0.0.53', 53)]
+    assert (stub.ndots, stub.timeout, [str(s) for s in stub.search]) == (3, 1, ['a.test.'])
+    assert stub.payload == 1232                         # EDNS0 on
+
+
+def test_the_env_names_the_resolv_conf(tmp_path, monkeypatch):
+    monkeypatch.setenv('MPPROXY_RESOLV_CONF', str(tmp_path / 'x.conf'))
+    assert Resolver().resolv_conf == str(tmp_path / 'x.conf')
+    monkeypatch.delenv('MPPROXY_RESOLV_CONF')
+    assert Resolver().resolv_conf == '/etc/resolv.conf'
+
+
+def test_the_hosts_file_comes_before_dns_without_resolver_servers(tmp_path, dns):
+    server = dns({'pinned.test': ['10.0.0.9'], 'other.test': ['10.0.0.8']})
+    hosts_file = tmp_path / 'hosts'
+    hosts_file.write_text('# comment\n127.0.0.1 localhost\n::1 localhost ip6-localhost\n'
+                          '10.1.1.1  Pinned.TEST alias  # trailing comment\nbad-ip pinned.test\n')
+    resolver = Resolver(resolv_conf=resolv_conf(tmp_path, server), hosts_file=str(hosts_file))
+    assert run(resolver.resolve('pinned.test.', 80)) == \
+        Answer([(socket.AF_INET, ('10.1.1.1', 80))], None)
+    assert run(resolver.resolve('localhost', 9)).addresses == [
+        (socket.AF_INET, ('127.0.0.1', 9)), (socket.AF_INET6, ('::1', 9, 0, 0))]
+    assert run(resolver.resolve('other.test', 80)).addresses == [(socket.AF_INET, ('10.0.0.8', 80))]
+    assert server.names_asked('A') == ['other.test']
+    with_servers = Resolver([at(server)], hosts_file=str(hosts_file))   # servers: no hosts file
+    assert run(with_servers.resolve('pinned.test', 80)).addresses == \
+        [(socket.AF_INET, ('10.0.0.9', 80))]
+
+
+def test_hosts_lookup(tmp_path):
+    path = tmp_path / 'hosts'
+    path.write_text('10.0.0.1 a.test b.test\n10.0.0.2 A.test\n10.0.0.1 a.test\n#10.0.0.3 a.test\n'
+                    'fe80::1%eth0 link.test\n')
+    assert hosts.lookup('a.test', str(path)) == ['10.0.0.1', '10.0.0.2']
+    assert hosts.lookup('b.test.', str(path)) == ['10.0.0.1']
+    assert hosts.lookup('c.test', str(path)) == []
+    assert hosts.lookup('link.test', str(path)) == ['fe80::1%eth0']
+    assert hosts.lookup('a.test', str(tmp_path / 'none')) == []
 
 
 # -- pools following DNS ---------------------------------------------------------------------
@@ -218,14 +243,15 @@ def test_candidates_survive_a_swap_between_picks():
 
 
 class FakeResolver:
-    def __init__(self, answers):
+    def __init__(self, answers, ttl=60):
         self.answers = answers    # host -> list or an exception
+        self.ttl = ttl            # the TTL of every answer (None: none)
 
     async def resolve(self, host, port):
         answer = self.answers.get(host, [host])
         if isinstance(answer, Exception):
             raise answer
-        return [(socket.AF_INET, (ip, port)) for ip in answer]
+        return Answer([(socket.AF_INET, (ip, port)) for ip in answer], self.ttl)
 
 
 class Log:
@@ -234,6 +260,9 @@ class Log:
 
     def _add(self, level, msg, *args):
         self.lines.append((level, msg % args))
+
+    def debug(self, msg, *args):
+        self._add('debug', msg, *args)
 
     def info(self, msg, *args):
         self._add('info', msg, *args)
@@ -252,10 +281,15 @@ def test_open_pool_without_resolve_fails_on_an_unresolvable_name():
         asyncio.run(discovery.open_pool(up, resolver=fake))
 
 
+def follower(up, fake, resolved, failing, ttls, log=None):
+    pool = UpstreamPool(up, resolved=[list(r) for r in resolved])
+    return pool, discovery.Follower(pool, fake, resolved, failing, ttls, log)
+
+
 def test_refresh_follows_changes_and_keeps_the_last_good_set():
     async def main():
         up = Upstream('web', (Server(Address('n.test', 80)), Server(Address('10.9.9.9', 80))),
-                      resolve=0.01)
+                      resolve=Resolve(0.01, 0.01))
         fake = FakeResolver({'n.test': ResolveError('timeout')})
         log = Log()
         started = await discovery.open_pool(up, resolver=fake, log=log)   # no crash, no server
@@ -264,18 +298,58 @@ def test_refresh_follows_changes_and_keeps_the_last_good_set():
         assert len(discovery._refreshers) == 1
         for task in list(discovery._refreshers):
             task.cancel()
-        resolved, failing = [[], v4('10.9.9.9')], [True, False]
-        pool = UpstreamPool(up, resolved=[list(r) for r in resolved])
+        pool, f = follower(up, fake, [[], v4('10.9.9.9')], [True, False], [0.0, None], log)
         fake.answers['n.test'] = ['10.0.0.2', '10.0.0.1']
-        assert await discovery.refresh_once(pool, fake, resolved, failing, log)
+        assert await f.refresh_once()
         assert ('info', 'upstream web: servers now 10.0.0.1:80, 10.0.0.2:80, 10.9.9.9:80') \
             in log.lines
         fake.answers['n.test'] = ['10.0.0.1', '10.0.0.2']      # rotated: no change
-        assert not await discovery.refresh_once(pool, fake, resolved, failing, log)
+        assert not await f.refresh_once()
         fake.answers['n.test'] = ResolveError('no answer')
-        assert not await discovery.refresh_once(pool, fake, resolved, failing, log)
+        assert not await f.refresh_once()
         assert len(pool.targets) == 3
         fake.answers['n.test'] = ['10.0.0.3']
-        await discovery.refresh(pool, fake, resolved, failing, log, rounds=1)
+        await f.run(rounds=1)
         assert [t.sockaddr[0] for t in pool.targets] == ['10.0.0.3', '10.9.9.9']
+    asyncio.run(main())
+
+
+# -- when names are looked up again: the TTL, within `resolve`'s [min, max] -------------------
+
+def test_next_delay_is_the_shortest_ttl_within_min_and_max():
+    bounds = Resolve(5.0, 300.0)
+    assert discovery.next_delay(bounds, [30]) == 30
+    assert discovery.next_delay(bounds, [1]) == 5              # at least min
+    assert discovery.next_delay(bounds, [86400]) == 300        # at most max
+    assert discovery.next_delay(bounds, [60, 10]) == 10        # the shortest of the names
+    assert discovery.next_delay(bounds, [60, 0.0]) == 5        # a failed lookup: again at min
+    assert discovery.next_delay(bounds, [None]) == 300         # no TTL (hosts file): max
+    assert discovery.next_delay(Resolve(30, 30), [1, None, 0.0]) == 30   # `resolve: 30s`
+
+
+def test_the_follower_sleeps_what_each_answer_allows():
+    """The clock is the test's: `sleep` records each delay and changes what DNS answers."""
+    async def main():
+        up = Upstream('web', (Server(Address('n.test', 80)), Server(Address('10.9.9.9', 80))),
+                      resolve=Resolve(5.0, 300.0))
+        fake = FakeResolver({'n.test': ['10.0.0.1']}, ttl=60)
+        pool, f = follower(up, fake, [v4('10.0.0.1'), v4('10.9.9.9')], [False, False],
+                           [60.0, None], Log())
+        steps = [(['10.0.0.2'], 1),                      # after 60 s: TTL 1 -> min 5 s
+                 (ResolveError('no answer'), 1),         # after 5 s: failure -> min 5 s
+                 (['10.0.0.3'], 86400),                  # after 5 s: TTL 1 day -> max 300 s
+                 (['10.0.0.3'], 120)]                    # after 300 s: 120 s
+        delays, servers = [], []
+
+        async def sleep(seconds):
+            delays.append(seconds)
+            servers.append(pool.targets[0].sockaddr[0])
+            fake.answers['n.test'], fake.ttl = steps[len(delays) - 1]
+
+        await f.run(rounds=4, sleep=sleep)
+        assert delays == [60, 5, 5, 300]
+        assert servers == ['10.0.0.1', '10.0.0.2', '10.0.0.2', '10.0.0.3']   # kept on failure
+        assert f.delay() == 120
+        assert [t.sockaddr[0] for t in pool.targets] == ['10.0.0.3', '10.9.9.9']
+        assert f.failing == [False, False]
     asyncio.run(main())
