@@ -18,9 +18,9 @@ the sockets were bound; the kernel falls back to its own hash when the index is 
 the number of sockets. Closing a socket moves the last one of the array into its place,
 so: to grow, bind the new sockets (they get nothing yet), then attach program(M); to
 shrink, attach program(M), then close sockets M..N-1 (in any order: indexes below M do
-not move). The group is one per port and the program belongs to the group: attaching on
-any member replaces it for all. A socket is in the group for as long as any process holds
-it open.
+not move); a slot with no socket yet falls to the kernel's hash. There is one group per
+bound address and port, and the program belongs to the group: attaching on any member
+replaces it for all. A socket stays in the group for as long as any process holds it open.
 
 In the program the packet data starts at the UDP payload (the kernel has pulled the UDP
 header), so it reads the IP header at negative offsets from SKF_NET_OFF. For IPv6 the

@@ -22,6 +22,7 @@ from mpproxy.shared.steer import slot_of
 
 FLOWS = 200
 DEADLINE = 5.0
+WINDOW = 32
 # several sources in 127/8, so ip32 varies too, not only the port
 V4_SOURCES = ('127.0.0.1', '127.0.0.2', '127.1.2.3', '127.255.255.254')
 
@@ -89,17 +90,21 @@ def clients(sock, sources=V4_SOURCES, n: int = FLOWS, options: bytes = b'') -> l
 
 def exchange(cs: list[socket.socket], socks: list[socket.socket], dst: tuple) -> dict:
     """One datagram from each client to dst; {source address as the receiver saw it:
-    index of the socket in `socks` that received it}, once all arrived."""
-    for c in cs:
-        c.sendto(b'hello', dst)
+    index of the socket in `socks` that received it}, once all arrived. At most WINDOW
+    are in flight, so no receive buffer overflows."""
     poller = select.poll()
-    for s in socks:
-        if s.fileno() != -1:
+    at = {}
+    for i, s in enumerate(socks):
+        if s.fileno() != -1:           # not closed
             poller.register(s, select.POLLIN)
-    at = {s.fileno(): i for i, s in enumerate(socks) if s.fileno() != -1}
+            at[s.fileno()] = i
     got: dict = {}
+    sent = 0
     deadline = time.monotonic() + DEADLINE
     while len(got) < len(cs):
+        while sent < len(cs) and sent - len(got) < WINDOW:
+            cs[sent].sendto(b'hello', dst)
+            sent += 1
         left = deadline - time.monotonic()
         assert left > 0, f'{len(got)} of {len(cs)} datagrams arrived in {DEADLINE} s'
         for fd, _ in poller.poll(left * 1000):
