@@ -3,6 +3,7 @@
     mpproxy [-c CONFIG] [-t] [-T] [-s reload|stop|quit|reopen] [--daemon] [-V]
     mpproxy [-c CONFIG] status       # a short view of the running proxy, from admin.listen
     mpproxy [-c CONFIG] server drain|maint|ready|weight UPSTREAM SERVER [...]
+    mpproxy [-c CONFIG] top          # a live view in the terminal, with keys to drain / ready
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def parse_args(argv):
                         help='send a signal to the running master (its pid is read from pid_file)')
     parser.add_argument('--daemon', action='store_true', help='detach from the terminal')
     parser.add_argument('-V', '--version', action='version', version=f'mpproxy {__version__}')
-    parser.add_argument('command', nargs='?', choices=('status', 'server'),
+    parser.add_argument('command', nargs='?', choices=('status', 'server', 'top'),
                         help='status: show the running proxy (its /status on admin.listen); '
-                             'server: change an upstream server at run time (server -h)')
+                             'server: change an upstream server at run time (server -h); '
+                             'top: a live view, with keys to drain and ready servers')
     parser.add_argument('rest', nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rest and args.command != 'server':
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
     if args.command == 'server':
         from mpproxy.observe import server_cli
         return server_cli.main(config, args.rest)
+    if args.command == 'top':
+        from mpproxy.observe import top
+        return top.main(config)
     return _serve(config, args)
 
 

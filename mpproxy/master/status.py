@@ -248,6 +248,7 @@ class Observer:
                     'connections': None if values is None else
                     sum(values[i] for i in layout.connections),
                     'sessions': None if values is None else sum(values[i] for i in layout.sessions),
+                    **usage(worker.pid),
                 })
         return {
             'version': __version__,
@@ -272,6 +273,24 @@ def _master_state(table) -> str:
     if table.stopping:
         return 'draining' if table.stopping == 'quit' else 'stopping'
     return 'serving' if table.grace_until is None else 'grace'
+
+
+_TICK = os.sysconf('SC_CLK_TCK')
+_PAGE = os.sysconf('SC_PAGE_SIZE')
+
+
+def usage(pid: int) -> dict:
+    """A process's CPU time (user + system, seconds) and resident memory (bytes), from
+    /proc/<pid>/stat and statm: two small reads, no syscall that can block; None when gone."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+        with open(f'/proc/{pid}/statm', 'rb') as f:
+            resident = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return {'cpu_seconds': None, 'rss_bytes': None}
+    return {'cpu_seconds': round((int(fields[11]) + int(fields[12])) / _TICK, 2),
+            'rss_bytes': resident * _PAGE}
 
 
 def _wall(monotonic: float) -> float:
@@ -332,6 +351,7 @@ def _upstreams(generation, samples, control=None) -> list[dict]:
     active = prometheus.sum_by(samples, 'mpproxy_upstream_server_active', 'upstream', 'server')
     errors = prometheus.sum_by(samples, 'mpproxy_upstream_connect_errors_total',
                                'upstream', 'server')
+    connects = _connects(samples)
     out = []
     for name in used_upstreams(generation.config):
         servers = []
@@ -352,10 +372,23 @@ def _upstreams(generation, samples, control=None) -> list[dict]:
             servers.append({'server': label, 'state': state,
                             'admin_state': admin_state.get('state', 'ready'),
                             'weight': admin_state.get('weight', server.weight),
+                            'config_weight': server.weight,
                             'health_check': None if check is None else ('down' if check else 'up'),
                             'down_in_workers': down_in,
                             'active': active.get((name, label), 0),
-                            'connect_errors': errors.get((name, label), 0)})
+                            'connect_errors': errors.get((name, label), 0),
+                            'connects': connects.get((name, label), 0)})
         out.append({'name': name, 'balance': generation.config.upstreams[name].balance,
                     'servers': servers})
+    return out
+
+
+def _connects(samples) -> dict:
+    """Successful TCP connects per (upstream, server), over every worker there has been: the
+    count of the connect-duration histogram."""
+    out: dict = {}
+    for labels, value in samples.get('mpproxy_upstream_connect_duration_seconds', {}).items():
+        found = dict(labels)
+        key = (found.get('upstream'), found.get('server'))
+        out[key] = out.get(key, 0) + sum(value[:-1])
     return out

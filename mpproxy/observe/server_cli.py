@@ -61,20 +61,15 @@ def main(config: Config, argv: list[str]) -> int:
         body = {'state': args.action}
         if args.action == 'maint':
             body['grace'] = args.grace
-    token = b''
-    if config.admin.token_file:
-        try:
-            with open(config.admin.token_file, 'rb') as f:
-                token = f.read().strip()
-        except OSError as exc:
-            print(f'mpproxy: cannot read {config.admin.token_file}: {exc.strerror}',
-                  file=sys.stderr)
-            return EXIT_FAILURE
+    try:
+        token = read_token(config)
+    except OSError as exc:
+        print(f'mpproxy: cannot read {config.admin.token_file}: {exc.strerror}', file=sys.stderr)
+        return EXIT_FAILURE
     address = config.admin.listen
     host = status_view._LOOPBACK.get(address.host, address.host)
-    path = f'/servers/{quote(args.upstream, safe="")}/{quote(args.server, safe="")}'
     try:
-        status, text = _put(host, address.port, path, json.dumps(body).encode(), token)
+        status, text = put_server(host, address.port, args.upstream, args.server, body, token)
     except (OSError, http.client.HTTPException) as exc:
         print(f'mpproxy: cannot reach the admin endpoint {address}: '
               f'{getattr(exc, "strerror", None) or exc}', file=sys.stderr)
@@ -90,8 +85,25 @@ def main(config: Config, argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _put(host: str, port: int, path: str, body: bytes, token: bytes) -> tuple[int, str]:
-    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+def read_token(config: Config) -> bytes:
+    """The bearer token of `admin.token_file` (b'' when none is set; OSError)."""
+    if not config.admin.token_file:
+        return b''
+    with open(config.admin.token_file, 'rb') as f:
+        return f.read().strip()
+
+
+def put_server(host: str, port: int, upstream: str, server: str, body: dict, token: bytes,
+               timeout: float = TIMEOUT) -> tuple[int, str]:
+    """PUT /servers/<upstream>/<server> with `body`: (HTTP status, response text)
+    (OSError, http.client.HTTPException). `mpproxy top` changes servers through this too."""
+    path = f'/servers/{quote(upstream, safe="")}/{quote(server, safe="")}'
+    return _put(host, port, path, json.dumps(body).encode(), token, timeout)
+
+
+def _put(host: str, port: int, path: str, body: bytes, token: bytes,
+         timeout: float = TIMEOUT) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     headers = {'Content-Type': 'application/json'}
     if token:
         headers['Authorization'] = 'Bearer ' + token.decode('latin-1')

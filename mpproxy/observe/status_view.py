@@ -35,8 +35,8 @@ def main(config: Config) -> int:
     return EXIT_OK
 
 
-def fetch(host: str, port: int) -> dict:
-    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+def fetch(host: str, port: int, timeout: float = TIMEOUT) -> dict:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request('GET', '/status')
         response = conn.getresponse()

@@ -12,6 +12,8 @@ test module, and tests/conftest.py holds only pytest fixtures built on them.
   record collector, the body of an `env` fixture.
 - `configmap`: a Kubernetes ConfigMap volume in a directory, updated like the kubelet does.
 - `faults`: the real fault mechanisms of tests/faults (cgroups, a full tmpfs, rlimits).
+- `terminal`: a real terminal for full-screen commands (`mpproxy top`): a private tmux
+  server, keys in with send-keys, the screen out with capture-pane.
 
 A helper is bounded in time like the tests are; what it starts, the caller stops.
 """
