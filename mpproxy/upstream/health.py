@@ -2,8 +2,10 @@
 
 The master allocates, per generation, one shared memory block (an anonymous
 MAP_SHARED mmap, inherited by every worker it forks) with one byte per server
-of every upstream that has a `health_check`: 0 = up, 1 = down. Worker 0 of the
-generation runs the checks in its event loop and writes the bytes; every
+of every upstream that has a `health_check`: 0 = up, 1 = down, and after those
+one more byte per server that counts its DOWN -> UP transitions (mod 256), so that
+a worker polling now and then sees a comeback it missed (slow_start). Worker 0 of
+the generation runs the checks in its event loop and writes the bytes; every
 worker's pool skips the servers marked down. A server's states::
 
     UP --`fall` failed checks in a row--> DOWN --`rise` passed checks in a row--> UP
@@ -38,7 +40,12 @@ def layout(config: Config) -> tuple[dict[str, int], int]:
 def allocate(config: Config) -> mmap.mmap | None:
     """The shared block for a generation (before its workers are forked), or None."""
     _, size = layout(config)
-    return mmap.mmap(-1, size) if size else None
+    return mmap.mmap(-1, 2 * size) if size else None
+
+
+def comebacks(block: mmap.mmap, slot: int) -> int:
+    """How many times (mod 256) the server at `slot` went from DOWN to UP."""
+    return block[len(block) // 2 + slot]
 
 
 class Checker:
@@ -73,6 +80,8 @@ class Checker:
                 passed, failed = passed + 1, 0
                 if self.block[slot] == DOWN and passed >= hc.rise:
                     self.block[slot] = UP
+                    back = len(self.block) // 2 + slot
+                    self.block[back] = (self.block[back] + 1) & 0xFF
                     self.log.warning('health check: upstream %s: server %s is up '
                                      '(%d check(s) passed)', name, label, passed)
             else:

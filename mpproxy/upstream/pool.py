@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from mpproxy.config.schema import Upstream
 from mpproxy.upstream.balancer import make_balancer
+from mpproxy.upstream.health import comebacks
 
 # Upper bounds (seconds) of the upstream connect-time histogram's buckets; one more bucket
 # past the last counts the rest (observe/metrics.py publishes them as Prometheus buckets).
@@ -84,7 +85,8 @@ class UpstreamPool:
                  'window', 'down_until', 'max_fails', 'fail_timeout', 'max_conns',
                  'primary', 'backup', 'log', 'generation', 'by_key', 'since', 'position',
                  'health', 'connect_errors', 'connect_hist', 'connect_ns', 'single',
-                 'out', 'weights', 'labels', 'slow', 'was_down', 'ramp_from', 'effective')
+                 'out', 'weights', 'labels', 'slow', 'slowed', 'comebacks', 'seen_until',
+                 'ramp_from', 'effective')
 
     def __init__(self, upstream: Upstream, log=None, resolved=None):
         """`resolved`: per server of `upstream`, its [(family, sockaddr), ...]; None: resolve here."""
@@ -98,6 +100,7 @@ class UpstreamPool:
         self.weights: list[int] = [s.weight for s in upstream.servers]   # per server position
         self.slow = [(s.slow_start if s.slow_start is not None else upstream.slow_start)
                      if upstream.balance != 'hash' else 0.0 for s in upstream.servers]
+        self.slowed = any(self.slow)
         self.connect_errors = [0] * n         # metrics, per server position (see above)
         self.connect_hist = [0] * (n * (len(CONNECT_BUCKETS) + 1))
         self.connect_ns = [0] * n
@@ -128,7 +131,8 @@ class UpstreamPool:
         n = len(entries)
         self.labels = labels
         self.effective = weights              # per entry: what the balancer has now
-        self.was_down = [False] * n           # (slow_start) down at the last tick
+        self.comebacks = [None] * n           # (slow_start) health comebacks seen, per entry
+        self.seen_until = [0.0] * n           # (slow_start) passive-health downs seen
         self.ramp_from = [0.0] * n            # (slow_start) came back then; 0: not ramping
         self.targets: tuple[Target, ...] = tuple(entries)
         self.by_key = {_key(t): t.index for t in entries}
@@ -188,27 +192,47 @@ class UpstreamPool:
     def control(self, records) -> None:
         """The master's records per server position: (state, weight, since, until), state 0 =
         ready; weight 0 = the config's."""
+        now = time.monotonic()
         self.out = frozenset(i for i, p in enumerate(self.position) if records[p][0])
+        for i, p in enumerate(self.position):     # set ready (since) within its slow_start
+            state, _, since, _ = records[p]
+            if not state and since > self.ramp_from[i] and now - since < self.slow[p]:
+                self.ramp_from[i] = since
         weights = [r[1] or s.weight for r, s in zip(records, self.upstream.servers)]
-        if weights != self.weights:
+        if weights != self.weights or any(self.ramp_from):
             self.weights = weights
-            self._reweigh(time.monotonic())
+            self._reweigh(now)
 
     def tick(self, now: float) -> None:
-        """slow_start: notice entries that came back, and raise the weights of ramping ones."""
-        if not any(self.slow):
-            return
+        """slow_start: notice entries that came back since the last tick (a health check
+        passed again: its comeback count moved; a passive-health time ran out), and raise
+        the weights of ramping ones."""
+        if self.slowed:
+            self._notice(now)
+            if any(self.ramp_from):
+                self._reweigh(now)
+
+    def _notice(self, now: float) -> bool:
+        """Start the ramp of entries that came back since last asked; whether any did.
+        (Also called before each pick: a server is never picked at full weight in between.)"""
         health = self.health
-        ramping = False
-        for i in range(len(self.targets)):
-            down = i in self.out or self.down_until[i] > now or \
-                (health is not None and health[0][health[1] + self.position[i]] != 0)
-            if self.was_down[i] and not down and self.slow[self.position[i]]:
-                self.ramp_from[i] = now
-            self.was_down[i] = down
-            ramping = ramping or self.ramp_from[i] > 0
-        if ramping:
-            self._reweigh(now)
+        noticed = False
+        for i, p in enumerate(self.position):
+            if not self.slow[p]:
+                continue
+            if health is not None:
+                count = comebacks(health[0], health[1] + p)
+                if self.comebacks[i] is not None and count != self.comebacks[i]:
+                    self.ramp_from[i] = now
+                    noticed = True
+                self.comebacks[i] = count
+            until = self.down_until[i]
+            if until and until <= now and until != self.seen_until[i]:
+                self.seen_until[i] = until
+                if now - until < self.slow[p]:
+                    self.ramp_from[i] = max(self.ramp_from[i], until)
+                    noticed = True
+        return noticed
 
     def _reweigh(self, now: float) -> None:
         """Give the balancer each entry's weight now (its ramp's share, if ramping)."""
@@ -267,6 +291,9 @@ class UpstreamPool:
         out = self.out
         unavailable = set(tried) | out
         now = time.monotonic()
+        if self.slowed and self._notice(now):     # came back since the last tick: ramp now
+            self._reweigh(now)
+            balancer = self.balancer
         health = self.health                 # (shared block, offset) with active checks
         for i, until in enumerate(self.down_until):
             if until > now or (self.max_conns[i] and self.active[i] >= self.max_conns[i]) \

@@ -295,3 +295,33 @@ def test_health_checks_never_undrain_and_a_drained_server_is_no_last_resort(prox
             assert s.recv(1) == b''
     assert cli(proxy, 'ready', 'pool', a.address).returncode == 0
     wait_for(lambda: tag(port) == b'A', 3, what='A serves once ready')
+
+
+def test_slow_start_after_a_health_check_brings_a_server_back(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    cfg = config(port, admin, [a.address, b.address], tmp_path, workers=1, slow_start='4s',
+                 health_check={'interval': '0.1s', 'timeout': '0.5s', 'rise': 1, 'fall': 1})
+    proxy = proxies(cfg).start(wait_workers=1)
+    a_port = a.port
+    a.close()                                          # A fails its checks ...
+    proxy.wait_log(f'server {a.address} is down', timeout=5)
+    wait_for(lambda: held_tags(port, 10) == [b'B'] * 10, 3, what='A out of rotation')
+    again = tagged_backend_on(b'A', a_port)            # ... and comes back
+    try:
+        proxy.wait_log(f'server {a.address} is up', timeout=5)
+        wait_for(lambda: b'A' in held_tags(port, 40), 3, what='A picked again')
+        early = held_tags(port, 60).count(b'A')
+        wait_for(lambda: held_tags(port, 60).count(b'A') >= 24, 10, what='A at its full share')
+        assert early < 20, early
+    finally:
+        again.close()
+
+
+def tagged_backend_on(tag: bytes, port: int):
+    from helpers.backends import TcpBackend, echo_handler
+
+    def handler(conn):
+        conn.sendall(tag)
+        echo_handler(conn)
+    return TcpBackend(handler, port=port)
