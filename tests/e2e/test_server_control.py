@@ -325,3 +325,25 @@ def tagged_backend_on(tag: bytes, port: int):
         conn.sendall(tag)
         echo_handler(conn)
     return TcpBackend(handler, port=port)
+
+
+def test_slow_start_after_passive_health_lets_a_server_back(proxies, tmp_path, pair):
+    a, b = pair
+    port, admin = free_port(), free_port()
+    servers = [{'address': a.address, 'max_fails': 1, 'fail_timeout': '1s'}, b.address]
+    proxy = proxies(config(port, admin, servers, tmp_path, workers=1, slow_start='4s'))
+    proxy.start(wait_workers=1)
+    a_port = a.port
+    a.close()
+    def a_down():
+        held_tags(port, 4)            # connections that try A, fail, and go on to B
+        return f'server {a.address} is down for 1s' in proxy.log()
+    wait_for(a_down, 3, what='A down by passive health')
+    again = tagged_backend_on(b'A', a_port)
+    try:
+        wait_for(lambda: b'A' in held_tags(port, 40), 4, what='A picked again')
+        early = held_tags(port, 60).count(b'A')
+        wait_for(lambda: held_tags(port, 60).count(b'A') >= 24, 10, what='A at its full share')
+        assert early < 20, early
+    finally:
+        again.close()
