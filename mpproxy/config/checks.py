@@ -28,7 +28,7 @@ TOP_KEYS = ('workers', 'pid_file', 'user', 'group', 'worker_rlimit_nofile', 'shu
 UPSTREAM_KEYS = ('balance', 'hash_key', 'servers', 'health_check', 'resolve', 'slow_start')
 SERVER_KEYS = ('address', 'weight', 'max_fails', 'fail_timeout', 'max_conns', 'backup',
                'slow_start')
-ADMIN_KEYS = ('listen', 'token_file')
+ADMIN_KEYS = ('listen', 'token_file', 'socket')
 HEALTH_CHECK_KEYS = ('type', 'interval', 'timeout', 'rise', 'fall', 'send', 'expect')
 RESOLVE_KEYS = ('min', 'max')
 RESOLVE_BOUNDS = (5.0, 300.0)       # `resolve: {}`: the TTL, within [5s, 5m]
@@ -198,7 +198,10 @@ def _access_log(s: Section) -> AccessLog | None:
 def _admin(s: Section) -> Admin | None:
     listen = s.get('listen', partial(parse_address, listen=True), required=True)
     token_file = s.get('token_file', optional(text))
-    return Admin(listen, token_file) if listen else None
+    path = s.get('socket', optional(text))
+    if path is not None and not os.path.isabs(path):
+        s.report('socket', f'must be an absolute path, got {path!r}')
+    return Admin(listen, token_file, path) if listen else None
 
 
 def _upstreams(top: Section) -> dict[str, Upstream | None]:

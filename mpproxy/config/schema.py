@@ -106,6 +106,7 @@ class AccessLog:
 class Admin:
     listen: Address
     token_file: str | None = None      # a bearer token in this file allows writes over TCP
+    socket: str | None = None          # a Unix socket (mode 0600): who can connect may write
 
 
 @dataclass(frozen=True)

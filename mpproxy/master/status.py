@@ -43,6 +43,9 @@ class Observer:
         self.totals = prometheus.Totals()
         self.started = time.time()
         self.started_monotonic = time.monotonic()
+        self.unix = None                  # admin.socket's server: writes by file permission
+        self.unix_path: str | None = None
+        self.selector = selector
         self.admin = admin.AdminServer(selector, {'/metrics': self.metrics_page,
                                                           '/status': self.status_page,
                                                           '/healthz': self.healthz_page,
@@ -56,6 +59,31 @@ class Observer:
         sock = admin.AdminServer.adopt(address)
         self.admin.serve(address, sock or self._bind(config))
         self._token(config)
+        self._unix(config)
+
+    def _unix(self, config: Config) -> None:
+        """Serve admin.socket (bound anew when its path changed; a bind error is logged and
+        leaves it off: the TCP endpoint goes on)."""
+        path = config.admin.socket if config.admin else None
+        if path == self.unix_path:
+            return
+        if self.unix is not None:
+            self.unix.close()
+            self.unix = None
+        self.unix_path = None
+        if path is None:
+            return
+        try:
+            sock = admin.bind_unix(path)
+        except OSError as exc:
+            log.error('cannot bind admin socket %s: %s; server control only over TCP', path,
+                      exc.strerror or exc)
+            return
+        self.unix = admin.AdminServer(self.selector, self.admin.routes, log,
+                                      writer=self.write_request)
+        self.unix.trusted = True
+        self.unix.serve(path, sock)
+        self.unix_path = path
 
     def _token(self, config: Config) -> None:
         """The bearer token writes need, from `admin.token_file` (unreadable or empty: none,
@@ -95,6 +123,7 @@ class Observer:
         self.admin.serve(*prepared)
         if config is not None:
             self._token(config)
+            self._unix(config)
 
     def discard(self, prepared) -> None:
         """A prepared admin socket that will not be served (its reload failed): closed,
@@ -113,9 +142,14 @@ class Observer:
 
     def tick(self) -> None:
         self.admin.tick()
+        if self.unix is not None:
+            self.unix.tick()
 
     def close(self) -> None:
         self.admin.close()
+        if self.unix is not None:
+            self.unix.close()
+            self.unix = None
 
     # -- workers ---------------------------------------------------------------------------
     def retire(self, worker: WorkerHandle) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import socket
 import sys
 import time
 from urllib.parse import quote
@@ -68,8 +70,12 @@ def main(config: Config, argv: list[str]) -> int:
         return EXIT_FAILURE
     address = config.admin.listen
     host = status_view._LOOPBACK.get(address.host, address.host)
+    unix = config.admin.socket           # writable by us: its file mode says we may change
+    if unix is not None and not os.access(unix, os.W_OK):
+        unix = None
     try:
-        status, text = put_server(host, address.port, args.upstream, args.server, body, token)
+        status, text = put_server(host, address.port, args.upstream, args.server, body, token,
+                                  unix=unix)
     except (OSError, http.client.HTTPException) as exc:
         print(f'mpproxy: cannot reach the admin endpoint {address}: '
               f'{getattr(exc, "strerror", None) or exc}', file=sys.stderr)
@@ -94,16 +100,29 @@ def read_token(config: Config) -> bytes:
 
 
 def put_server(host: str, port: int, upstream: str, server: str, body: dict, token: bytes,
-               timeout: float = TIMEOUT) -> tuple[int, str]:
+               timeout: float = TIMEOUT, unix: str | None = None) -> tuple[int, str]:
     """PUT /servers/<upstream>/<server> with `body`: (HTTP status, response text)
-    (OSError, http.client.HTTPException). `mpproxy top` changes servers through this too."""
+    (OSError, http.client.HTTPException); over the Unix socket `unix` (admin.socket) when
+    given. `mpproxy top` changes servers through this too."""
     path = f'/servers/{quote(upstream, safe="")}/{quote(server, safe="")}'
-    return _put(host, port, path, json.dumps(body).encode(), token, timeout)
+    return _put(host, port, path, json.dumps(body).encode(), token, timeout, unix)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__('localhost', timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
 
 
 def _put(host: str, port: int, path: str, body: bytes, token: bytes,
-         timeout: float = TIMEOUT) -> tuple[int, str]:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+         timeout: float = TIMEOUT, unix: str | None = None) -> tuple[int, str]:
+    conn = _UnixConnection(unix, timeout) if unix else \
+        http.client.HTTPConnection(host, port, timeout=timeout)
     headers = {'Content-Type': 'application/json'}
     if token:
         headers['Authorization'] = 'Bearer ' + token.decode('latin-1')

@@ -347,3 +347,20 @@ def test_slow_start_after_passive_health_lets_a_server_back(proxies, tmp_path, p
         assert early < 20, early
     finally:
         again.close()
+
+
+def test_the_admin_unix_socket_allows_changes_by_its_file_mode(proxies, tmp_path, pair):
+    import os
+    import stat
+    a, b = pair
+    port, admin = free_port(), free_port()
+    cfg = config(port, admin, [a.address, b.address], tmp_path, token=False)
+    path = str(tmp_path / 'admin.sock')
+    cfg['admin']['socket'] = path
+    proxy = proxies(cfg).start(wait_workers=2)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert put(admin, f'/servers/pool/{a.address}', {'state': 'drain'})[0] == 403   # TCP
+    out = cli(proxy, 'drain', 'pool', a.address)      # no token: over the socket
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='A drained')
+    assert server_status(admin, a.address)['admin_state'] == 'drain'
