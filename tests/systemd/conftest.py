@@ -16,11 +16,13 @@ def machine(request, tmp_path_factory):
     reason = nspawn.why_not()
     if reason:
         pytest.skip(f'cannot boot a container here: {reason}')
-    terminal = request.config.pluginmanager.getplugin('terminalreporter')
+    plugins = request.config.pluginmanager
+    terminal, capture = plugins.getplugin('terminalreporter'), plugins.getplugin('capturemanager')
 
-    def say(text: str) -> None:
-        if terminal is not None:
-            terminal.write_line(f'check-systemd: {text}')
+    def say(text: str) -> None:        # on the terminal now, not with the captured output
+        if terminal is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                terminal.write_line(f'check-systemd: {text}')
 
     root = nspawn.rootfs(say)
     wheels = nspawn.wheels(requirements(), say)
