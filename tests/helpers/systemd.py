@@ -3,7 +3,7 @@
 `Installed.install()` does what the README's "Install" and "As a systemd service" say:
 a venv in /opt/mpproxy with `pip install` of the checkout (offline: the wheels of its
 dependencies are bind-mounted), `ln -s` to /usr/local/bin/mpproxy, etc/mpproxy.service
-copied to /etc/systemd/system. The rest are the operator's commands: `systemctl`,
+copied to /etc/systemd/system and enabled. The rest are the operator's commands: `systemctl`,
 `journalctl`, `kill`, and `inside.py` (tests/systemd/inside.py) for traffic and probes.
 """
 
@@ -88,6 +88,9 @@ class Installed:
         self.run('mkdir', '-p', '/etc/mpproxy')
         self.run('cp', f'{RUN}/src/etc/mpproxy.service', '/etc/systemd/system/')
         self.run('systemctl', 'daemon-reload')
+        self.run('systemctl', 'enable', UNIT)        # its [Install]; started by each test
+        enabled = self.run('systemctl', 'is-enabled', UNIT).stdout.strip()
+        assert enabled == 'enabled', enabled
         return self.run('mpproxy', '-V').stdout.strip()
 
     # -- what an operator types -----------------------------------------------------------
