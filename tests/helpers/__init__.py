@@ -12,6 +12,9 @@ test module, and tests/conftest.py holds only pytest fixtures built on them.
   record collector, the body of an `env` fixture.
 - `configmap`: a Kubernetes ConfigMap volume in a directory, updated like the kubelet does.
 - `faults`: the real fault mechanisms of tests/faults (cgroups, a full tmpfs, rlimits).
+- `nspawn`: a Debian rootfs (debootstrap, cached) booted by systemd-nspawn, systemd as PID 1,
+  commands run in it by nsenter (tests/systemd); `systemd`: mpproxy installed in it as the
+  README says, and what an operator types there (systemctl, journalctl, kill).
 
 A helper is bounded in time like the tests are; what it starts, the caller stops.
 """
