@@ -155,7 +155,7 @@ def usr2(service) -> tuple[int, int]:
 
 
 def test_usr2_upgrade_as_the_readme_says_mainpid_follows_the_new_master(service):
-    old = start(service)
+    start(service)
     cursor = service.cursor()
     old, new = usr2(service)
     assert service.ppid(new) == old                     # exec'd by the old master
@@ -186,7 +186,8 @@ def test_usr2_upgrade_as_the_readme_says_mainpid_follows_the_new_master(service)
 
 def test_backing_out_of_an_upgrade_gives_the_service_back_to_the_old_master(service):
     """README: QUIT to the new master backs out. systemd did not start the new master (the
-    old one did), so it does not see it exit; the old master's MAINPID= comes first."""
+    old one did), so it does not see it exit (systemd 252); the old master's MAINPID= gives
+    the service back to it."""
     start(service)
     cursor = service.cursor()
     old, new = usr2(service)
