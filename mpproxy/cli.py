@@ -1,6 +1,6 @@
 """The command line, with nginx's habits; the only place that exits the master process.
 
-    mpproxy [-c CONFIG] [-t] [-T] [-s reload|stop|quit|reopen] [--daemon] [-V]
+    mpproxy [-c CONFIG] [-t] [-T] [-s reload|stop|quit|reopen [--pid PID]] [--daemon] [-V]
     mpproxy [-c CONFIG] status       # a short view of the running proxy, from admin.listen
     mpproxy [-c CONFIG] server drain|maint|ready|weight UPSTREAM SERVER [...]
     mpproxy [-c CONFIG] top          # a live view in the terminal, with keys to drain / ready
@@ -34,6 +34,9 @@ def parse_args(argv):
                         help='check the configuration, print the effective one and exit')
     parser.add_argument('-s', dest='signal', choices=sorted(SIGNAL_NAMES),
                         help='send a signal to the running master (its pid is read from pid_file)')
+    parser.add_argument('--pid', type=int, metavar='PID',
+                        help='with -s: the master is PID, not the pid in pid_file '
+                             '(systemd: --pid $MAINPID)')
     parser.add_argument('--daemon', action='store_true', help='detach from the terminal')
     parser.add_argument('-V', '--version', action='version', version=f'mpproxy {__version__}')
     parser.add_argument('command', nargs='?', choices=('status', 'server', 'top'),
@@ -44,6 +47,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.rest and args.command != 'server':
         parser.error(f'unrecognized arguments: {" ".join(args.rest)}')
+    if args.pid is not None and not args.signal:
+        parser.error('--pid goes with -s')
+    if args.pid is not None and args.pid <= 0:
+        parser.error(f'--pid: not a process id: {args.pid}')
     return args
 
 
@@ -71,7 +78,7 @@ def main(argv=None) -> int:
         print('configuration ok', file=sys.stderr if args.dump else sys.stdout)
         return EXIT_OK
     if args.signal:
-        return _send_signal(config, args.signal)
+        return _send_signal(config, args.signal, args.pid)
     if args.command == 'status':
         from mpproxy.observe import status_view
         return status_view.main(config)
@@ -91,14 +98,17 @@ def _check_names(config) -> list[str]:
     return asyncio.run(unresolvable(config))
 
 
-def _send_signal(config, name: str) -> int:
+def _send_signal(config, name: str, pid: int | None = None) -> int:
+    """-s NAME to `pid` (--pid), else to the pid in pid_file."""
     from mpproxy.master.pidfile import read_pid
 
-    if not config.pid_file:
-        print(f'mpproxy: -s needs pid_file set in {config.path}', file=sys.stderr)
+    if pid is None and not config.pid_file:
+        print(f'mpproxy: -s needs pid_file set in {config.path}, or --pid', file=sys.stderr)
         return EXIT_FAILURE
+    source = '--pid' if pid is not None else config.pid_file
     try:
-        pid = read_pid(config.pid_file)
+        if pid is None:
+            pid = read_pid(config.pid_file)
         if name == 'reload':
             return _reload(pid)
         os.kill(pid, SIGNAL_NAMES[name])
@@ -106,7 +116,7 @@ def _send_signal(config, name: str) -> int:
         print(f'mpproxy: {exc}', file=sys.stderr)
         return EXIT_FAILURE
     except ProcessLookupError:
-        print(f'mpproxy: no process with pid {pid} (from {config.pid_file})', file=sys.stderr)
+        print(f'mpproxy: no process with pid {pid} (from {source})', file=sys.stderr)
         return EXIT_FAILURE
     except PermissionError:
         print(f'mpproxy: not allowed to signal pid {pid}', file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 
@@ -31,6 +32,31 @@ def test_s_reload_reports_the_new_generation(proxies, tmp_path, tcp_echo):
         0, 'mpproxy: serving: generation 2 active\n', '')
     assert 'generation 2 active' in proxy.log()          # it had happened when -s returned
     assert echo_roundtrip(port, b'ok') == b'ok'
+
+
+def test_s_reload_with_pid_needs_no_pid_file(proxies, tcp_echo):
+    """etc/mpproxy.service's ExecReload: `-s reload --pid $MAINPID`, whatever the config."""
+    port = free_port()
+    proxy = proxies(tcp_config(port, tcp_echo.address, workers=1)).start(wait_workers=1)
+    done = run_cli('-c', str(proxy.config_path), '-s', 'reload')
+    assert done.returncode == 1
+    assert done.stderr == f'mpproxy: -s needs pid_file set in {proxy.config_path}, or --pid\n'
+    done = run_cli('-c', str(proxy.config_path), '-s', 'reload', '--pid', str(proxy.pid))
+    assert (done.returncode, done.stdout) == (0, 'mpproxy: serving: generation 2 active\n')
+    assert echo_roundtrip(port, b'ok') == b'ok'
+
+
+def test_pid_names_the_process_it_could_not_find(tmp_path):
+    config = tmp_path / 'mpproxy.yaml'
+    config.write_text('listeners: [{listen: "127.0.0.1:9", upstream: ["127.0.0.1:9"]}]\n')
+    child = subprocess.Popen(['true'])
+    child.wait()                                       # a pid that no process has now
+    done = run_cli('-c', str(config), '-s', 'quit', '--pid', str(child.pid))
+    assert (done.returncode, done.stderr) == (
+        1, f'mpproxy: no process with pid {child.pid} (from --pid)\n')
+    for args in (['--pid', '1'], ['-s', 'quit', '--pid', '0']):
+        done = run_cli('-c', str(config), *args)
+        assert done.returncode == 2 and '--pid' in done.stderr, done   # usage errors
 
 
 def test_s_reload_reports_a_reload_the_master_could_not_bind(proxies, tmp_path, tcp_echo):

@@ -14,6 +14,9 @@ test module, and tests/conftest.py holds only pytest fixtures built on them.
 - `faults`: the real fault mechanisms of tests/faults (cgroups, a full tmpfs, rlimits).
 - `terminal`: a real terminal for full-screen commands (`mpproxy top`): a private tmux
   server, keys in with send-keys, the screen out with capture-pane.
+- `nspawn`: a Debian rootfs (debootstrap, cached) booted by systemd-nspawn, systemd as PID 1,
+  commands run in it by nsenter (tests/systemd); `systemd`: mpproxy installed in it as the
+  README says, and what an operator types there (systemctl, journalctl, kill).
 
 A helper is bounded in time like the tests are; what it starts, the caller stops.
 """
