@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.backends import HeaderEcho, TcpBackend, UdpEcho, echo_handler
+from helpers.backends import HeaderEcho, TcpBackend, UdpEcho, echo_handler, tagged_backend
 from helpers.faults import FullTmpfs, PidsCgroup
 from helpers.proc import Proxy
 from helpers.unit import ListHandler
@@ -44,6 +44,15 @@ def open_dir():
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pair():
+    """Two TCP backends that answer each connection with their tag, b'A' and b'B'."""
+    a, b = tagged_backend(b'A'), tagged_backend(b'B')
+    yield a, b
+    a.close()
+    b.close()
 
 
 @pytest.fixture

@@ -20,14 +20,6 @@ from helpers.proc import alive, read_pid, run_cli, wait_for
 TOKEN = 'secret-token-for-tests'
 
 
-@pytest.fixture
-def pair():
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    yield a, b
-    a.close()
-    b.close()
-
-
 def config(port, admin, servers, tmp_path, workers=2, token=True, **upstream) -> dict:
     token_file = tmp_path / 'admin.token'
     token_file.write_text(TOKEN + '\n')
@@ -245,10 +237,7 @@ def test_slow_start_ramps_a_server_back_in(proxies, tmp_path, pair, balance):
     assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
     wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='A drained')
     assert cli(proxy, 'ready', 'pool', a.address).returncode == 0
-    wait_for(lambda: b'A' in tags(port, 40), 3, what='A picked again')
-    early = held_tags(port, 60).count(b'A')           # early in the ramp: a small share
-    wait_for(lambda: held_tags(port, 60).count(b'A') >= 24, 10, what='A at about its full share')
-    assert early < 20, early                          # (an even share would be 30 of 60)
+    assert_ramps_back(port)
 
 
 def held_tags(port: int, n: int) -> list[bytes]:
@@ -307,24 +296,22 @@ def test_slow_start_after_a_health_check_brings_a_server_back(proxies, tmp_path,
     a.close()                                          # A fails its checks ...
     proxy.wait_log(f'server {a.address} is down', timeout=5)
     wait_for(lambda: held_tags(port, 10) == [b'B'] * 10, 3, what='A out of rotation')
-    again = tagged_backend_on(b'A', a_port)            # ... and comes back
+    again = tagged_backend(b'A', a_port)               # ... and comes back
     try:
         proxy.wait_log(f'server {a.address} is up', timeout=5)
-        wait_for(lambda: b'A' in held_tags(port, 40), 3, what='A picked again')
-        early = held_tags(port, 60).count(b'A')
-        wait_for(lambda: held_tags(port, 60).count(b'A') >= 24, 10, what='A at its full share')
-        assert early < 20, early
+        assert_ramps_back(port)
     finally:
         again.close()
 
 
-def tagged_backend_on(tag: bytes, port: int):
-    from helpers.backends import TcpBackend, echo_handler
+def assert_ramps_back(port: int) -> None:
+    """Server A, just back, gets a small share of 60 overlapping connections at first (an
+    even share is 30), then about its full share."""
+    wait_for(lambda: b'A' in held_tags(port, 40), 4, what='A picked again')
+    early = held_tags(port, 60).count(b'A')
+    wait_for(lambda: held_tags(port, 60).count(b'A') >= 24, 10, what='A at its full share')
+    assert early < 20, early
 
-    def handler(conn):
-        conn.sendall(tag)
-        echo_handler(conn)
-    return TcpBackend(handler, port=port)
 
 
 def test_slow_start_after_passive_health_lets_a_server_back(proxies, tmp_path, pair):
@@ -339,12 +326,9 @@ def test_slow_start_after_passive_health_lets_a_server_back(proxies, tmp_path, p
         held_tags(port, 4)            # connections that try A, fail, and go on to B
         return f'server {a.address} is down for 1s' in proxy.log()
     wait_for(a_down, 3, what='A down by passive health')
-    again = tagged_backend_on(b'A', a_port)
+    again = tagged_backend(b'A', a_port)
     try:
-        wait_for(lambda: b'A' in held_tags(port, 40), 4, what='A picked again')
-        early = held_tags(port, 60).count(b'A')
-        wait_for(lambda: held_tags(port, 60).count(b'A') >= 24, 10, what='A at its full share')
-        assert early < 20, early
+        assert_ramps_back(port)
     finally:
         again.close()
 

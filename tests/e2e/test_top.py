@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-from helpers.backends import tagged_backend
 from helpers.net import connect, free_port, get
 from helpers.proc import children, run_cli, wait_for
 from helpers.terminal import TMUX, Terminal
@@ -21,14 +20,6 @@ from helpers.terminal import TMUX, Terminal
 pytestmark = pytest.mark.skipif(TMUX is None, reason='tmux is not installed')
 
 TOKEN = 'secret-token-for-top'
-
-
-@pytest.fixture
-def pair():
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    yield a, b
-    a.close()
-    b.close()
 
 
 @pytest.fixture

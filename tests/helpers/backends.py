@@ -80,12 +80,13 @@ def echo_handler(conn: socket.socket):
     conn.shutdown(socket.SHUT_WR)
 
 
-def tagged_backend(tag: bytes) -> TcpBackend:
-    """A backend that answers every connection with its tag, then echoes."""
+def tagged_backend(tag: bytes, port: int = 0) -> TcpBackend:
+    """A backend that answers every connection with its tag, then echoes (on `port`: a
+    server coming back where it was)."""
     def handler(conn):
         conn.sendall(tag)
         echo_handler(conn)
-    return TcpBackend(handler)
+    return TcpBackend(handler, port=port)
 
 
 class HeaderEcho(TcpBackend):
