@@ -348,3 +348,30 @@ def test_the_admin_unix_socket_allows_changes_by_its_file_mode(proxies, tmp_path
     assert out.returncode == 0, out.stderr
     wait_for(lambda: tags(port, 10) == [b'B'] * 10, 3, what='A drained')
     assert server_status(admin, a.address)['admin_state'] == 'drain'
+
+
+def test_maint_ends_the_udp_sessions_of_the_server_after_the_grace(proxies, tmp_path):
+    a, b = UdpEcho(prefix=b'A'), UdpEcho(prefix=b'B')
+    clients = []
+    try:
+        port, admin = free_port(), free_port()
+        cfg = config(port, admin, [a.address, b.address], tmp_path, workers=1)
+        cfg['listeners'][0]['protocol'] = 'udp'
+        proxy = proxies(cfg).start(wait_workers=1)
+        for _ in range(4):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.settimeout(2)
+            c.sendto(b'x', ('127.0.0.1', port))
+            clients.append((c, c.recv(10)[:1]))
+        on_a = [c for c, t in clients if t == b'A']
+        assert on_a
+        assert cli(proxy, 'maint', 'pool', a.address, '--grace', '0.3').returncode == 0
+        proxy.wait_log('is in maintenance: ended', timeout=5)
+        for c in on_a:            # their session ended: the next datagram makes one with B
+            c.sendto(b'y', ('127.0.0.1', port))
+            assert c.recv(10)[:1] == b'B'
+    finally:
+        for c, _ in clients:
+            c.close()
+        a.close()
+        b.close()
