@@ -211,8 +211,14 @@ class TcpService:
         self.acceptor.hold('out of files', bool(self.starved))
 
     def drain(self) -> None:
-        """Stop accepting; relays already open go on. The listening fd stays open."""
+        """Stop accepting and close this worker's copy of the listening socket; relays
+        already open go on. Once every process that holds the socket closed it (at QUIT: the
+        master and every worker; on a reload the new workers keep theirs), the kernel
+        refuses new clients instead of queueing them for nobody (nginx closes its listening
+        sockets on QUIT the same way)."""
         self.acceptor.stop()
+        if self.sock.fileno() >= 0:
+            self.sock.close()
 
     def busy(self) -> bool:
         return bool(self.relays)
