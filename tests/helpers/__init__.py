@@ -17,6 +17,8 @@ test module, and tests/conftest.py holds only pytest fixtures built on them.
 - `nspawn`: a Debian rootfs (debootstrap, cached) booted by systemd-nspawn, systemd as PID 1,
   commands run in it by nsenter (tests/systemd); `systemd`: mpproxy installed in it as the
   README says, and what an operator types there (systemctl, journalctl, kill).
+- `quic`: a QUIC client's first datagrams: from aioquic (a real stack), or Initial packets
+  sealed here with any frames, and TLS ClientHellos built by hand.
 
 A helper is bounded in time like the tests are; what it starts, the caller stops.
 """

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers.net import client_hello
-from mpproxy.proxy.edge.sni import FOUND, MORE, NOT_TLS, SniRouter, parse_sni
+from mpproxy.proxy.edge.sni import FOUND, MORE, NOT_TLS, SniRouter, hello_names, parse_sni
 
 
 def test_real_client_hello_gives_the_name():
@@ -28,6 +28,42 @@ def test_hello_split_over_two_records():
     two = (b'\x16\x03\x01' + half.to_bytes(2, 'big') + body[:half]
            + b'\x16\x03\x01' + (len(body) - half).to_bytes(2, 'big') + body[half:])
     assert parse_sni(two) == (FOUND, 'split.example.net')
+
+
+def test_hello_names_gives_the_alpn_protocols_too():
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols(['h2', 'http/1.1'])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname='alpn.example.com')
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()[5:]                        # one record: the handshake message
+    assert hello_names(hello[4:]) == ('alpn.example.com', ('h2', 'http/1.1'))
+    assert hello_names(client_hello(None)[9:]) == (None, ())
+
+
+def with_extension(record: bytes, extension: bytes) -> bytes:
+    """A one-record ClientHello with `extension` appended to its extensions."""
+    body = record[9:]
+    p = 34
+    p += 1 + body[p]                                    # session id
+    p += 2 + int.from_bytes(body[p:p + 2], 'big')       # cipher suites
+    p += 1 + body[p]                                    # compression methods
+    total = int.from_bytes(body[p:p + 2], 'big') + len(extension)
+    body = body[:p] + total.to_bytes(2, 'big') + body[p + 2:] + extension
+    hello = b'\x01' + len(body).to_bytes(3, 'big') + body
+    return record[:3] + len(hello).to_bytes(2, 'big') + hello
+
+
+def test_a_hello_with_two_server_names_is_not_tls():
+    """RFC 8446 4.2: one extension of each type; which name would the server see?"""
+    hello = client_hello('one.example')
+    second = b'\x00\x00\x00\x0f\x00\x0d\x00\x00\x0aother.test'
+    assert parse_sni(with_extension(hello, b'\x00\x2a\x00\x00')) == (FOUND, 'one.example')
+    assert parse_sni(with_extension(hello, second)) == (NOT_TLS, None)
 
 
 def test_not_tls():

@@ -10,6 +10,12 @@ forwards them whole to the server the name routes to.
     handshake = type(1)=1 length(3) version(2) random(32) session_id(<1>)
                 cipher_suites(<2>) compression(<1>) extensions(<2>)
     extension server_name(0) = list(<2>) [name_type(1)=0 host_name(<2>)]
+    extension alpn(16)       = list(<2>) [protocol_name(<1>)]
+
+`hello_names()` reads the body of a ClientHello (the bytes after its 4-byte
+handshake header) for the server name and the ALPN protocols: the walk this
+module shares with edge/quic.py, where the same handshake message comes in
+QUIC CRYPTO frames rather than in TLS records.
 """
 
 from __future__ import annotations
@@ -45,29 +51,47 @@ def parse_sni(data: bytes) -> tuple[str, str | None]:
 
 
 def _hello_sni(body: bytes) -> tuple[str, str | None]:
-    try:
-        p = 2 + 32                                         # version, random
-        p += 1 + body[p]                                   # session id
-        p += 2 + int.from_bytes(body[p:p + 2], 'big')      # cipher suites
-        p += 1 + body[p]                                   # compression methods
-        if p >= len(body):
-            return FOUND, None                             # no extensions at all
-        end = p + 2 + int.from_bytes(body[p:p + 2], 'big')
-        if end > len(body):
-            return NOT_TLS, None
-        p += 2
-        while p + 4 <= end:
-            ext_type = int.from_bytes(body[p:p + 2], 'big')
-            ext_len = int.from_bytes(body[p + 2:p + 4], 'big')
-            p += 4
-            if p + ext_len > end:
-                return NOT_TLS, None
+    names = hello_names(body)
+    return (NOT_TLS, None) if names is None else (FOUND, names[0])
+
+
+def hello_names(body: bytes) -> tuple[str | None, tuple[str, ...]] | None:
+    """(server name or None, ALPN protocols) of a ClientHello body; None if it is malformed.
+
+    The name comes as `parse_sni` gives it (lower case, no trailing dot; None when it is
+    absent or not ASCII); an ALPN protocol that is not ASCII has its bytes as \\xNN escapes.
+    """
+    n = len(body)
+    p = 2 + 32                                             # version, random
+    for size in (1, 2, 1):                                 # session id, cipher suites, compression
+        if p + size > n:
+            return None
+        p += size + int.from_bytes(body[p:p + size], 'big')
+    if p >= n:
+        return (None, ()) if p == n else None              # no extensions at all
+    end = p + 2 + int.from_bytes(body[p:p + 2], 'big')
+    if end > n:
+        return None
+    p += 2
+    name, alpn, seen = None, (), set()
+    while p + 4 <= end:
+        ext_type = int.from_bytes(body[p:p + 2], 'big')
+        ext_len = int.from_bytes(body[p + 2:p + 4], 'big')
+        p += 4
+        if p + ext_len > end:
+            return None
+        if ext_type in (0, 16):
+            if ext_type in seen:
+                return None                                # RFC 8446 4.2: one of each type
+            seen.add(ext_type)
             if ext_type == 0:
-                return FOUND, _server_name(body[p:p + ext_len])
-            p += ext_len
-        return FOUND, None
-    except IndexError:
-        return NOT_TLS, None
+                name = _server_name(body[p:p + ext_len])
+            else:
+                alpn = _alpn(body[p:p + ext_len])
+                if alpn is None:
+                    return None
+        p += ext_len
+    return (name, alpn) if p == end else None
 
 
 def _server_name(ext: bytes) -> str | None:
@@ -82,6 +106,19 @@ def _server_name(ext: bytes) -> str | None:
                 return None
         p += 3 + n
     return None
+
+
+def _alpn(ext: bytes) -> tuple[str, ...] | None:
+    if len(ext) < 2 or int.from_bytes(ext[0:2], 'big') != len(ext) - 2:
+        return None
+    names, p = [], 2
+    while p < len(ext):
+        n = ext[p]
+        if n == 0 or p + 1 + n > len(ext):
+            return None
+        names.append(ext[p + 1:p + 1 + n].decode('ascii', 'backslashreplace'))
+        p += 1 + n
+    return tuple(names)
 
 
 class SniRouter:
