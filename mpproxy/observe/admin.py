@@ -69,6 +69,15 @@ def bind(address: Address) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
+    except OSError:
+        sock.close()
+        raise
+    return _listening(sock)
+
+
+def _listening(sock: socket.socket) -> socket.socket:
+    """A bound `sock`, listening and non-blocking (closed if it cannot be)."""
+    try:
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
@@ -364,9 +373,7 @@ def bind_unix(path: str) -> socket.socket:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise
-    return sock
+    return _listening(sock)

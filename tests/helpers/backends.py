@@ -10,6 +10,8 @@ import struct
 import threading
 import time
 
+from helpers.net import recv_exactly
+
 from mpproxy.proxy.edge import proxy_header
 
 
@@ -221,10 +223,10 @@ class DnsServer(UdpServer):
         """Length-prefixed queries on one TCP connection until the client closes it."""
         conn.settimeout(5)
         while True:
-            head = _recv_exactly(conn, 2)
+            head = recv_exactly(conn, 2)
             if len(head) < 2:
                 return
-            data = _recv_exactly(conn, struct.unpack('!H', head)[0])
+            data = recv_exactly(conn, struct.unpack('!H', head)[0])
             reply = self._reply(data, 'tcp')
             if reply is None:
                 return
@@ -268,12 +270,3 @@ class DnsServer(UdpServer):
         if tcp is not None:
             tcp.close()
 
-
-def _recv_exactly(conn: socket.socket, size: int) -> bytes:
-    data = b''
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
