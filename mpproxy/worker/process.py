@@ -237,14 +237,14 @@ class Worker(Handover):
             self.config, [listener for listener, _ in self.spec.sockets], log))
         for listener, sock in self.spec.sockets:
             pool = self._pool(listener.upstream)
+            router = None
+            if listener.sni_routes is not None:     # tcp: TLS SNI; udp: QUIC's server name
+                routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
+                          if pattern != 'default']
+                default = next((self._pool(name) for pattern, name in listener.sni_routes
+                                if pattern == 'default'), None)   # None: close / drop the rest
+                router = SniRouter(routes, default)
             if listener.protocol == 'tcp':
-                router = None
-                if listener.sni_routes is not None:
-                    routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
-                              if pattern != 'default']
-                    default = next((self._pool(name) for pattern, name in listener.sni_routes
-                                    if pattern == 'default'), None)   # None: close the rest
-                    router = SniRouter(routes, default)
                 shared = self.config.workers > 1 and not listener.reuseport
                 if self.poller is None:
                     self.poller = Poller(self.loop, log)
@@ -257,7 +257,7 @@ class Worker(Handover):
                     self.poller = Poller(self.loop, log)
                 service = UdpService(self.loop, listener, sock, pool, log,
                                      None if gate is None else GateLimit(gate), self.access,
-                                     self.poller)
+                                     self.poller, router=router)
             self.services.append(service)
             self.by_listener[listener.key] = service
         if self.spec.health is not None:
