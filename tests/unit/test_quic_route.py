@@ -23,9 +23,10 @@ def env():
     yield from serve_env(env)
 
 
-def routed(env, default=True, idle=0.4, clock=None):
-    """A service routing a.example → A, *.b.example and b.example → B, else D (or none)."""
-    ups = {name: EchoUpstream(env) for name in 'ABD'}
+def routed(env, default=True, idle=0.4, clock=None, ups=None):
+    """A service routing a.example → A, *.b.example and b.example → B, else D (or none);
+    the echo upstreams `ups` (by name), or new ones."""
+    ups = ups or {name: EchoUpstream(env) for name in 'ABD'}
     pools = {name: UpstreamPool(Upstream(name=name, servers=(
         Server(address=Address(*up.addr)),))) for name, up in ups.items()}
     router = SniRouter([('a.example', pools['A']), ('*.b.example', pools['B']),
@@ -177,3 +178,25 @@ def test_close_and_hand_over_forget_held_flows(env):
     assert svc.stats.dropped == 2
     env.run_for(0.1)
     assert all(up.got == [] for up in ups.values())
+
+
+def test_a_routed_session_handed_over_keeps_its_upstream_and_pool(env):
+    old, addr, ups = routed(env)
+    c = env.udp(V4, ('127.0.0.1', 0))
+    initials = aioquic_initials('a.example', ['h3'])
+    for d in initials:
+        c.sendto(d, addr)
+    assert env.recv(c)[0] == initials[0]
+    out = old.export_sessions()
+    assert [meta['p'] for meta, _ in out] == ['A']
+    fds = [os.dup(sock.fileno()) for _, sock in out]
+    for _, sock in out:
+        sock.close()
+    new, addr2, _ = routed(env, ups=ups)
+    assert new.adopt_sessions([meta for meta, _ in out], fds) == 1
+    sess = next(iter(new._sessions.values()))
+    assert sess.pool is new._routed['A']
+    new.start()
+    c.sendto(b'after the reload', addr2)            # (the new listener socket: a test stand-in)
+    env.run_until(lambda: b'after the reload' in sent(ups['A']), what='the adopted session')
+    assert ups['A'].source_of(b'after the reload') == ups['A'].source_of(initials[0])

@@ -126,6 +126,10 @@ class UdpService:
         self._view = memoryview(self._buf)
         # router (an edge.sni.SniRouter of pools): sni_routes, new flows routed by their QUIC
         # server name (quicroute.py); None: every session goes to `pool`
+        self._routed = {} if router is None else {   # upstream name → pool, for adopted sessions
+            pool.name: pool for pool in (*router.exact.values(),
+                                         *(pool for _, pool in router.wildcards),
+                                         router.default) if pool is not None}
         kind, extra = (Admission, {}) if router is None else \
             (RoutedAdmission, {'router': router, 'arm': self._arm})
         self._admission = kind(listener, sock, self._wildcard, self._table, self.stats,
@@ -259,6 +263,8 @@ class UdpService:
             if not self._admission.admit_adopted(sess):     # this generation's send: v2
                 sess.sock.close()
                 continue
+            if 'p' in metas[i]:         # routed by name: this generation's pool of that name
+                sess.pool = self._routed.get(metas[i]['p'])
             old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
