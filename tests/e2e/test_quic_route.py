@@ -5,6 +5,7 @@ checks), across one udp listener with sni_routes."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 
 import pytest
@@ -95,3 +96,52 @@ def test_check_names_the_quic_extra_when_cryptography_is_missing(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and 'mpproxy[quic]' in lines[0], result.stderr
     assert 'listeners[0].sni_routes' in lines[0]
+
+
+def test_a_quic_connection_keeps_exchanging_data_through_three_reloads(proxies):
+    import ssl
+
+    from aioquic.asyncio import connect
+    from aioquic.quic.configuration import QuicConfiguration
+    port = free_port(socket.SOCK_DGRAM)
+    holder = {}
+
+    async def body(ports):
+        proxy = holder['proxy'] = proxies(quic_config(port, ports, default=False))
+        proxy.start(wait_workers=2)
+        loop = asyncio.get_running_loop()
+        config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name='b.example',
+                                   verify_mode=ssl.CERT_NONE, idle_timeout=10.0)
+        async with connect('127.0.0.1', port, configuration=config) as client:
+            answers = []
+            stop = asyncio.Event()
+
+            async def talk():
+                i = 0
+                while not stop.is_set():
+                    reader, writer = await client.create_stream()
+                    writer.write(b'%d' % i)
+                    writer.write_eof()
+                    answers.append(await asyncio.wait_for(reader.read(), 5.0))
+                    i += 1
+                    await asyncio.sleep(0.02)
+            task = asyncio.ensure_future(talk())
+            for generation in (2, 3, 4):
+                await asyncio.sleep(0.2)
+                before = len(answers)
+                proxy.signal(signal.SIGHUP)
+                await loop.run_in_executor(None, lambda g=generation: proxy.wait_log(
+                    f'generation {g} active', timeout=10))
+                while len(answers) < before + 5 and not task.done():   # bounded by talk()'s 5 s
+                    await asyncio.sleep(0.02)
+            stop.set()
+            await asyncio.wait_for(task, 6.0)
+            assert answers == [b'b.example|%d' % i for i in range(len(answers))]
+            assert len(answers) >= 15
+    asyncio.run(with_servers(body))
+    proxy = holder['proxy']
+    log = proxy.log()
+    assert 'generation 4 active' in log
+    assert log.count('handed 1 UDP session(s) to the new worker(s)') == 3, log   # one upstream
+                                                                        # socket all along
+    assert_clean(proxy)
