@@ -44,6 +44,7 @@ from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.poller import Poller, prime_allocator
 from mpproxy.proxy.tcp.service import TcpService
 from mpproxy.proxy.udp import handoff
+from mpproxy.proxy.udp.quicroute import QuicRouter
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.proxy.udp.session import GateLimit
 from mpproxy.shared.limits import LimitTable
@@ -238,11 +239,13 @@ class Worker(Handover):
         for listener, sock in self.spec.sockets:
             pool = self._pool(listener.upstream)
             router = None
-            if listener.sni_routes is not None:     # tcp: TLS SNI; udp: QUIC's server name
+            if listener.sni_routes is not None and listener.protocol == 'udp':
+                router = QuicRouter(listener.sni_routes, self._pool)   # QUIC: name and ALPN
+            elif listener.sni_routes is not None:
                 routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
                           if pattern != 'default']
                 default = next((self._pool(name) for pattern, name in listener.sni_routes
-                                if pattern == 'default'), None)   # None: close / drop the rest
+                                if pattern == 'default'), None)   # None: close the rest
                 router = SniRouter(routes, default)
             if listener.protocol == 'tcp':
                 shared = self.config.workers > 1 and not listener.reuseport

@@ -21,7 +21,8 @@ NAMES = ('a.example', 'b.example', 'default.example')
 
 def quic_config(port: int, ports: dict, default: bool, workers: int = 2) -> str:
     ups = ''.join(f'  {n[0]}:\n    servers: ["127.0.0.1:{p}"]\n' for n, p in ports.items())
-    routes = '"a.example": a, "*.b.example": b, "b.example": b' + (', default: d' if default else '')
+    routes = ('"a.example": a, "a.example alpn=other": b, "*.b.example": b, "b.example": b'
+              + (', default: d' if default else ''))
     return (f'workers: {workers}\nupstreams:\n{ups}listeners:\n'
             f'  - listen: "127.0.0.1:{port}"\n    protocol: udp\n'
             f'    sni_routes: {{{routes}}}\n')
@@ -73,6 +74,9 @@ def test_default_route_and_a_client_hello_over_several_initials(proxies):
         proxy.start(wait_workers=1)
         common, answer = await quic_exchange(port, 'nobody.example', b'x')
         assert (common, answer) == ('default.example', b'default.example|x')
+        # a route that requires an ALPN the client offers wins over the name's plain route
+        common, answer = await quic_exchange(port, 'a.example', b'y', alpn=('other', ALPN))
+        assert (common, answer) == ('b.example', b'b.example|y')
         # ~2.2 KB of ALPN names: aioquic's ClientHello spans two or three Initial packets
         big = [ALPN] + [f'pad{i:02d}-' + 'x' * 200 for i in range(10)]
         for name in ('b.example', 'a.example'):

@@ -4,7 +4,8 @@
 client that has a session goes on as on any listener. One from a client with no
 session opens no session yet: the flow gets a `Pending` entry holding its datagrams
 and an `edge.quic.ClientHelloReader`; once the reader has the whole ClientHello, its
-server name picks the pool (`SniRouter.route`: exact name, `*.suffix`, default), the
+server name and ALPN list pick the pool (`QuicRouter.route`: exact name, `*.suffix`,
+default; within each, a route requiring an offered ALPN first), the
 session is opened to that pool as any session is (`Admission._open`: the per-IP limit,
 a full table) and the held datagrams are sent upstream in the order they came.
 
@@ -40,6 +41,78 @@ MAX_HELD_BYTES = 16384    # bytes held per flow
 _AGAIN = (BlockingIOError, InterruptedError)
 
 
+def split_route(pattern: str) -> tuple[str, frozenset | None]:
+    """`"name alpn=h3,h3-29"` → ("name", {"h3", "h3-29"}); a plain pattern → (pattern, None)."""
+    name, sep, rest = pattern.strip().partition(' alpn=')
+    if not sep:
+        return name, None
+    return name.strip(), frozenset(p.strip() for p in rest.split(',') if p.strip())
+
+
+class QuicRouter:
+    """sni_routes of a udp listener: a server name pattern, optionally with the ALPN protocols
+    it requires (`"api.example.com alpn=h3": h3api`), → a pool.
+
+    Patterns are tried as for TCP (the exact name, then the longest matching `*.suffix`, then
+    `default`); within a pattern, a route whose ALPN the client offers wins (in config order),
+    else the pattern's route without ALPN; a pattern with neither lets the next one decide.
+    """
+
+    def __init__(self, routes, pool_of):
+        self.exact: dict[str, list] = {}
+        self.wildcards: list[tuple[str, list]] = []
+        self.default: list = []
+        for pattern, upstream in routes:
+            name, alpn = split_route(pattern)
+            name = name.lower().rstrip('.')
+            entry = (alpn, pool_of(upstream))
+            if name == 'default':
+                self.default.append(entry)
+            elif name.startswith('*.'):
+                group = next((g for s, g in self.wildcards if s == name[1:]), None)
+                if group is None:
+                    self.wildcards.append((name[1:], [entry]))
+                else:
+                    group.append(entry)
+            else:
+                self.exact.setdefault(name, []).append(entry)
+        self.wildcards.sort(key=lambda w: -len(w[0]))
+
+    def pools(self) -> list:
+        groups = [*self.exact.values(), *(g for _, g in self.wildcards), self.default]
+        return [pool for group in groups for _, pool in group]
+
+    def route(self, name: str | None, alpn=()):
+        """The pool for a ClientHello's server name and ALPN list, or None."""
+        if name:
+            group = self.exact.get(name)
+            if group is not None:
+                pool = _pick(group, alpn)
+                if pool is not None:
+                    return pool
+            for suffix, group in self.wildcards:
+                if name.endswith(suffix):
+                    pool = _pick(group, alpn)
+                    if pool is not None:
+                        return pool
+        return _pick(self.default, alpn)
+
+    def fallback(self):
+        """The pool of a flow whose ClientHello could not be read: `default` without ALPN."""
+        return next((pool for alpn, pool in self.default if alpn is None), None)
+
+
+def _pick(group: list, alpn) -> object | None:
+    plain = None
+    for required, pool in group:
+        if required is None:
+            if plain is None:
+                plain = pool
+        elif not required.isdisjoint(alpn):
+            return pool
+    return plain
+
+
 class Pending:
     """A flow with no session yet: what it sent, and its ClientHello so far."""
 
@@ -57,8 +130,7 @@ class Pending:
 class RoutedAdmission(Admission):
     """`Admission` with flows routed by their QUIC server name (see the module docstring).
 
-    `router` maps a server name to an UpstreamPool (edge.sni.SniRouter, its default the
-    `default` route or None); `arm()` makes sure the service's sweep timer runs, which
+    `router` (a QuicRouter) maps a server name and ALPN list to an UpstreamPool; `arm()` makes sure the service's sweep timer runs, which
     calls `expire()`.
     """
 
@@ -166,7 +238,7 @@ class RoutedAdmission(Admission):
             if not self._quic:
                 self._stats.quic_unrouted += 1
                 return self._forward(key, addr, cdata, [data], len(data), now,
-                                     self._router.default)
+                                     self._router.fallback())
             if len(pending) >= MAX_PENDING:
                 self._stats.quic_unrouted += 1
                 self._rl.warning(('quic', 'pending'), 'udp %s: %d QUIC flows waiting for their '
@@ -183,10 +255,11 @@ class RoutedAdmission(Admission):
             return self._release(key, flow, now, None, 'bad', str(exc))
         if state == quic.DONE:
             name = flow.reader.server_name
-            pool = self._router.route(name)
+            pool = self._router.route(name, flow.reader.alpn)
             if pool is None:
                 return self._release(key, flow, now, None, 'no route',
-                                     f'no route for server name {name!r} and no default')
+                                     f'no route for server name {name!r} (ALPN '
+                                     f'{",".join(flow.reader.alpn) or "none"}) and no default')
             return self._release(key, flow, now, pool)
         if state == quic.NOT_QUIC:
             return self._release(key, flow, now, None, 'not quic', 'not a QUIC Initial')
@@ -202,7 +275,7 @@ class RoutedAdmission(Admission):
         del self.pending[key]
         if why is not None:
             self._stats.quic_unrouted += 1
-            pool = None if kind == 'no route' else self._router.default
+            pool = None if kind == 'no route' else self._router.fallback()
             self._rl.warning(('quic', kind), 'udp %s: QUIC flow from %s: %s; %s', self._name,
                              flow.addr, why, 'dropped' if pool is None else 'sent to default')
         return self._forward(key, flow.addr, flow.cdata, flow.held, flow.size, now, pool)

@@ -124,12 +124,10 @@ class UdpService:
         self._timer = None
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
-        # router (an edge.sni.SniRouter of pools): sni_routes, new flows routed by their QUIC
-        # server name (quicroute.py); None: every session goes to `pool`
+        # router (a quicroute.QuicRouter): sni_routes, new flows routed by their QUIC server
+        # name and ALPN (quicroute.py); None: every session goes to `pool`
         self._routed = {} if router is None else {   # upstream name → pool, for adopted sessions
-            pool.name: pool for pool in (*router.exact.values(),
-                                         *(pool for _, pool in router.wildcards),
-                                         router.default) if pool is not None}
+            pool.name: pool for pool in router.pools()}
         kind, extra = (Admission, {}) if router is None else \
             (RoutedAdmission, {'router': router, 'arm': self._arm})
         self._admission = kind(listener, sock, self._wildcard, self._table, self.stats,
