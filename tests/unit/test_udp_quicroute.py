@@ -23,7 +23,7 @@ def env():
     yield from serve_env(env)
 
 
-def routed(env, default=True, idle=0.4, clock=None, ups=None):
+def routed(env, default=True, idle=0.4, clock=None, ups=None, host='127.0.0.1'):
     """A service routing a.example → A, *.b.example and b.example → B, else D (or none);
     the echo upstreams `ups` (by name), or new ones."""
     ups = ups or {name: EchoUpstream(env) for name in 'ABD'}
@@ -31,9 +31,9 @@ def routed(env, default=True, idle=0.4, clock=None, ups=None):
         Server(address=Address(*up.addr)),))) for name, up in ups.items()}
     routes = [('a.example', 'A'), ('*.b.example', 'B'), ('b.example', 'B')]
     router = QuicRouter(routes + [('default', 'D')] if default else routes, pools.__getitem__)
-    lsock = env.udp(V4, ('127.0.0.1', 0), reuseport=True)
+    lsock = env.udp(V4, (host, 0), reuseport=True)
     port = lsock.getsockname()[1]
-    listener = Listener(name='quic', listen=Address('127.0.0.1', port), protocol='udp',
+    listener = Listener(name='quic', listen=Address(host, port), protocol='udp',
                         upstream='D', idle_timeout=idle, udp=UdpOptions())
     svc = UdpService(env.loop, listener, lsock, pools['D'], env.log, clock=clock or Clock(),
                      router=router)
@@ -220,3 +220,14 @@ def test_the_router_picks_by_name_then_alpn():
     assert sorted(set(router.pools())) == ['API', 'D', 'D3', 'DOQ', 'H3', 'WILD3']
     only = QuicRouter([('default alpn=h3', 'D3')], str)
     assert (only.route('x', ('h2',)), only.fallback()) == (None, None)
+
+
+def test_a_wildcard_listener_routes_and_answers_from_the_address_used(env):
+    svc, (_, port), ups = routed(env, host='0.0.0.0')
+    c = env.udp(V4, ('127.0.0.1', 0))
+    parts = split_initials(os.urandom(8), client_hello('b.example', padding=2500), 3)
+    for d in parts:
+        c.sendto(d, ('127.0.0.2', port))
+    env.run_until(lambda: len(ups['B'].got) == 3, what='routing')
+    assert sent(ups['B']) == parts
+    assert env.recv(c) == (parts[0], ('127.0.0.2', port))
