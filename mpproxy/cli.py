@@ -64,6 +64,10 @@ def main(argv=None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_FAILURE
+    missing = _missing_extras(config)
+    if missing and (args.test or args.dump or not (args.signal or args.command)):
+        print(f'{config.path}: {missing}', file=sys.stderr)
+        return EXIT_FAILURE
     if args.test or args.dump:
         problems = _check_names(config)      # -t runs in its own process: DNS is fine here
         if problems:
@@ -89,6 +93,18 @@ def main(argv=None) -> int:
         from mpproxy.observe import top
         return top.main(config)
     return _serve(config, args)
+
+
+def _missing_extras(config) -> str | None:
+    """The one line saying which optional package the config needs and lacks, or None."""
+    for i, listener in enumerate(config.listeners):
+        if listener.protocol == 'udp' and listener.sni_routes is not None:
+            from mpproxy.proxy.edge import quic
+            if not quic.available():
+                return (f'listeners[{i}].sni_routes: routing QUIC by server name needs the '
+                        f'cryptography package: pip install "mpproxy[quic]"')
+            return None
+    return None
 
 
 def _check_names(config) -> list[str]:

@@ -346,7 +346,9 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
     upstream = _listener_upstream(s, name if protocol == 'tcp' else f'{name}/udp', declared, inline)
     reuseport = s.get('reuseport', boolean, False)
     if protocol == 'udp' and s.value('sni_routes') is not None:
-        s.report('sni_routes', 'routing by TLS SNI needs a tcp listener')
+        pp = s.value('proxy_protocol')           # QUIC routing reads a datagram from its 1st byte
+        if isinstance(pp, dict) and (pp.get('accept') or pp.get('send') not in (None, 'none')):
+            s.report('sni_routes', 'not supported yet on a udp listener with proxy_protocol')
     if reuseport and protocol == 'udp':
         s.report('reuseport', 'udp listeners always use one SO_REUSEPORT socket per worker')
     half_close = s.get('half_close', boolean, True)
@@ -367,7 +369,8 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
         half_close_timeout=s.get('half_close_timeout', NON_NEGATIVE, 60.0),
         half_close=half_close,
         next_upstream_tries=s.get('next_upstream_tries', integer(1, 100), 3),
-        sni_routes=_optional_section(s, 'sni_routes', None, partial(_sni_routes, declared=declared)),
+        sni_routes=_optional_section(s, 'sni_routes', None, partial(_sni_routes, declared=declared,
+                                                                    protocol=protocol)),
         proxy_protocol=_proxy_protocol(s, protocol),
         allow=s.get_list('allow', cidr),
         deny=s.get_list('deny', cidr),
@@ -425,12 +428,17 @@ def _keepalive(s: Section) -> Keepalive | None:
                      count=k.get('count', optional(integer(1, 127))))
 
 
-def _sni_routes(s: Section, declared: dict) -> tuple[tuple[str, str], ...]:
+def _sni_routes(s: Section, declared: dict, protocol: str = 'tcp') -> tuple[tuple[str, str], ...]:
     routes = []
     for pattern in s.keys():
         target = s.value(pattern)
         if not isinstance(pattern, str) or not pattern.strip():
             s.report(pattern, f'a server name pattern must be a non-empty string, got {describe(pattern)}')
+        elif ' alpn=' in pattern and protocol != 'udp':
+            s.report(pattern, 'a route that requires an ALPN is not supported yet on a tcp listener')
+        elif ' alpn=' in pattern and (not pattern.partition(' alpn=')[0].strip()
+                                      or not pattern.partition(' alpn=')[2].strip(' ,')):
+            s.report(pattern, "write a route that requires an ALPN as 'NAME alpn=PROTO[,PROTO]'")
         elif not isinstance(target, str) or target not in declared:
             s.report(pattern, f'unknown upstream {describe(target)}')
         else:

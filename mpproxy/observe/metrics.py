@@ -121,6 +121,10 @@ FAMILIES = (
     Family('mpproxy_udp_sessions_refused_total', COUNTER, ('listener', 'reason', 'worker'),
            'New clients dropped: reason is table_full (every session talking) or per_ip '
            '(udp.max_sessions_per_ip).'),
+    Family('mpproxy_udp_quic_unrouted_total', COUNTER, L,
+           'sni_routes: new flows not routed by their QUIC server name (not QUIC, '
+           'undecryptable, past a bound or the hold deadline: to default or dropped; or no '
+           'route and no default: dropped).'),
     Family('mpproxy_udp_sessions_active', GAUGE, L, 'Sessions open now.'),
     # upstream servers
     Family('mpproxy_upstream_connect_errors_total', COUNTER, U,
@@ -176,6 +180,7 @@ UDP_SERIES = (
     ('ended_handed_over', 'mpproxy_udp_sessions_ended_total', (('reason', 'handed_over'),)),
     ('refused_table_full', 'mpproxy_udp_sessions_refused_total', (('reason', 'table_full'),)),
     ('refused_per_ip', 'mpproxy_udp_sessions_refused_total', (('reason', 'per_ip'),)),
+    ('quic_unrouted', 'mpproxy_udp_quic_unrouted_total', ()),
     ('active', 'mpproxy_udp_sessions_active', ()),
 )
 TCP_KEYS = tuple(key for key, _, _ in TCP_SERIES)

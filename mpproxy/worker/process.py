@@ -44,6 +44,7 @@ from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.poller import Poller, prime_allocator
 from mpproxy.proxy.tcp.service import TcpService
 from mpproxy.proxy.udp import handoff
+from mpproxy.proxy.udp.quicroute import QuicRouter
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.proxy.udp.session import GateLimit
 from mpproxy.shared.limits import LimitTable
@@ -237,14 +238,16 @@ class Worker(Handover):
             self.config, [listener for listener, _ in self.spec.sockets], log))
         for listener, sock in self.spec.sockets:
             pool = self._pool(listener.upstream)
+            router = None
+            if listener.sni_routes is not None and listener.protocol == 'udp':
+                router = QuicRouter(listener.sni_routes, self._pool)   # QUIC: name and ALPN
+            elif listener.sni_routes is not None:
+                routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
+                          if pattern != 'default']
+                default = next((self._pool(name) for pattern, name in listener.sni_routes
+                                if pattern == 'default'), None)   # None: close the rest
+                router = SniRouter(routes, default)
             if listener.protocol == 'tcp':
-                router = None
-                if listener.sni_routes is not None:
-                    routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
-                              if pattern != 'default']
-                    default = next((self._pool(name) for pattern, name in listener.sni_routes
-                                    if pattern == 'default'), None)   # None: close the rest
-                    router = SniRouter(routes, default)
                 shared = self.config.workers > 1 and not listener.reuseport
                 if self.poller is None:
                     self.poller = Poller(self.loop, log)
@@ -257,7 +260,7 @@ class Worker(Handover):
                     self.poller = Poller(self.loop, log)
                 service = UdpService(self.loop, listener, sock, pool, log,
                                      None if gate is None else GateLimit(gate), self.access,
-                                     self.poller)
+                                     self.poller, router=router)
             self.services.append(service)
             self.by_listener[listener.key] = service
         if self.spec.health is not None:

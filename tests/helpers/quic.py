@@ -97,3 +97,78 @@ def split_initials(dcid: bytes, hello: bytes, parts: int, version: int = V1,
     return [seal_initial(dcid, crypto_frame(i * size, hello[i * size:(i + 1) * size]), pn=i,
                          version=version, pad_to=pad_to)
             for i in range(parts)]
+
+
+# -- a real QUIC stack on both sides (aioquic, asyncio): for the end-to-end tests ----------
+
+ALPN = 'mpx-test'
+
+
+def self_signed(name: str):
+    """(certificate, private key) for `name`, made now (cryptography's x509)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+async def quic_server(name: str, host: str = '127.0.0.1'):
+    """An aioquic server on (host, an ephemeral port) with its own certificate for `name`:
+    each stream is answered with `name|` + what the client sent. Returns (server, port);
+    `server.close()` stops it."""
+    import socket
+
+    from aioquic.asyncio import serve
+    from aioquic.quic.configuration import QuicConfiguration
+    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    config.certificate, config.private_key = self_signed(name)
+
+    def on_stream(reader, writer):
+        async def answer():
+            data = await reader.read()
+            writer.write(name.encode() + b'|' + data)
+            writer.write_eof()
+        import asyncio
+        asyncio.ensure_future(answer())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:    # a free port (race: small)
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = await serve(host, port, configuration=config, stream_handler=on_stream)
+    return server, port
+
+
+async def quic_exchange(port: int, server_name: str, message: bytes, *, alpn=(ALPN,),
+                        host: str = '127.0.0.1', timeout: float = 3.0) -> tuple[str, bytes]:
+    """Connect with aioquic to host:port as `server_name` (no verification), send `message`
+    on one stream; (the common name of the certificate the server showed, the answer).
+    Raises TimeoutError when no handshake completes within `timeout`."""
+    import asyncio
+    import ssl
+
+    from aioquic.asyncio import connect
+    from aioquic.quic.configuration import QuicConfiguration
+    from cryptography.x509.oid import NameOID
+    config = QuicConfiguration(is_client=True, alpn_protocols=list(alpn), server_name=server_name,
+                               verify_mode=ssl.CERT_NONE, idle_timeout=timeout)
+
+    async def run():
+        async with connect(host, port, configuration=config) as client:
+            cert = client._quic.tls._peer_certificate      # what the server showed
+            common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            reader, writer = await client.create_stream()
+            writer.write(message)
+            writer.write_eof()
+            return common, await reader.read()
+    return await asyncio.wait_for(run(), timeout)

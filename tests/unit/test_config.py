@@ -666,3 +666,55 @@ def test_sni_listener_needs_no_upstream_of_its_own(tmp_path):
     listener = config.listeners[0]
     assert listener.sni_routes == (('www.example.com', 'www'), ('default', 'rest'))
     assert listener.upstream == 'rest'
+
+
+def test_a_udp_listener_takes_sni_routes_for_quic_but_not_beside_proxy_protocol(tmp_path):
+    config = load_text(tmp_path, """\
+        upstreams:
+          a: {servers: [127.0.0.1:9000]}
+          rest: {servers: [127.0.0.1:9001]}
+        listeners:
+          - listen: 127.0.0.1:443
+            protocol: udp
+            sni_routes: {"a.example": a, default: rest}
+        """)
+    listener = config.listeners[0]
+    assert listener.sni_routes == (('a.example', 'a'), ('default', 'rest'))
+    assert listener.upstream == 'rest'
+    found = problems(tmp_path, """\
+        upstreams:
+          a: {servers: [127.0.0.1:9000]}
+        listeners:
+          - listen: 127.0.0.1:443
+            protocol: udp
+            sni_routes: {"a.example": a}
+            proxy_protocol: {send: v2}
+        """)
+    assert len(found) == 1 and 'listeners[0].sni_routes' in found[0], found
+    assert 'not supported yet on a udp listener with proxy_protocol' in found[0]
+
+
+def test_routes_that_require_an_alpn_are_for_udp_listeners(tmp_path):
+    config = load_text(tmp_path, """\
+        upstreams:
+          a: {servers: [127.0.0.1:9000]}
+          h3: {servers: [127.0.0.1:9001]}
+        listeners:
+          - listen: 127.0.0.1:443
+            protocol: udp
+            sni_routes: {"a.example alpn=h3,h3-29": h3, "a.example": a}
+        """)
+    assert config.listeners[0].sni_routes == (('a.example alpn=h3,h3-29', 'h3'), ('a.example', 'a'))
+    found = problems(tmp_path, """\
+        upstreams:
+          a: {servers: [127.0.0.1:9000]}
+        listeners:
+          - listen: 127.0.0.1:443
+            sni_routes: {"a.example alpn=h2": a}
+          - listen: 127.0.0.1:443
+            protocol: udp
+            sni_routes: {"a.example alpn=": a, " alpn=h3": a}
+        """)
+    assert len(found) == 3, found
+    assert 'listeners[0].sni_routes' in found[0] and 'not supported yet on a tcp listener' in found[0]
+    assert all("'NAME alpn=PROTO[,PROTO]'" in p for p in found[1:]), found

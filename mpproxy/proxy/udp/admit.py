@@ -100,6 +100,15 @@ class Admission:
         self._send_v2 = pp.send == 'v2'
         self._local = sock.getsockname()[:2]    # send v2: the destination, unless wildcard
 
+    # flows held before they have a session: none here (see quicroute.RoutedAdmission)
+    pending = ()
+
+    def expire(self, now: float) -> None:
+        """End the held flows past their deadline (the service's sweep timer)."""
+
+    def drop_pending(self) -> None:
+        """Forget the held flows (drain, close, hand-over)."""
+
     @property
     def reader(self):
         """The listener socket's reader callback: `_on_listener`, or with proxy_protocol
@@ -294,9 +303,9 @@ class Admission:
 
     # -- admission of a new session -----------------------------------------------
 
-    def _open(self, key, addr, cdata, now, client=None, told=None):
+    def _open(self, key, addr, cdata, now, client=None, told=None, pool=None):
         """A new session for sender `addr` whose real client is `client` (default: `addr`),
-        or None (counted by the caller as dropped)."""
+        to `pool` (default: the listener's), or None (counted by the caller as dropped)."""
         client = client or addr
         head = None
         if self._send_v2:
@@ -313,7 +322,7 @@ class Admission:
         try:
             cap = self._table.cap
             if not cap or len(self._sessions) < cap or self._make_room(client, now):
-                sess = self._connect(key, addr, cdata, now, client)
+                sess = self._connect(key, addr, cdata, now, client, pool)
         finally:
             if per_ip is not None:
                 if sess is None:

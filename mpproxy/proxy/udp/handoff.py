@@ -252,6 +252,8 @@ def describe(sess: Session, wildcard: bool, now: float) -> dict:
         meta['c'] = list(sess.client)
     if sess.told is not None:           # ... and the destination it named
         meta['t'] = list(sess.told)
+    if sess.pool is not None:           # routed by its QUIC server name: the upstream's name
+        meta['p'] = sess.pool.name
     return meta
 
 

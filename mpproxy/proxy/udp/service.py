@@ -72,6 +72,7 @@ from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.poller import Poller
 from mpproxy.proxy.udp import handoff, pktinfo
 from mpproxy.proxy.udp.admit import Admission
+from mpproxy.proxy.udp.quicroute import RoutedAdmission
 from mpproxy.proxy.udp.session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
 
 BUFSIZE = 65536          # > 65507 (largest IPv4 UDP payload) and 65527 (IPv6)
@@ -95,7 +96,7 @@ class UdpService:
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
                  per_ip: PerIpLimit | None = None, access=None, poller: Poller | None = None,
-                 clock=None):
+                 clock=None, router=None):
         self.stats = UdpStats()
         self._loop = loop
         self._poller = poller if poller is not None else Poller(loop, log)
@@ -123,11 +124,17 @@ class UdpService:
         self._timer = None
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
-        self._admission = Admission(listener, sock, self._wildcard, self._table, self.stats,
-                                    self._rl, self._buf, self._time, per_ip, access is not None,
-                                    connect=self._connect, end=self._end,
-                                    upstream_error=self._upstream_error,
-                                    unexpected=self._unexpected)
+        # router (a quicroute.QuicRouter): sni_routes, new flows routed by their QUIC server
+        # name and ALPN (quicroute.py); None: every session goes to `pool`
+        self._routed = {} if router is None else {   # upstream name → pool, for adopted sessions
+            pool.name: pool for pool in router.pools()}
+        kind, extra = (Admission, {}) if router is None else \
+            (RoutedAdmission, {'router': router, 'arm': self._arm})
+        self._admission = kind(listener, sock, self._wildcard, self._table, self.stats,
+                               self._rl, self._buf, self._time, per_ip, access is not None,
+                               connect=self._connect, end=self._end,
+                               upstream_error=self._upstream_error,
+                               unexpected=self._unexpected, **extra)
 
     # -- the interface the worker uses ---------------------------------------
 
@@ -151,6 +158,7 @@ class UdpService:
         shorter idle_timeout), not after a full idle_timeout.
         """
         self._stop_reading()
+        self._admission.drop_pending()
         if self._idle > DRAIN_IDLE:
             self._idle = DRAIN_IDLE
             self._period = max(MIN_SWEEP, DRAIN_IDLE / 4.0)
@@ -178,6 +186,7 @@ class UdpService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._admission.drop_pending()
         sessions = list(self._sessions.values())
         for sess in sessions:
             self._end(sess)
@@ -201,6 +210,7 @@ class UdpService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._admission.drop_pending()      # flows still waiting for a ClientHello: dropped
         now = self._time()
         out = []
         for sess in self._sessions.values():
@@ -217,9 +227,8 @@ class UdpService:
 
     def end_server(self, upstream: str, label: str) -> int:
         """End the sessions with server `label` of `upstream` (maint); how many."""
-        if self._pool.name != upstream:
-            return 0
-        ended = [s for s in self._sessions.values() if s.target.label == label]
+        ended = [s for s in self._sessions.values() if s.target.label == label
+                 and (s.pool or self._pool).name == upstream]
         for sess in ended:
             self._end(sess, 'maint')
         self.stats.sessions_closed += len(ended)
@@ -252,6 +261,8 @@ class UdpService:
             if not self._admission.admit_adopted(sess):     # this generation's send: v2
                 sess.sock.close()
                 continue
+            if 'p' in metas[i]:         # routed by name: this generation's pool of that name
+                sess.pool = self._routed.get(metas[i]['p'])
             old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
@@ -322,9 +333,12 @@ class UdpService:
 
     # -- session life ---------------------------------------------------------
 
-    def _connect(self, key, addr, cdata, now, client):
-        """Open the session: a socket connected to a server, watched, in the table; or None."""
-        pool = self._pool
+    def _connect(self, key, addr, cdata, now, client, pool=None):
+        """Open the session: a socket connected to a server of `pool` (default: the
+        listener's), watched, in the table; or None."""
+        routed = pool
+        if pool is None:
+            pool = self._pool
         sock = target = None
         for target in pool.candidates(client if pool.needs_client else None, self._tries):
             # next_upstream_tries: a local failure tries the next server
@@ -346,12 +360,14 @@ class UdpService:
         if sock is None:
             if target is None:
                 self._rl.warning('no servers', 'udp %s: upstream %s has no servers, datagram '
-                                 'from %s dropped', self._name, self._listener.upstream, client)
+                                 'from %s dropped', self._name,
+                                 self._listener.upstream if routed is None else routed.name, client)
             return None
         anc = None
         if cdata is not None:
             anc = pktinfo.reply_ancdata(self._lsock.family, cdata)
         sess = Session(key, addr, sock, anc, target, now, client)
+        sess.pool = routed
         try:
             self._poller.watch(sess.fd, partial(self._on_upstream, sess))
         except Exception as exc:
@@ -378,7 +394,7 @@ class UdpService:
             sess.gated = False
             self._per_ip.release(sess.client[0])
         self._poller.close_socket(sess.fd, sock)     # (which takes it out of the epoll)
-        self._pool.release(sess.target)
+        (sess.pool or self._pool).release(sess.target)
         self.stats.sessions_active -= 1
         if self._access is not None:
             self._access.write(self._name, 'udp', sess.client, sess.target.sockaddr, status,
@@ -401,6 +417,7 @@ class UdpService:
                 self._end(sess)
                 expired += 1
             self.stats.sessions_expired += expired
+            self._admission.expire(now)         # sni_routes: flows held past their deadline
             if table.full_at is not None and now - table.full_at >= self._rl.interval:
                 # the table stopped overflowing: write out the suppressed counts now,
                 # not at the next overflow or at close()
@@ -408,7 +425,12 @@ class UdpService:
                 self._rl.flush()
         except Exception as exc:
             self._unexpected(exc, 'expiring sessions')
-        if sessions and not self._closed:
+        if (sessions or self._admission.pending) and not self._closed:
+            self._timer = self._loop.call_later(self._period, self._sweep)
+
+    def _arm(self) -> None:
+        """Make sure the sweep timer runs (a flow is held: quicroute.py)."""
+        if self._timer is None and not self._closed:
             self._timer = self._loop.call_later(self._period, self._sweep)
 
     def _stop_reading(self) -> None:
@@ -427,7 +449,7 @@ class UdpService:
             return
         label = sess.target.label
         if exc.errno in _UPSTREAM_DEAD:
-            self._pool.failed(sess.target)
+            (sess.pool or self._pool).failed(sess.target)
             self._end(sess, 'upstream_refused')
             self.stats.sessions_failed += 1
             self._rl.warning((exc.errno, label), 'udp %s: %s upstream %s: %s; session of %s ended',

@@ -22,7 +22,7 @@ class UdpStats:
                  'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted', 'denied',
                  'sessions_evicted_unanswered', 'sessions_evicted_idle', 'sessions_refused',
                  'sessions_refused_per_ip', 'untrusted', 'bad_headers', 'too_big',
-                 'bytes_in', 'bytes_out')
+                 'bytes_in', 'bytes_out', 'quic_unrouted')
 
     # datagrams_in       datagrams read from clients (including dropped ones)
     # datagrams_out      replies sent to clients
@@ -46,6 +46,9 @@ class UdpStats:
     #                    too big for the PROXY header, send errors to an upstream or to a client
     # bytes_in           bytes of the datagrams read from clients (as datagrams_in)
     # bytes_out          bytes of the replies sent to clients (as datagrams_out)
+    # quic_unrouted      sni_routes: new flows not routed by their QUIC server name (not QUIC,
+    #                    undecryptable, past a bound or the hold deadline: sent to `default`
+    #                    or dropped; or a name with no route and no default: dropped)
 
     def __init__(self):
         for name in self.__slots__:
@@ -70,6 +73,7 @@ class UdpStats:
                 'ended_handed_over': self.sessions_handed_out,
                 'refused_table_full': self.sessions_refused,
                 'refused_per_ip': self.sessions_refused_per_ip,
+                'quic_unrouted': self.quic_unrouted,
                 'active': self.sessions_active}
 
     def __repr__(self) -> str:
@@ -146,7 +150,7 @@ class Session:
     new session (new socket, new source port, next server in balancing order).
     """
 
-    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'replies', 'last', 'gated',
+    __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'pool', 'replies', 'last', 'gated',
                  'client', 'told', 'head', 'room', 'pre', 'started', 'datagrams_in', 'bytes_in',
                  'bytes_out')
 
@@ -157,6 +161,8 @@ class Session:
         self.fd = sock.fileno()
         self.anc = anc              # sendmsg() pktinfo for wildcard listeners, else None
         self.target = target        # upstream.pool.Target
+        self.pool = None            # its UpstreamPool when routed by name (quicroute.py), else
+                                    # None: the listener's
         self.replies = 0            # replies received from the upstream
         self.last = now             # loop.time() of the last datagram either way
         self.gated = False          # holds a count in the per-IP limit (release it at the end)

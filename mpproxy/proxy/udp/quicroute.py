@@ -1,0 +1,302 @@
+"""QUIC passthrough by server name: `sni_routes` on a UDP listener.
+
+`RoutedAdmission` is the `Admission` of a listener with sni_routes. A datagram of a
+client that has a session goes on as on any listener. One from a client with no
+session opens no session yet: the flow gets a `Pending` entry holding its datagrams
+and an `edge.quic.ClientHelloReader`; once the reader has the whole ClientHello, its
+server name and ALPN list pick the pool (`QuicRouter.route`: exact name, `*.suffix`,
+default; within each, a route requiring an offered ALPN first), the
+session is opened to that pool as any session is (`Admission._open`: the per-IP limit,
+a full table) and the held datagrams are sent upstream in the order they came.
+
+    no session ──▶ PENDING (held: its datagrams, a ClientHelloReader, a deadline)
+                     │  MORE: held, unless past MAX_HELD datagrams / MAX_HELD_BYTES
+                     ├─ DONE, the name routes ───────────────────────────▶ session to that pool
+                     ├─ DONE, no route and no default ──────────────────▶ dropped ┐ quic_unrouted,
+                     └─ not a QUIC Initial, QuicError, a bound, HOLD ────▶ default │ logged
+                        (the deadline, checked by the service's sweep timer)  or dropped ┘ (rate-limited)
+
+Nothing is ever sent to a client before its session exists (a session only relays its
+upstream's replies). Bounds per worker and listener: MAX_PENDING flows held at once (a
+new flow past it is dropped and counted), each at most MAX_HELD datagrams and
+MAX_HELD_BYTES bytes, for at most HOLD seconds (expired within one sweep period after).
+Held flows are dropped, not forwarded, when the service drains, closes or hands its
+sessions over on reload: the client's QUIC stack retransmits its Initials, and the next
+worker reads them afresh.
+
+Without the `cryptography` package (`mpproxy[quic]`; `mpproxy -t` and start-up refuse
+such a config, a reload cannot check) every new flow is unrouted: to default, or dropped.
+"""
+
+from __future__ import annotations
+
+from mpproxy.proxy.edge import quic
+from mpproxy.proxy.udp import pktinfo
+from mpproxy.proxy.udp.admit import BATCH, Admission
+
+HOLD = 1.0                # seconds a flow may take to send its whole ClientHello
+MAX_PENDING = 1024        # flows held at once, per worker and listener
+MAX_HELD = 8              # datagrams held per flow
+MAX_HELD_BYTES = 16384    # bytes held per flow
+_AGAIN = (BlockingIOError, InterruptedError)
+
+
+def split_route(pattern: str) -> tuple[str, frozenset | None]:
+    """`"name alpn=h3,h3-29"` → ("name", {"h3", "h3-29"}); a plain pattern → (pattern, None)."""
+    name, sep, rest = pattern.strip().partition(' alpn=')
+    if not sep:
+        return name, None
+    return name.strip(), frozenset(p.strip() for p in rest.split(',') if p.strip())
+
+
+class QuicRouter:
+    """sni_routes of a udp listener: a server name pattern, optionally with the ALPN protocols
+    it requires (`"api.example.com alpn=h3": h3api`), → a pool.
+
+    Patterns are tried as for TCP (the exact name, then the longest matching `*.suffix`, then
+    `default`); within a pattern, a route whose ALPN the client offers wins (in config order),
+    else the pattern's route without ALPN; a pattern with neither lets the next one decide.
+    """
+
+    def __init__(self, routes, pool_of):
+        self.exact: dict[str, list] = {}
+        self.wildcards: list[tuple[str, list]] = []
+        self.default: list = []
+        for pattern, upstream in routes:
+            name, alpn = split_route(pattern)
+            name = name.lower().rstrip('.')
+            entry = (alpn, pool_of(upstream))
+            if name == 'default':
+                self.default.append(entry)
+            elif name.startswith('*.'):
+                group = next((g for s, g in self.wildcards if s == name[1:]), None)
+                if group is None:
+                    self.wildcards.append((name[1:], [entry]))
+                else:
+                    group.append(entry)
+            else:
+                self.exact.setdefault(name, []).append(entry)
+        self.wildcards.sort(key=lambda w: -len(w[0]))
+
+    def pools(self) -> list:
+        groups = [*self.exact.values(), *(g for _, g in self.wildcards), self.default]
+        return [pool for group in groups for _, pool in group]
+
+    def route(self, name: str | None, alpn=()):
+        """The pool for a ClientHello's server name and ALPN list, or None."""
+        if name:
+            group = self.exact.get(name)
+            if group is not None:
+                pool = _pick(group, alpn)
+                if pool is not None:
+                    return pool
+            for suffix, group in self.wildcards:
+                if name.endswith(suffix):
+                    pool = _pick(group, alpn)
+                    if pool is not None:
+                        return pool
+        return _pick(self.default, alpn)
+
+    def fallback(self):
+        """The pool of a flow whose ClientHello could not be read: `default` without ALPN."""
+        return next((pool for alpn, pool in self.default if alpn is None), None)
+
+
+def _pick(group: list, alpn) -> object | None:
+    plain = None
+    for required, pool in group:
+        if required is None:
+            if plain is None:
+                plain = pool
+        elif not required.isdisjoint(alpn):
+            return pool
+    return plain
+
+
+class Pending:
+    """A flow with no session yet: what it sent, and its ClientHello so far."""
+
+    __slots__ = ('addr', 'cdata', 'reader', 'held', 'size', 'deadline')
+
+    def __init__(self, addr, cdata, deadline: float):
+        self.addr = addr            # the client, as recvfrom() gave it
+        self.cdata = cdata          # wildcard listeners: its pktinfo, for the session's replies
+        self.reader = quic.ClientHelloReader()
+        self.held: list[bytes] = []
+        self.size = 0
+        self.deadline = deadline
+
+
+class RoutedAdmission(Admission):
+    """`Admission` with flows routed by their QUIC server name (see the module docstring).
+
+    `router` (a QuicRouter) maps a server name and ALPN list to an UpstreamPool; `arm()` makes sure the service's sweep timer runs, which
+    calls `expire()`.
+    """
+
+    def __init__(self, *args, router, arm, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._router = router
+        self._arm = arm
+        self.pending: dict = {}         # table key → Pending, oldest (earliest deadline) first
+        self._quic = quic.available()
+        if not self._quic:
+            self._rl.error('no quic', 'udp %s: sni_routes need the cryptography package '
+                           '(pip install "mpproxy[quic]"): every new flow goes to default, '
+                           'or is dropped', self._name)
+
+    @property
+    def reader(self):
+        return self._on_listener_routed
+
+    def expire(self, now: float) -> None:
+        pending = self.pending
+        dropped = 0
+        while pending:
+            key, flow = next(iter(pending.items()))
+            if flow.deadline > now:
+                break
+            dropped += self._release(key, flow, now, None, 'timeout',
+                                     f'no whole ClientHello within {HOLD:g}s')
+        self._stats.dropped += dropped
+
+    def drop_pending(self) -> None:
+        self._stats.dropped += sum(len(flow.held) for flow in self.pending.values())
+        self.pending.clear()
+
+    # Flat on purpose, as Admission._on_listener (scripts/bench "udp"): a datagram of an open
+    # session costs what it costs there; only the "no session" branch differs.
+    def _on_listener_routed(self):
+        """Client datagrams → their sessions' upstream sockets, or held until routed."""
+        lsock = self._lsock
+        sessions = self._sessions
+        get = sessions.get
+        touch = sessions.move_to_end
+        buf, view = self._buf, self._view
+        wildcard = self._wildcard
+        if wildcard:
+            pk_level, pk_type, pk_slice = self._pk
+            ancsize = pktinfo.ANCBUFSIZE
+        counting = self._counting
+        now = self._table.now = self._time()
+        n = dropped = nbytes = 0
+        try:
+            while n < BATCH:
+                try:
+                    if wildcard:
+                        size, anc, _flags, addr = lsock.recvmsg_into((buf,), ancsize)
+                    else:
+                        size, addr = lsock.recvfrom_into(buf)
+                except _AGAIN:
+                    break
+                n += 1
+                nbytes += size
+                if wildcard:
+                    cdata = None
+                    for level, typ, cd in anc:
+                        if typ == pk_type and level == pk_level:
+                            cdata = cd
+                            break
+                    key = (addr, None if cdata is None else cdata[pk_slice])
+                else:
+                    key = addr
+                    cdata = None
+                sess = get(key)
+                if sess is None:
+                    dropped += self._hold(key, addr, cdata, bytes(view[:size]), now)
+                    continue
+                if sess.last != now:
+                    touch(key)
+                    sess.last = now
+                if counting:
+                    sess.datagrams_in += 1
+                    sess.bytes_in += size
+                try:
+                    sess.sock.send(view[:size])
+                except OSError as exc:
+                    dropped += 1
+                    self._upstream_error(sess, exc, 'send to')
+        except Exception as exc:
+            self._unexpected(exc, 'reading the listener')
+        stats = self._stats
+        stats.datagrams_in += n
+        stats.bytes_in += nbytes
+        if dropped:
+            stats.dropped += dropped
+
+    # -- a flow with no session --------------------------------------------------------
+
+    def _hold(self, key, addr, cdata, data: bytes, now: float) -> int:
+        """One datagram of a flow with no session: held, or its flow routed. Returns how
+        many datagrams were dropped."""
+        pending = self.pending
+        flow = pending.get(key)
+        if flow is None:
+            if self._acl is not None and not self._acl.permits(addr[0]):
+                self._deny(addr)
+                return 0
+            if not self._quic:
+                self._stats.quic_unrouted += 1
+                return self._forward(key, addr, cdata, [data], len(data), now,
+                                     self._router.fallback())
+            if len(pending) >= MAX_PENDING:
+                self._stats.quic_unrouted += 1
+                self._rl.warning(('quic', 'pending'), 'udp %s: %d QUIC flows waiting for their '
+                                 'ClientHello (per worker): datagram from %s dropped',
+                                 self._name, MAX_PENDING, addr)
+                return 1
+            flow = pending[key] = Pending(addr, cdata, now + HOLD)
+            self._arm()
+        flow.held.append(data)
+        flow.size += len(data)
+        try:
+            state = flow.reader.feed(data)
+        except quic.QuicError as exc:
+            return self._release(key, flow, now, None, 'bad', str(exc))
+        if state == quic.DONE:
+            name = flow.reader.server_name
+            pool = self._router.route(name, flow.reader.alpn)
+            if pool is None:
+                return self._release(key, flow, now, None, 'no route',
+                                     f'no route for server name {name!r} (ALPN '
+                                     f'{",".join(flow.reader.alpn) or "none"}) and no default')
+            return self._release(key, flow, now, pool)
+        if state == quic.NOT_QUIC:
+            return self._release(key, flow, now, None, 'not quic', 'not a QUIC Initial')
+        if len(flow.held) >= MAX_HELD or flow.size >= MAX_HELD_BYTES:
+            return self._release(key, flow, now, None, 'bound',
+                                 f'no whole ClientHello in {len(flow.held)} datagrams '
+                                 f'({flow.size} bytes)')
+        return 0
+
+    def _release(self, key, flow: Pending, now: float, pool, kind=None, why=None) -> int:
+        """The flow leaves the pending table: to `pool`, or (`why` it was not routed by
+        name) to the default route, else dropped. Returns how many datagrams were dropped."""
+        del self.pending[key]
+        if why is not None:
+            self._stats.quic_unrouted += 1
+            pool = None if kind == 'no route' else self._router.fallback()
+            self._rl.warning(('quic', kind), 'udp %s: QUIC flow from %s: %s; %s', self._name,
+                             flow.addr, why, 'dropped' if pool is None else 'sent to default')
+        return self._forward(key, flow.addr, flow.cdata, flow.held, flow.size, now, pool)
+
+    def _forward(self, key, addr, cdata, held: list, size: int, now: float, pool) -> int:
+        """Open the session of `addr` to `pool` and send it the `held` datagrams in order."""
+        if pool is None:
+            return len(held)
+        sess = self._open(key, addr, cdata, now, pool=pool)
+        if sess is None:
+            return len(held)
+        if self._counting:
+            sess.datagrams_in += len(held)
+            sess.bytes_in += size
+        dropped = 0
+        for i, data in enumerate(held):
+            try:
+                sess.sock.send(data)
+            except OSError as exc:
+                dropped += 1
+                self._upstream_error(sess, exc, 'send to')
+                if sess.sock is None:           # the upstream is gone: the rest are lost
+                    return dropped + len(held) - i - 1
+        return dropped
