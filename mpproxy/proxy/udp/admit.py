@@ -180,12 +180,8 @@ class Admission:
                     cdata = None
                 sess = get(key)
                 if sess is None:
-                    if self._acl is not None and not self._acl.permits(addr[0]):
-                        self._deny(addr)
-                        continue
-                    sess = self._open(key, addr, cdata, now)
+                    sess = self._first(key, addr, cdata, now, view, size)
                     if sess is None:
-                        dropped += 1
                         continue
                 elif sess.last != now:
                     touch(key)
@@ -302,6 +298,18 @@ class Admission:
             stats.dropped += dropped
 
     # -- admission of a new session -----------------------------------------------
+
+    def _first(self, key, addr, cdata, now, view, size):
+        """A datagram (`view[:size]`) of a client with no session: its new session, to send
+        it on; or None: denied or dropped (counted here). quicroute.RoutedAdmission holds it
+        instead, until the flow's ClientHello names its upstream."""
+        if self._acl is not None and not self._acl.permits(addr[0]):
+            self._deny(addr)
+            return None
+        sess = self._open(key, addr, cdata, now)
+        if sess is None:
+            self._stats.dropped += 1
+        return sess
 
     def _open(self, key, addr, cdata, now, client=None, told=None, pool=None):
         """A new session for sender `addr` whose real client is `client` (default: `addr`),

@@ -31,14 +31,12 @@ such a config, a reload cannot check) every new flow is unrouted: to default, or
 from __future__ import annotations
 
 from mpproxy.proxy.edge import quic
-from mpproxy.proxy.udp import pktinfo
-from mpproxy.proxy.udp.admit import BATCH, Admission
+from mpproxy.proxy.udp.admit import Admission
 
 HOLD = 1.0                # seconds a flow may take to send its whole ClientHello
 MAX_PENDING = 1024        # flows held at once, per worker and listener
 MAX_HELD = 8              # datagrams held per flow
 MAX_HELD_BYTES = 16384    # bytes held per flow
-_AGAIN = (BlockingIOError, InterruptedError)
 
 
 def split_route(pattern: str) -> tuple[str, frozenset | None]:
@@ -145,10 +143,6 @@ class RoutedAdmission(Admission):
                            '(pip install "mpproxy[quic]"): every new flow goes to default, '
                            'or is dropped', self._name)
 
-    @property
-    def reader(self):
-        return self._on_listener_routed
-
     def expire(self, now: float) -> None:
         pending = self.pending
         dropped = 0
@@ -164,67 +158,11 @@ class RoutedAdmission(Admission):
         self._stats.dropped += sum(len(flow.held) for flow in self.pending.values())
         self.pending.clear()
 
-    # Flat on purpose, as Admission._on_listener (scripts/bench "udp"): a datagram of an open
-    # session costs what it costs there; only the "no session" branch differs.
-    def _on_listener_routed(self):
-        """Client datagrams → their sessions' upstream sockets, or held until routed."""
-        lsock = self._lsock
-        sessions = self._sessions
-        get = sessions.get
-        touch = sessions.move_to_end
-        buf, view = self._buf, self._view
-        wildcard = self._wildcard
-        if wildcard:
-            pk_level, pk_type, pk_slice = self._pk
-            ancsize = pktinfo.ANCBUFSIZE
-        counting = self._counting
-        now = self._table.now = self._time()
-        n = dropped = nbytes = 0
-        try:
-            while n < BATCH:
-                try:
-                    if wildcard:
-                        size, anc, _flags, addr = lsock.recvmsg_into((buf,), ancsize)
-                    else:
-                        size, addr = lsock.recvfrom_into(buf)
-                except _AGAIN:
-                    break
-                n += 1
-                nbytes += size
-                if wildcard:
-                    cdata = None
-                    for level, typ, cd in anc:
-                        if typ == pk_type and level == pk_level:
-                            cdata = cd
-                            break
-                    key = (addr, None if cdata is None else cdata[pk_slice])
-                else:
-                    key = addr
-                    cdata = None
-                sess = get(key)
-                if sess is None:
-                    dropped += self._hold(key, addr, cdata, bytes(view[:size]), now)
-                    continue
-                if sess.last != now:
-                    touch(key)
-                    sess.last = now
-                if counting:
-                    sess.datagrams_in += 1
-                    sess.bytes_in += size
-                try:
-                    sess.sock.send(view[:size])
-                except OSError as exc:
-                    dropped += 1
-                    self._upstream_error(sess, exc, 'send to')
-        except Exception as exc:
-            self._unexpected(exc, 'reading the listener')
-        stats = self._stats
-        stats.datagrams_in += n
-        stats.bytes_in += nbytes
-        if dropped:
-            stats.dropped += dropped
-
-    # -- a flow with no session --------------------------------------------------------
+    def _first(self, key, addr, cdata, now, view, size):
+        """A datagram of a flow with no session (the plain reader's one branch that differs,
+        Admission._first): held until its ClientHello is whole, then routed."""
+        self._stats.dropped += self._hold(key, addr, cdata, bytes(view[:size]), now)
+        return None
 
     def _hold(self, key, addr, cdata, data: bytes, now: float) -> int:
         """One datagram of a flow with no session: held, or its flow routed. Returns how
