@@ -310,6 +310,20 @@ class UpstreamPool:
                 index = balancer.pick(client_addr, full | self.primary)
         return index
 
+    def adopt(self, target: Target) -> Target:
+        """A connection or session to `target` handed over from another worker (a reload):
+        counted here as if picked now (active, and the balancer's connection count), and the
+        pool's own Target for that address returned, so that `release` uncounts it. A target
+        this pool no longer has is returned as it is (not counted)."""
+        i = self.by_key.get(_key(target))
+        if i is None:
+            return target
+        self.active[i] += 1
+        conns = getattr(self.balancer, 'conns', None)
+        if conns is not None:
+            conns[i] += 1
+        return self.targets[i]
+
     def release(self, target: Target) -> None:
         """A connection or session to `target` ended (or its connect failed)."""
         i = self._index(target)

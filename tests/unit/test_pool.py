@@ -41,3 +41,20 @@ def test_weights_and_least_conn_release_through_the_pool():
     for t in held:
         p.release(t)
     assert p.balancer.conns == [0, 0]
+
+
+def test_an_adopted_target_counts_like_a_picked_one_and_release_uncounts_it():
+    """A UDP session handed over on reload: counted in the new worker's pool (active, and
+    least_conn's connections), so that its release is not lost and least_conn sees it."""
+    from mpproxy.upstream.pool import Target
+    up = Upstream('u', (Server(Address('127.0.0.1', 1)), Server(Address('127.0.0.2', 2))),
+                  balance='least_conn')
+    p = UpstreamPool(up)
+    handed = Target(socket.AF_INET, ('127.0.0.1', 1), '127.0.0.1:1')     # index -1: not ours
+    mine = p.adopt(handed)
+    assert mine is p.targets[0] and p.active == [1, 0] and p.balancer.conns == [1, 0]
+    assert next(p.candidates(None, 1)).sockaddr[0] == '127.0.0.2'        # least_conn sees it
+    p.release(mine)
+    assert p.active[0] == 0 and p.balancer.conns[0] == 0
+    gone = Target(socket.AF_INET, ('127.0.0.9', 9), '127.0.0.9:9')
+    assert p.adopt(gone) is gone and p.active == [0, 1]                  # not ours: not counted

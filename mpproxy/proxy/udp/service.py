@@ -275,6 +275,7 @@ class UdpService:
             if self._per_ip is not None:    # counted even over the limit: kept anyway
                 self._per_ip.adopt(sess.client[0])
                 sess.gated = True
+            sess.target = (sess.pool or self._pool).adopt(sess.target)   # counted again
             self._table.add(sess)
             adopted += 1
         stats = self.stats
