@@ -48,7 +48,7 @@ def test_quic_connections_reach_the_server_their_name_routes_to(proxies):
     async def body(ports):
         proxy = holder['proxy'] = proxies(quic_config(port, ports, default=False))
         proxy.start(wait_workers=2)
-        for batch in range(4):          # 20 connections to each name, 10 at a time
+        for batch in range(10):         # 50 connections to each name, 10 at a time
             names = ['a.example', 'b.example'] * 5
             got = await asyncio.gather(*(quic_exchange(port, name, b'hello %d' % i)
                                          for i, name in enumerate(names)))
