@@ -24,7 +24,7 @@ from urllib.parse import unquote
 from mpproxy.config.schema import Config
 from mpproxy.observe import log as logmod
 from mpproxy.shared import servers as block
-from mpproxy.shared.servers import DRAIN, MAINT, NAMES, READY, STATES
+from mpproxy.shared.servers import MAINT, NAMES, READY, STATES
 
 log = logmod.log
 
@@ -104,7 +104,8 @@ class ServerControl:
             states = generation.servers
             if states is None:
                 continue
-            for i, s in enumerate(generation.config.upstreams.get(upstream, _NONE).servers):
+            servers = generation.config.upstreams.get(upstream)
+            for i, s in enumerate(servers.servers if servers is not None else ()):
                 if str(s.address) == label:
                     states.write(upstream, i, *record)
             states.bump()
@@ -115,7 +116,7 @@ class ServerControl:
 
     def describe(self, upstream: str, server) -> dict:
         label = str(server.address)
-        state, weight, _, until = self.states.get((upstream, label), (READY, 0, 0.0, 0.0))
+        state, weight, _, _ = self.states.get((upstream, label), (READY, 0, 0.0, 0.0))
         return {'upstream': upstream, 'server': label, 'state': NAMES[state],
                 'weight': weight or server.weight, 'config_weight': server.weight}
 
@@ -136,13 +137,6 @@ class ServerControl:
             log.warning('binary upgrade: the server states passed are unreadable; ignored')
 
 
-class _NoUpstream:
-    servers = ()
-
-
-_NONE = _NoUpstream()
-
-
 def _target(config: Config, path: str) -> tuple[str, str]:
     parts = path.split('/')
     if len(parts) != 4 or parts[1] != 'servers':
@@ -155,4 +149,3 @@ def _target(config: Config, path: str) -> tuple[str, str]:
     return upstream, label
 
 
-__all__ = ['ServerControl', 'RequestError', 'DRAIN', 'MAINT', 'READY']

@@ -92,8 +92,7 @@ class Observer:
         token = None
         if path:
             try:
-                with open(path, 'rb') as f:
-                    token = f.read().strip() or None
+                token = admin.read_token(path) or None
                 if token is None:
                     log.error('admin token_file %s is empty; the admin endpoint is read-only', path)
             except OSError as exc:

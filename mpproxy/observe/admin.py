@@ -256,22 +256,23 @@ class AdminServer:
     def _write_request(self, conn: _Connection, head: bytes, method: str, path: str,
                        body: bytes, length: int | None) -> None:
         """A PUT or POST: authorized, bounded, then `writer`."""
-        peer = _peer(conn.sock)
-        if self.trusted:
-            pass
-        elif self.token is None:
-            self.log.warning('admin %s: %s %s from %s refused: read-only (no admin.token_file)',
-                             self.address, method, path, peer)
-            self._respond(conn, method, 403, 'text/plain',
-                          b'read-only: set admin.token_file to allow changes\n')
-            return
-        given = None if self.trusted else _bearer(head)
-        if not self.trusted and (given is None or not hmac.compare_digest(given, self.token)):
-            self.log.warning('admin %s: %s %s from %s refused: %s bearer token', self.address,
-                             method, path, peer, 'no' if given is None else 'a wrong')
-            self._respond(conn, method, 401, 'text/plain', b'a valid bearer token is needed\n',
-                          extra='WWW-Authenticate: Bearer\r\n')
-            return
+        if not self.trusted:          # a Unix socket: its file mode decided already
+            peer = _peer(conn.sock)
+            if self.token is None:
+                self.log.warning('admin %s: %s %s from %s refused: read-only (no '
+                                 'admin.token_file)', self.address, method, path, peer)
+                self._respond(conn, method, 403, 'text/plain',
+                              b'read-only: set admin.token_file to allow changes\n')
+                return
+            given = _bearer(head)
+            if given is None or not hmac.compare_digest(given, self.token):
+                self.log.warning('admin %s: %s %s from %s refused: %s bearer token',
+                                 self.address, method, path, peer,
+                                 'no' if given is None else 'a wrong')
+                self._respond(conn, method, 401, 'text/plain',
+                              b'a valid bearer token is needed\n',
+                              extra='WWW-Authenticate: Bearer\r\n')
+                return
         if length is None:
             self._respond(conn, method, 411, 'text/plain', b'Content-Length is needed\n')
             return
@@ -324,6 +325,13 @@ class AdminServer:
             pass
         conn.sock.close()
         self._update()
+
+
+def read_token(path: str) -> bytes:
+    """The bearer token in `path` (admin.token_file), stripped; b'' when the file is empty
+    (OSError when it cannot be read). The master and `mpproxy server` read it the same way."""
+    with open(path, 'rb') as f:
+        return f.read().strip()
 
 
 def _headers(head: bytes) -> dict[str, str]:

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from mpproxy.config.schema import Config
 from mpproxy.errors import EXIT_FAILURE, EXIT_OK
-from mpproxy.observe import status_view
+from mpproxy.observe import admin, status_view
 
 TIMEOUT = 5.0
 WAIT_POLL = 0.25
@@ -70,12 +70,9 @@ def main(config: Config, argv: list[str]) -> int:
         return EXIT_FAILURE
     address = config.admin.listen
     host = status_view._LOOPBACK.get(address.host, address.host)
-    unix = config.admin.socket           # writable by us: its file mode says we may change
-    if unix is not None and not os.access(unix, os.W_OK):
-        unix = None
     try:
         status, text = put_server(host, address.port, args.upstream, args.server, body, token,
-                                  unix=unix)
+                                  unix=unix_socket(config))
     except (OSError, http.client.HTTPException) as exc:
         print(f'mpproxy: cannot reach the admin endpoint {address}: '
               f'{getattr(exc, "strerror", None) or exc}', file=sys.stderr)
@@ -93,10 +90,13 @@ def main(config: Config, argv: list[str]) -> int:
 
 def read_token(config: Config) -> bytes:
     """The bearer token of `admin.token_file` (b'' when none is set; OSError)."""
-    if not config.admin.token_file:
-        return b''
-    with open(config.admin.token_file, 'rb') as f:
-        return f.read().strip()
+    return admin.read_token(config.admin.token_file) if config.admin.token_file else b''
+
+
+def unix_socket(config: Config) -> str | None:
+    """admin.socket when we may write to it (its file mode says we may change servers)."""
+    path = config.admin.socket
+    return path if path is not None and os.access(path, os.W_OK) else None
 
 
 def put_server(host: str, port: int, upstream: str, server: str, body: dict, token: bytes,

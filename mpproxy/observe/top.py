@@ -144,7 +144,8 @@ class Top:
         try:
             token = server_cli.read_token(self.config)
             status, text = server_cli.put_server(self.host, self.address.port, upstream, server,
-                                                 {'state': state}, token, TIMEOUT)
+                                                 {'state': state}, token, TIMEOUT,
+                                                 unix=server_cli.unix_socket(self.config))
         except (OSError, http.client.HTTPException) as exc:
             self.message = f'{what}: {getattr(exc, "strerror", None) or exc}'
             return

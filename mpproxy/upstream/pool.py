@@ -236,8 +236,7 @@ class UpstreamPool:
 
     def _reweigh(self, now: float) -> None:
         """Give the balancer each entry's weight now (its ramp's share, if ramping)."""
-        slowed = any(self.slow)
-        scale = SLOW_SCALE if slowed else 1
+        scale = SLOW_SCALE if self.slowed else 1
         weights = []
         for i, p in enumerate(self.position):
             weight = self.weights[p] * scale
@@ -289,7 +288,9 @@ class UpstreamPool:
 
     def _pick(self, balancer, client_addr, tried: set[int]) -> int | None:
         out = self.out
-        unavailable = set(tried) | out
+        unavailable = set(tried)
+        if out:
+            unavailable |= out
         now = time.monotonic()
         if self.slowed and self._notice(now):     # came back since the last tick: ramp now
             self._reweigh(now)
@@ -315,8 +316,8 @@ class UpstreamPool:
         counted here as if picked now (active, and the balancer's connection count), and the
         pool's own Target for that address returned, so that `release` uncounts it. A target
         this pool no longer has is returned as it is (not counted)."""
-        i = self.by_key.get(_key(target))
-        if i is None:
+        i = self.by_key.get(_key(target))     # (not _index: the target is another worker's,
+        if i is None:                          # of any generation of its pool)
             return target
         self.active[i] += 1
         conns = getattr(self.balancer, 'conns', None)

@@ -9,6 +9,7 @@ import time
 
 from helpers.backends import tagged_backend
 from helpers.configs import listener, tcp_config, udp_config, with_keys
+from helpers.faults import refuses
 from helpers.net import connect, echo_roundtrip, first_bytes, free_port, port_free, recv_all
 from helpers.proc import alive, cmdline, fd_count, listening_inodes, socket_inodes, wait_for
 
@@ -102,13 +103,7 @@ def test_quit_drains_open_connection_then_exits_zero(proxies, tcp_echo):
     proxy.wait_log('graceful shutdown')
     # new connections are refused (RST to the SYN, not queued for nobody) once the master
     # and the workers closed their listening sockets
-    def refused():
-        try:
-            with socket.create_connection(('127.0.0.1', port), timeout=1):
-                return False
-        except ConnectionRefusedError:
-            return True
-    wait_for(refused, 5, what='new connections refused')
+    wait_for(lambda: refuses(port), 5, what='new connections refused')
     assert proxy.proc.poll() is None, 'master exited while a connection was open'
     held.sendall(b'during drain')
     assert held.recv(100) == b'during drain'

@@ -14,7 +14,7 @@ import pytest
 
 from helpers.backends import UdpEcho, tagged_backend
 from helpers.configs import with_pid_file
-from helpers.net import connect, free_port, get
+from helpers.net import client, connect, first_bytes, free_port, get, roundtrip
 from helpers.proc import alive, read_pid, run_cli, wait_for
 
 TOKEN = 'secret-token-for-tests'
@@ -33,8 +33,7 @@ def config(port, admin, servers, tmp_path, workers=2, token=True, **upstream) ->
 
 
 def tag(port: int) -> bytes:
-    with connect(port) as s:
-        return s.recv(1)
+    return first_bytes(port, 1)
 
 
 def tags(port: int, n: int) -> list[bytes]:
@@ -130,7 +129,7 @@ def test_weight_changes_the_share_of_new_connections(proxies, tmp_path, pair):
     out = cli(proxy, 'weight', 'pool', a.address, '9')
     assert out.returncode == 0 and 'weight 9' in out.stdout, out.stderr
     wait_for(lambda: server_status(admin, a.address)['weight'] == 9, 3, what='weight 9 shown')
-    time.sleep(0.6)       # one poll of the worker (0.5 s): the state is in effect after it
+    wait_for(lambda: tags(port, 10).count(b'A') == 9, 3, what='weight 9 in effect')
     got = tags(port, 100)
     assert got.count(b'A') == 90, got.count(b'A')
 
@@ -211,7 +210,11 @@ def test_a_drained_udp_server_gets_no_new_session_and_keeps_its_own(proxies, tmp
             clients.append((c, c.recv(10)[:1]))
         assert {t for _, t in clients} == {b'A', b'B'}
         assert cli(proxy, 'drain', 'pool', a.address).returncode == 0
-        time.sleep(0.6)       # one poll of the worker (0.5 s)
+        def new_session_tag():
+            with client() as c:
+                return roundtrip(c, b'z', ('127.0.0.1', port))[0][:1]
+        wait_for(lambda: [new_session_tag() for _ in range(4)] == [b'B'] * 4, 3,
+                 what='A drained for new sessions')
         for c, t in clients:                          # existing sessions keep their server
             c.sendto(b'y', ('127.0.0.1', port))
             assert c.recv(10)[:1] == t

@@ -12,8 +12,6 @@ import os
 import signal
 import time
 
-import pytest
-
 from helpers.backends import tagged_backend
 from helpers.configmap import ConfigMapDir
 from helpers.configs import render, tcp_config, with_keys
@@ -28,15 +26,6 @@ def watched(port: int, upstream: str, on: bool = True, **keys) -> dict:
     """A TCP config with `watch_config: true` (unless `on` is false) and `keys`."""
     config = tcp_config(port, upstream)
     return with_keys(config, watch_config=True, **keys) if on else config
-
-
-@pytest.fixture
-def backends():
-    """Two TCP backends that answer with their tag, A and B (closed after the test)."""
-    a, b = tagged_backend(b'A'), tagged_backend(b'B')
-    yield a, b
-    a.close()
-    b.close()
 
 
 def all_from(port: int, tag: bytes, n: int = 10) -> bool:
@@ -54,8 +43,8 @@ def observe(seconds: float = OBSERVE) -> None:
     time.sleep(seconds)
 
 
-def test_a_plain_rewrite_reloads_without_a_signal(proxies, backends):
-    a, b = backends
+def test_a_plain_rewrite_reloads_without_a_signal(proxies, pair):
+    a, b = pair
     port = free_port()
     proxy = proxies(watched(port, a.address)).start(wait_workers=2)
     assert all_from(port, b'A')
@@ -73,8 +62,8 @@ def same_size(*configs: dict) -> list[str]:
     return [t + '#' * (width - len(t) - 1) + '\n' for t in texts]
 
 
-def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp_path, backends):
-    a, b = backends
+def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp_path, pair):
+    a, b = pair
     port = free_port()
     first, second, third = same_size(watched(port, a.address), watched(port, b.address),
                                       watched(port, a.address, log_level='info'))
@@ -100,8 +89,8 @@ def test_a_configmap_swap_reloads_also_with_the_same_size_and_mtime(proxies, tmp
     assert 'is missing' not in log                # the visible path never dangled
 
 
-def test_a_broken_file_is_tried_once_and_the_old_generation_keeps_serving(proxies, backends):
-    a, b = backends
+def test_a_broken_file_is_tried_once_and_the_old_generation_keeps_serving(proxies, pair):
+    a, b = pair
     port = free_port()
     proxy = proxies(watched(port, a.address)).start(wait_workers=2)
     workers = sorted(proxy.workers())
@@ -120,8 +109,8 @@ def test_a_broken_file_is_tried_once_and_the_old_generation_keeps_serving(proxie
     assert only_from(port, b'B')
 
 
-def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies, backends):
-    a, b = backends
+def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies, pair):
+    a, b = pair
     port = free_port()
     proxy = proxies(watched(port, a.address)).start(wait_workers=2)
     proxy.config_path.unlink()
@@ -135,8 +124,8 @@ def test_a_missing_file_is_logged_once_and_reloaded_when_it_is_back(proxies, bac
     assert only_from(port, b'B')
 
 
-def test_watch_config_is_off_by_default_and_a_reload_turns_it_on_and_off(proxies, backends):
-    a, b = backends
+def test_watch_config_is_off_by_default_and_a_reload_turns_it_on_and_off(proxies, pair):
+    a, b = pair
     port = free_port()
     proxy = proxies(watched(port, a.address, on=False)).start(wait_workers=2)
     proxy.write_config(watched(port, b.address, on=False))
