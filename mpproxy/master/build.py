@@ -6,7 +6,8 @@ does the same for a loaded `Config`, in this order:
 
     credentials (the workers' user) ─▶ access log file ─▶ connection-limit indices
       ─▶ listening sockets (reused by key, new ones bound) ─▶ admin socket
-      ─▶ health-check block (mmap) ─▶ server-state block  ═▶  Generation (STARTING)
+      ─▶ health-check block (mmap) ─▶ server-state block ─▶ the workers' channel
+      (QUIC sessions that move between workers: worker/peers.py)  ═▶  Generation (STARTING)
 
 Each step that makes something registers how to undo it; when a later step raises
 (StartupError, OSError: EADDRINUSE, EMFILE, ENOMEM ...; or anything else), what was made
@@ -30,7 +31,7 @@ from mpproxy.config.accounts import Credentials
 from mpproxy.config.schema import Config
 from mpproxy.errors import StartupError
 from mpproxy.master.sockets import SocketSet
-from mpproxy.master.workers import Generation
+from mpproxy.master.workers import Generation, open_peers
 from mpproxy.observe import access
 from mpproxy.observe import log as logmod
 from mpproxy.shared import limits
@@ -64,6 +65,7 @@ class Builder:
             if block is not None:
                 undo.append(block.close)
             states = self.servers.allocate(config) if self.servers is not None else None
+            peers = open_peers(config)
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -74,6 +76,7 @@ class Builder:
         generation = Generation(self.next_number, config, bound, credentials, self.limits,
                                 limit_index, block, admin)
         generation.servers = states
+        generation.peers = peers
         self.next_number += 1
         return generation
 

@@ -288,6 +288,7 @@ class WorkerTable:
                             worker.signal(signal.SIGTERM)
             if generation.state == DRAINING and not generation.workers:
                 self.generations.remove(generation)
+                generation.close_peers()
                 self._events.append(('finished', generation))
         self._limit_draining(max_draining)
         if self.grace_until is not None and now >= self.grace_until:

@@ -70,7 +70,7 @@ class Generation:
 
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
                  'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'reload',
-                 'inherits', 'pausing', 'servers')
+                 'inherits', 'pausing', 'servers', 'peers')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
@@ -95,6 +95,13 @@ class Generation:
         self.servers = None       # shared/servers.StateBlock: run-time server states
         self.pausing = None       # before its UDP flows are steered: [deadline, old workers
                                   # yet to stop reading UDP], then 'done' (table.pause_udp)
+        self.peers = None         # [(inbox, sending end)] per slot: worker/peers.py (open_peers)
+
+    def close_peers(self) -> None:
+        for pair in self.peers or ():
+            for sock in pair:
+                sock.close()
+        self.peers = None
 
     def udp(self) -> bool:
         return any(l.protocol == 'udp' for l in self.config.listeners)
@@ -142,7 +149,8 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
         health=generation.health,
         servers=generation.servers.block if generation.servers is not None else None, credentials=generation.credentials,
         limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index,
-        metrics=area)
+        metrics=area, peers=None if generation.peers is None else (
+            generation.peers[slot][0], [tx for _, tx in generation.peers]))
     for handler in log.handlers:     # the child must not write the master's pending lines
         try:
             handler.flush()
@@ -173,6 +181,24 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
         successor.close()
         handle.handoff_peer = peer
     return handle
+
+
+def open_peers(config: Config) -> list | None:
+    """The channel between the workers of a generation (worker/peers.py): one SOCK_DGRAM
+    socketpair per slot, (inbox, sending end). Only a config with more than one worker and
+    a udp listener routing QUIC by name (sni_routes) has one: else None."""
+    if config.workers < 2 or not any(l.protocol == 'udp' and l.sni_routes is not None
+                                     for l in config.listeners):
+        return None
+    pairs: list = []
+    try:
+        for _ in range(config.workers):
+            pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM))
+    except OSError:
+        for pair in pairs:
+            _undo(pair)
+        raise
+    return pairs
 
 
 def _undo(sockets: list) -> None:

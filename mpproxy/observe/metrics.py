@@ -125,6 +125,9 @@ FAMILIES = (
            'sni_routes: new flows not routed by their QUIC server name (not QUIC, '
            'undecryptable, past a bound or the hold deadline: to default or dropped; or no '
            'route and no default: dropped).'),
+    Family('mpproxy_udp_quic_moved_total', COUNTER, L,
+           'sni_routes: QUIC sessions that followed their client to a new address (NAT '
+           'rebinding: its packets kept one of the connection IDs of the session).'),
     Family('mpproxy_udp_sessions_active', GAUGE, L, 'Sessions open now.'),
     # upstream servers
     Family('mpproxy_upstream_connect_errors_total', COUNTER, U,
@@ -181,6 +184,7 @@ UDP_SERIES = (
     ('refused_table_full', 'mpproxy_udp_sessions_refused_total', (('reason', 'table_full'),)),
     ('refused_per_ip', 'mpproxy_udp_sessions_refused_total', (('reason', 'per_ip'),)),
     ('quic_unrouted', 'mpproxy_udp_quic_unrouted_total', ()),
+    ('quic_moved', 'mpproxy_udp_quic_moved_total', ()),
     ('active', 'mpproxy_udp_sessions_active', ()),
 )
 TCP_KEYS = tuple(key for key, _, _ in TCP_SERIES)

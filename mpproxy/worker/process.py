@@ -52,6 +52,7 @@ from mpproxy.upstream import discovery, health
 from mpproxy.upstream.pool import UpstreamPool
 from mpproxy.worker import privileges
 from mpproxy.worker.handover import Handover
+from mpproxy.worker.peers import Peers
 from mpproxy.worker.servers import ServerWatch
 
 log = logmod.log
@@ -82,6 +83,7 @@ class WorkerSpec:
     limit_slot: int | None = None                         # own area in `limits`; None: private
     limit_index: dict = field(default_factory=dict)       # listener key -> limit index
     metrics: metrics.Area | None = None                   # where to publish its metrics
+    peers: tuple | None = None            # (own inbox, every slot's sending end): worker/peers.py
 
 
 def run(spec: WorkerSpec) -> None:
@@ -131,6 +133,7 @@ class Worker(Handover):
         self.access: access.AccessLog | None = None
         self.publisher: metrics.Publisher | None = None
         self.poller: Poller | None = None     # the relays' sockets (proxy/io/poller.py)
+        self.peers: Peers | None = None       # the other workers (QUIC sessions that move)
 
     # -- boot -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -197,6 +200,9 @@ class Worker(Handover):
         keep = {0, 1, 2, self.spec.control.fileno()}
         if self.spec.handoff is not None:
             keep.add(self.spec.handoff.fileno())
+        if self.spec.peers is not None:
+            keep.add(self.spec.peers[0].fileno())
+            keep.update(tx.fileno() for tx in self.spec.peers[1])
         keep.update(sock.fileno() for _, sock in self.spec.sockets)
         keep.update(logmod.fds())
         for name in os.listdir('/proc/self/fd'):
@@ -236,6 +242,9 @@ class Worker(Handover):
     async def _start_services(self) -> None:
         self.pools.update(await discovery.open_pools(   # DNS: resolve, start re-resolution
             self.config, [listener for listener, _ in self.spec.sockets], log))
+        if self.spec.peers is not None:
+            rx, txs = self.spec.peers
+            self.peers = Peers(self.loop, self.spec.slot, rx, txs, self.by_listener, log)
         for listener, sock in self.spec.sockets:
             pool = self._pool(listener.upstream)
             router = None
@@ -260,9 +269,12 @@ class Worker(Handover):
                     self.poller = Poller(self.loop, log)
                 service = UdpService(self.loop, listener, sock, pool, log,
                                      None if gate is None else GateLimit(gate), self.access,
-                                     self.poller, router=router)
+                                     self.poller, router=router,
+                                     peers=self.peers if router is not None else None)
             self.services.append(service)
             self.by_listener[listener.key] = service
+        if self.peers is not None:
+            self.peers.start()
         if self.spec.health is not None:
             offsets, _ = health.layout(self.config)
             for name, offset in offsets.items():

@@ -17,7 +17,7 @@ import pytest
 
 from helpers.backends import UdpEcho
 from helpers.configs import udp_config, with_pid_file
-from helpers.net import UdpFleet, free_port, get
+from helpers.net import UdpFleet, free_port, metric_total
 from helpers.proc import alive, read_pid, wait_for
 
 CLIENTS = 50
@@ -28,16 +28,6 @@ def assert_kept(fleet: UdpFleet) -> None:
     assert sum(lost) == 0, f'{sum(lost)} datagram(s) unanswered: {lost}'
     moved = [sorted(p) for p in fleet.ports() if len(p) != 1]
     assert not moved, f'{len(moved)} client(s) moved to a new upstream port: {moved[:5]}'
-
-
-def metric(admin: int, name: str) -> int:
-    status, _, body = get(admin, '/metrics')
-    assert status == 200
-    total = 0
-    for line in body.decode().splitlines():
-        if line.startswith(name):
-            total += int(float(line.rsplit(' ', 1)[1]))
-    return total
 
 
 def config(port: int, backend, workers: int, admin: int | None = None, **extra) -> dict:
@@ -62,7 +52,7 @@ def reload_keeps_sessions(proxies, before: int, after: int) -> None:
         wait_for(lambda: len(proxy.serving_workers()) == after, 10, what='the old workers gone')
         fleet.finish()
         assert_kept(fleet)
-        wait_for(lambda: metric(admin, 'mpproxy_udp_sessions_adopted_total') >= CLIENTS, 5,
+        wait_for(lambda: metric_total(admin, 'mpproxy_udp_sessions_adopted_total') >= CLIENTS, 5,
                  what='the adopted sessions in /metrics')
         assert 'could not be sent' not in proxy.log()
     finally:
@@ -131,7 +121,7 @@ def test_udp_sessions_follow_a_binary_upgrade(proxies, tmp_path):
         replies_after(scene.fleet, 30, 'from the new master')
         scene.fleet.finish()
         assert_kept(scene.fleet)
-        wait_for(lambda: metric(admin, 'mpproxy_udp_sessions_adopted_total') >= CLIENTS, 5,
+        wait_for(lambda: metric_total(admin, 'mpproxy_udp_sessions_adopted_total') >= CLIENTS, 5,
                  what='the adopted sessions in /metrics of the new master')
         handed = re.findall(r'handed (\d+) UDP session', scene.proxy.log())
         assert sum(int(n) for n in handed) >= CLIENTS, scene.proxy.log()[-3000:]

@@ -131,6 +131,17 @@ def get(port: int, path: str, method: str = 'GET', timeout: float = 5.0):
         conn.close()
 
 
+def metric_total(admin: int, name: str) -> int:
+    """The sum of every series of metric `name` (all labels) on the admin endpoint's /metrics."""
+    status, _, body = get(admin, '/metrics')
+    assert status == 200
+    total = 0
+    for line in body.decode().splitlines():
+        if line.startswith(name):
+            total += int(float(line.rsplit(' ', 1)[1]))
+    return total
+
+
 def client_hello(server_name=None) -> bytes:
     """The ClientHello Python's ssl module sends for `server_name` (a real TLS client's)."""
     import ssl

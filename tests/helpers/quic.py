@@ -124,10 +124,11 @@ def self_signed(name: str):
     return cert, key
 
 
-async def quic_server(name: str, host: str = '127.0.0.1'):
+async def quic_server(name: str, host: str = '127.0.0.1', seen: list | None = None):
     """An aioquic server on (host, an ephemeral port) with its own certificate for `name`:
-    each stream is answered with `name|` + what the client sent. Returns (server, port);
-    `server.close()` stops it."""
+    each stream is answered with `name|` + what the client sent; with `seen`, the address
+    the connection's packets came from is appended to it per stream. Returns (server,
+    port); `server.close()` stops it."""
     import socket
 
     from aioquic.asyncio import serve
@@ -136,6 +137,9 @@ async def quic_server(name: str, host: str = '127.0.0.1'):
     config.certificate, config.private_key = self_signed(name)
 
     def on_stream(reader, writer):
+        if seen is not None:
+            seen.append(writer.transport.protocol._quic._network_paths[0].addr)
+
         async def answer():
             data = await reader.read()
             writer.write(name.encode() + b'|' + data)

@@ -337,6 +337,7 @@ def test_the_real_services_count_under_every_key_the_metrics_read(tmp_path):
                     'ended_closed': 'sessions_closed', 'ended_handed_over': 'sessions_handed_out',
                     'refused_table_full': 'sessions_refused',
                     'refused_per_ip': 'sessions_refused_per_ip', 'quic_unrouted': 'quic_unrouted',
+                    'quic_moved': 'quic_moved',
                     'active': 'sessions_active'}
         got = udp.counters()
         assert got['ended_evicted'] == stats.sessions_evicted_unanswered + stats.sessions_evicted_idle

@@ -254,6 +254,8 @@ def describe(sess: Session, wildcard: bool, now: float) -> dict:
         meta['t'] = list(sess.told)
     if sess.pool is not None:           # routed by its QUIC server name: the upstream's name
         meta['p'] = sess.pool.name
+    if sess.cids:                       # ... and the connection IDs it is found by (cids.py)
+        meta['q'] = [cid.hex() for cid in sess.cids]
     return meta
 
 

@@ -31,12 +31,15 @@ such a config, a reload cannot check) every new flow is unrouted: to default, or
 from __future__ import annotations
 
 from mpproxy.proxy.edge import quic
+from mpproxy.proxy.udp import cids
 from mpproxy.proxy.udp.admit import Admission
 
 HOLD = 1.0                # seconds a flow may take to send its whole ClientHello
 MAX_PENDING = 1024        # flows held at once, per worker and listener
 MAX_HELD = 8              # datagrams held per flow
 MAX_HELD_BYTES = 16384    # bytes held per flow
+SEEKS = 100               # per second and worker: new flows whose session other workers are
+                          # asked for (a short header with an ID unknown here: cids.py)
 
 
 def split_route(pattern: str) -> tuple[str, frozenset | None]:
@@ -112,14 +115,15 @@ def _pick(group: list, alpn) -> object | None:
 
 
 class Pending:
-    """A flow with no session yet: what it sent, and its ClientHello so far."""
+    """A flow with no session yet: what it sent, and its ClientHello so far; or (`reader`
+    None) a moved client's, while the other workers are asked for its session."""
 
     __slots__ = ('addr', 'cdata', 'reader', 'held', 'size', 'deadline')
 
-    def __init__(self, addr, cdata, deadline: float):
+    def __init__(self, addr, cdata, deadline: float, seeking: bool = False):
         self.addr = addr            # the client, as recvfrom() gave it
         self.cdata = cdata          # wildcard listeners: its pktinfo, for the session's replies
-        self.reader = quic.ClientHelloReader()
+        self.reader = None if seeking else quic.ClientHelloReader()
         self.held: list[bytes] = []
         self.size = 0
         self.deadline = deadline
@@ -128,14 +132,24 @@ class Pending:
 class RoutedAdmission(Admission):
     """`Admission` with flows routed by their QUIC server name (see the module docstring).
 
-    `router` (a QuicRouter) maps a server name and ALPN list to an UpstreamPool; `arm()` makes sure the service's sweep timer runs, which
-    calls `expire()`.
+    `router` (a QuicRouter) maps a server name and ALPN list to an UpstreamPool; `arm()`
+    makes sure the service's sweep timer runs, which calls `expire()`. A datagram of a new
+    flow that carries the connection ID of a session (`cids`, a cids.CidIndex) is that
+    session's, whose client moved: `move(sess, key, addr, cdata, now)` re-keys it. With
+    `seek` (other workers to ask), a short-header packet with an ID unknown here is held
+    while `seek(key, addr, cdata, probe)` asks them; `settle(sess)` sends on what was held
+    when the session arrives.
     """
 
-    def __init__(self, *args, router, arm, **kwargs):
+    def __init__(self, *args, router, arm, cids, move, seek=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._router = router
         self._arm = arm
+        self._cids = cids
+        self._move = move
+        self._seek = seek
+        self._seeks = float(SEEKS)      # the seek budget (a token bucket) and its clock
+        self._seeks_at = 0.0
         self.pending: dict = {}         # table key → Pending, oldest (earliest deadline) first
         self._quic = quic.available()
         if not self._quic:
@@ -151,18 +165,46 @@ class RoutedAdmission(Admission):
             if flow.deadline > now:
                 break
             dropped += self._release(key, flow, now, None, 'timeout',
-                                     f'no whole ClientHello within {HOLD:g}s')
+                                     f'no whole ClientHello within {HOLD:g}s'
+                                     if flow.reader is not None else
+                                     'no worker has a session with the connection ID of its '
+                                     'short-header packets')
         self._stats.dropped += dropped
 
     def drop_pending(self) -> None:
         self._stats.dropped += sum(len(flow.held) for flow in self.pending.values())
         self.pending.clear()
 
+    def settle(self, sess) -> None:
+        """`sess` came from another worker for a flow held here while it was asked for:
+        what the flow sent meanwhile goes on to it."""
+        flow = self.pending.pop(sess.key, None)
+        if flow is not None:
+            self._stats.dropped += self._send_held(sess, flow.held, flow.size)
+
     def _first(self, key, addr, cdata, now, view, size):
         """A datagram of a flow with no session (the plain reader's one branch that differs,
-        Admission._first): held until its ClientHello is whole, then routed."""
+        Admission._first): a moved client's session found by its connection ID, to send it
+        on; else held until its ClientHello is whole, then routed."""
+        if self._cids.by_id:
+            sess = self._cids.find(view, size)
+            if sess is not None and (self._acl is None or self._acl.permits(addr[0])):
+                flow = self.pending.pop(key, None)
+                if flow is not None:
+                    self._stats.dropped += len(flow.held)
+                self._move(sess, key, addr, cdata, now)
+                return sess
         self._stats.dropped += self._hold(key, addr, cdata, bytes(view[:size]), now)
         return None
+
+    def _may_seek(self, now: float) -> bool:
+        """Take one from the seek budget (SEEKS a second), if there is one."""
+        self._seeks = min(float(SEEKS), self._seeks + (now - self._seeks_at) * SEEKS)
+        self._seeks_at = now
+        if self._seeks < 1.0:
+            return False
+        self._seeks -= 1.0
+        return True
 
     def _hold(self, key, addr, cdata, data: bytes, now: float) -> int:
         """One datagram of a flow with no session: held, or its flow routed. Returns how
@@ -183,10 +225,20 @@ class RoutedAdmission(Admission):
                                  'ClientHello (per worker): datagram from %s dropped',
                                  self._name, MAX_PENDING, addr)
                 return 1
-            flow = pending[key] = Pending(addr, cdata, now + HOLD)
+            seeking = (self._seek is not None and cids.is_short(data, len(data))
+                       and self._may_seek(now))
+            flow = pending[key] = Pending(addr, cdata, now + HOLD, seeking)
             self._arm()
+            if seeking:
+                self._seek(key, addr, cdata, data[:cids.PROBE])
         flow.held.append(data)
         flow.size += len(data)
+        if flow.reader is None:             # a moved client's, its session asked for
+            if len(flow.held) >= MAX_HELD or flow.size >= MAX_HELD_BYTES:
+                return self._release(key, flow, now, None, 'bound',
+                                     f'{len(flow.held)} datagrams ({flow.size} bytes) while '
+                                     f'the workers were asked for its session')
+            return 0
         try:
             state = flow.reader.feed(data)
         except quic.QuicError as exc:
@@ -216,15 +268,26 @@ class RoutedAdmission(Admission):
             pool = None if kind == 'no route' else self._router.fallback()
             self._rl.warning(('quic', kind), 'udp %s: QUIC flow from %s: %s; %s', self._name,
                              flow.addr, why, 'dropped' if pool is None else 'sent to default')
-        return self._forward(key, flow.addr, flow.cdata, flow.held, flow.size, now, pool)
+        return self._forward(key, flow.addr, flow.cdata, flow.held, flow.size, now, pool,
+                             flow.reader.dcid if why is None else None)
 
-    def _forward(self, key, addr, cdata, held: list, size: int, now: float, pool) -> int:
-        """Open the session of `addr` to `pool` and send it the `held` datagrams in order."""
+    def _forward(self, key, addr, cdata, held: list, size: int, now: float, pool,
+                 dcid: bytes | None = None) -> int:
+        """Open the session of `addr` to `pool` and send it the `held` datagrams in order;
+        `dcid`: the QUIC connection's, as the client's first Initial named it."""
         if pool is None:
             return len(held)
         sess = self._open(key, addr, cdata, now, pool=pool)
         if sess is None:
             return len(held)
+        if dcid is not None:        # routed by its ClientHello: a QUIC connection
+            self._cids.learn(sess, dcid)
+            sess.learn = True
+        return self._send_held(sess, held, size)
+
+    def _send_held(self, sess, held: list, size: int) -> int:
+        """Send `held` datagrams (`size` bytes) upstream on `sess`, in order; how many
+        were dropped."""
         if self._counting:
             sess.datagrams_in += len(held)
             sess.bytes_in += size

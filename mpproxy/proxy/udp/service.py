@@ -70,7 +70,7 @@ from functools import partial
 
 from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.poller import Poller
-from mpproxy.proxy.udp import handoff, pktinfo
+from mpproxy.proxy.udp import cids, handoff, pktinfo
 from mpproxy.proxy.udp.admit import Admission
 from mpproxy.proxy.udp.quicroute import RoutedAdmission
 from mpproxy.proxy.udp.session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
@@ -96,7 +96,7 @@ class UdpService:
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
                  per_ip: PerIpLimit | None = None, access=None, poller: Poller | None = None,
-                 clock=None, router=None):
+                 clock=None, router=None, peers=None):
         self.stats = UdpStats()
         self._loop = loop
         self._poller = poller if poller is not None else Poller(loop, log)
@@ -128,8 +128,14 @@ class UdpService:
         # name and ALPN (quicroute.py); None: every session goes to `pool`
         self._routed = {} if router is None else {   # upstream name → pool, for adopted sessions
             pool.name: pool for pool in router.pools()}
+        # routed sessions are also found by their QUIC connection IDs (cids.py); `peers` (a
+        # worker.peers.Peers, or None: one worker) finds those of the other workers
+        self._cids = None if router is None else cids.CidIndex()
+        self._peers = peers
         kind, extra = (Admission, {}) if router is None else \
-            (RoutedAdmission, {'router': router, 'arm': self._arm})
+            (RoutedAdmission, {'router': router, 'arm': self._arm, 'cids': self._cids,
+                               'move': self._move,
+                               'seek': None if peers is None else self._seek})
         self._admission = kind(listener, sock, self._wildcard, self._table, self.stats,
                                self._rl, self._buf, self._time, per_ip, access is not None,
                                connect=self._connect, end=self._end,
@@ -217,6 +223,8 @@ class UdpService:
             self._poller.unwatch(sess.fd)
             out.append((handoff.describe(sess, self._wildcard, now), sess.sock))
             sess.sock = None
+            if sess.cids:
+                self._cids.forget(sess)
             if sess.gated:              # the next worker counts it again
                 sess.gated = False
                 self._per_ip.release(sess.client[0])
@@ -263,6 +271,10 @@ class UdpService:
                 continue
             if 'p' in metas[i]:         # routed by name: this generation's pool of that name
                 sess.pool = self._routed.get(metas[i]['p'])
+                if self._cids is not None and sess.pool is not None:
+                    sess.learn = True       # (until the server's next short-header packet)
+                    for cid in metas[i].get('q', ()):
+                        self._cids.learn(sess, bytes.fromhex(cid))
             old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
@@ -318,6 +330,8 @@ class UdpService:
                 stats.dropped += 1
                 self._client_error(sess.addr, exc)
             sess.replies += 1
+            if sess.learn:          # QUIC, in its handshake: the server's connection IDs
+                self._learned(sess, size)
             if self._access is not None:
                 sess.bytes_out += size
             responses = self._responses
@@ -391,6 +405,8 @@ class UdpService:
             return
         sess.sock = None
         self._table.remove(sess)
+        if sess.cids:
+            self._cids.forget(sess)
         if sess.gated:
             sess.gated = False
             self._per_ip.release(sess.client[0])
@@ -428,6 +444,79 @@ class UdpService:
             self._unexpected(exc, 'expiring sessions')
         if (sessions or self._admission.pending) and not self._closed:
             self._timer = self._loop.call_later(self._period, self._sweep)
+
+    # -- QUIC sessions that follow their client (cids.py; sni_routes only) --------------------
+
+    def _learned(self, sess, size: int) -> None:
+        """A reply of a routed session still in its QUIC handshake (in the buffer): the ID
+        its server chose, from a long header; the first short header ends the learning."""
+        buf = self._buf
+        if buf[0] & 0x80:
+            self._cids.learn(sess, cids.server_cid(buf, size))
+        else:
+            sess.learn = False
+
+    def _move(self, sess, key, addr, cdata, now: float) -> None:
+        """A packet from `addr` carried an ID of `sess`: its client moved there (NAT
+        rebinding). The session is found by the new address, and its replies go there."""
+        old = sess.addr
+        self._table.rekey(sess, key)
+        sess.addr = sess.client = addr
+        sess.anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
+        sess.last = now
+        if sess.gated and old[0] != addr[0]:        # counted under its new IP from now on
+            self._per_ip.release(old[0])
+            self._per_ip.adopt(addr[0])
+        self.stats.quic_moved += 1
+        self._rl.info(('moved', 'here'), 'udp %s: QUIC connection of %s moved to %s', self._name,
+                      old, addr)
+
+    def _seek(self, key, addr, cdata, probe: bytes) -> None:
+        """Ask the other workers for the session whose ID `probe` (a short header) carries:
+        the client moved, and the kernel now steers its flow to this worker."""
+        anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
+        self._peers.seek(self.key, {
+            'a': list(addr), 'd': key[1].hex() if self._wildcard and key[1] else None,
+            'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in anc] if anc else None}, probe)
+
+    def give(self, probe: bytes, where: dict, send) -> bool:
+        """Another worker got a packet with an ID of one of our sessions from a new client
+        address (`where`: its 'a', 'd', 'n' as handoff.describe writes them): the session
+        goes to it with `send(meta, fd)` (True once sent), to serve the client there."""
+        sess = None if self._cids is None else self._cids.find(probe, len(probe))
+        if sess is None or sess.sock is None or self._closed:
+            return False
+        meta = handoff.describe(sess, self._wildcard, self._time())
+        meta.update(a=where['a'], d=where['d'], n=where['n'])
+        meta.pop('c', None)
+        if not send(meta, sess.fd):
+            return False
+        self._poller.unwatch(sess.fd)
+        sess.sock.close()
+        sess.sock = None
+        self._table.remove(sess)
+        self._cids.forget(sess)
+        if sess.gated:
+            sess.gated = False
+            self._per_ip.release(sess.client[0])
+        (sess.pool or self._pool).release(sess.target)
+        self.stats.sessions_active -= 1
+        self.stats.sessions_handed_out += 1
+        self._rl.info(('moved', 'peer'), 'udp %s: QUIC connection of %s moved to %s (another worker)',
+                      self._name, sess.addr, tuple(where['a']))
+        return True
+
+    def take(self, meta: dict, fd: int) -> None:
+        """A session another worker gave us (`give`): its client now reaches this worker;
+        what we held of that flow meanwhile goes on to it."""
+        if self._closed or self.adopt_sessions([meta], [fd]) != 1:
+            return
+        addr = tuple(meta['a'])
+        dst = bytes.fromhex(meta['d']) if meta['d'] else None
+        sess = self._sessions.get((addr, dst) if self._wildcard else addr)
+        if sess is not None:
+            self.stats.quic_moved += 1
+            self._admission.settle(sess)
 
     def _arm(self) -> None:
         """Make sure the sweep timer runs (a flow is held: quicroute.py)."""

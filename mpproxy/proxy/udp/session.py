@@ -22,7 +22,7 @@ class UdpStats:
                  'sessions_active', 'dropped', 'sessions_handed_out', 'sessions_adopted', 'denied',
                  'sessions_evicted_unanswered', 'sessions_evicted_idle', 'sessions_refused',
                  'sessions_refused_per_ip', 'untrusted', 'bad_headers', 'too_big',
-                 'bytes_in', 'bytes_out', 'quic_unrouted')
+                 'bytes_in', 'bytes_out', 'quic_unrouted', 'quic_moved')
 
     # datagrams_in       datagrams read from clients (including dropped ones)
     # datagrams_out      replies sent to clients
@@ -49,6 +49,8 @@ class UdpStats:
     # quic_unrouted      sni_routes: new flows not routed by their QUIC server name (not QUIC,
     #                    undecryptable, past a bound or the hold deadline: sent to `default`
     #                    or dropped; or a name with no route and no default: dropped)
+    # quic_moved         sni_routes: sessions that followed their client to a new address (a
+    #                    packet from it carried one of the session's connection IDs: cids.py)
 
     def __init__(self):
         for name in self.__slots__:
@@ -74,6 +76,7 @@ class UdpStats:
                 'refused_table_full': self.sessions_refused,
                 'refused_per_ip': self.sessions_refused_per_ip,
                 'quic_unrouted': self.quic_unrouted,
+                'quic_moved': self.quic_moved,
                 'active': self.sessions_active}
 
     def __repr__(self) -> str:
@@ -152,7 +155,7 @@ class Session:
 
     __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'pool', 'replies', 'last', 'gated',
                  'client', 'told', 'head', 'room', 'pre', 'started', 'datagrams_in', 'bytes_in',
-                 'bytes_out')
+                 'bytes_out', 'cids', 'learn')
 
     def __init__(self, key, addr, sock, anc, target, now, client=None):
         self.key = key              # table key: addr, or (addr, local dst) for wildcards
@@ -175,6 +178,10 @@ class Session:
         # the access log's (counted only while it is on; `replies` is its datagrams_out)
         self.started = now          # loop.time() of its first datagram
         self.datagrams_in = self.bytes_in = self.bytes_out = 0
+        # QUIC, routed by name (cids.py): the connection IDs it is found by, and whether its
+        # replies are still read for the server's IDs (until its first short-header packet)
+        self.cids = None
+        self.learn = False
 
 
 class SessionTable:
@@ -236,6 +243,13 @@ class SessionTable:
             del self.active[key]
         if self.unanswered.get(key) is sess:
             del self.unanswered[key]
+
+    def rekey(self, sess: Session, key) -> None:
+        """`sess` is found by `key` from now on (its client moved: cids.py), as the most
+        recently active session."""
+        self.remove(sess)
+        sess.key = key
+        self.add(sess)
 
     def clear(self) -> None:
         self.active.clear()

@@ -1,0 +1,243 @@
+"""QUIC sessions found by their connection IDs (udp/cids.py): the index alone, then in a
+routed UdpService (a client that moves to a new port in the same worker), then two services
+standing for two workers joined by worker/peers.py's channel (a client whose new flow the
+kernel steers to the other worker)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers.quic import aioquic_initials
+from helpers.udp_unit import V4, Env
+from helpers.unit import serve_env
+from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
+from mpproxy.proxy.udp import cids
+from mpproxy.proxy.udp.cids import CidIndex, server_cid
+from mpproxy.proxy.udp.quicroute import QuicRouter
+from mpproxy.proxy.udp.service import UdpService
+from mpproxy.upstream.pool import UpstreamPool
+from mpproxy.worker.peers import Peers
+
+
+class S:
+    """A stand-in session: what CidIndex reads and writes."""
+    __slots__ = ('cids', 'name')
+
+    def __init__(self, name='s'):
+        self.cids = None
+        self.name = name
+
+
+def long_header(dcid: bytes, scid: bytes, version: int = 1, body: bytes = b'x' * 30) -> bytes:
+    return bytes((0xC0,)) + version.to_bytes(4, 'big') + bytes((len(dcid),)) + dcid + \
+        bytes((len(scid),)) + scid + body
+
+
+def short_header(dcid: bytes, body: bytes = b'y' * 30) -> bytes:
+    return b'\x41' + dcid + body
+
+
+# -- the index ----------------------------------------------------------------------------
+
+def test_a_session_is_found_by_each_id_it_learned_in_either_header_until_forgotten():
+    index, a, b = CidIndex(), S('a'), S('b')
+    ca, cb, cb2 = os.urandom(8), os.urandom(16), os.urandom(16)
+    assert index.learn(a, ca) and index.learn(b, cb) and index.learn(b, cb2)
+    assert index.lengths == {8: 1, 16: 2}
+    for packet, want in ((short_header(ca), a), (short_header(cb), b), (short_header(cb2), b),
+                         (long_header(cb, b''), b), (long_header(ca, os.urandom(8)), a)):
+        assert index.find(packet, len(packet)) is want
+    assert index.find(short_header(os.urandom(8)), 39) is None
+    index.forget(b)
+    assert (b.cids, index.lengths, len(index)) == (None, {8: 1}, 1)
+    assert index.find(short_header(cb), 47) is None
+    index.forget(a)
+    assert (len(index), index.lengths) == (0, {})
+
+
+def test_ids_kept_are_bounded_per_session_sized_and_never_taken_from_another_session():
+    index, a, b = CidIndex(), S('a'), S('b')
+    assert not index.learn(a, os.urandom(cids.MIN_CID - 1))       # guessable
+    assert not index.learn(a, os.urandom(cids.MAX_CID + 1))
+    assert not index.learn(a, None)
+    mine = [os.urandom(8) for _ in range(cids.PER_SESSION + 2)]
+    assert [index.learn(a, cid) for cid in mine] == \
+        [True] * cids.PER_SESSION + [False, False]
+    assert not index.learn(a, mine[0])                           # once
+    assert not index.learn(b, mine[0])                           # a's: b does not get it
+    assert index.find(short_header(mine[0]), 39) is a and b.cids == []
+    assert len(index) == cids.PER_SESSION
+
+
+def test_server_cid_reads_long_headers_only():
+    scid = os.urandom(8)
+    assert server_cid(long_header(b'\x01' * 8, scid), 60) == scid
+    assert server_cid(long_header(b'', scid), 50) == scid                  # (to a 0-byte ID)
+    assert server_cid(long_header(b'\x01' * 8, scid, version=0), 60) is None   # VN
+    assert server_cid(short_header(scid), 39) is None
+    assert server_cid(long_header(b'\x01' * 8, b'abc'), 60) is None       # too short to keep
+    packet = long_header(b'\x01' * 8, scid)
+    assert server_cid(packet, 20) is None                                  # cut inside the ID
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_never_raise(data):
+    index = CidIndex()
+    index.learn(S(), os.urandom(8))
+    index.learn(S(), os.urandom(12))
+    index.find(data, len(data))
+    server_cid(data, len(data))
+    cids.is_short(data, len(data))
+
+
+# -- in a routed service --------------------------------------------------------------------
+
+class QuicishUpstream:
+    """A stand-in QUIC server: a long-header datagram is answered with a long header whose
+    source ID is this server's ID for that upstream source; a short-header one is echoed
+    (a short header back). Records (data, source)."""
+
+    def __init__(self, env):
+        self.sock = env.udp(V4, ('127.0.0.1', 0))
+        self.addr = self.sock.getsockname()
+        self.got = []
+        self.ids = {}                   # upstream source -> the ID this server chose
+        env.add_reader(self.sock, self._read)
+
+    def _read(self):
+        for _ in range(64):
+            try:
+                data, src = self.sock.recvfrom(70000)
+            except BlockingIOError:
+                return
+            self.got.append((data, src))
+            if data[0] & 0x80:
+                cid = self.ids.setdefault(src, os.urandom(8))
+                self.sock.sendto(long_header(b'', cid), src)
+            else:
+                self.sock.sendto(data, src)
+
+
+@pytest.fixture
+def env():
+    yield from serve_env(Env())
+
+
+def routed(env, up, peers=None, key_port=None):
+    """A routed service (a.example → `up`, no default) on its own socket; `key_port`: the
+    port its listener is known by (two services standing for two workers share one)."""
+    pools = {'A': UpstreamPool(Upstream(name='A', servers=(Server(address=Address(*up.addr)),)))}
+    router = QuicRouter([('a.example', 'A')], pools.__getitem__)       # no default
+    lsock = env.udp(V4, ('127.0.0.1', 0))
+    port = lsock.getsockname()[1]
+    listener = Listener(name='quic', listen=Address('127.0.0.1', key_port or port), protocol='udp',
+                        upstream='A', idle_timeout=5, udp=UdpOptions())
+    svc = UdpService(env.loop, listener, lsock, pools['A'], env.log, router=router, peers=peers)
+    env.services.append(svc)
+    svc.start()
+    return svc, ('127.0.0.1', port)
+
+
+def connect(env, svc, addr, up):
+    """A client that sent its Initials and got the server's long-header answer: (client
+    socket, the server's ID for it, the ID the client chose)."""
+    c = env.udp(V4, ('127.0.0.1', 0))
+    initials = aioquic_initials('a.example', ['h3'])
+    for d in initials:
+        c.sendto(d, addr)
+    answer = env.recv(c)[0]
+    return c, server_cid(answer, len(answer)), initials[0][6:6 + initials[0][5]]
+
+
+def test_a_client_on_a_new_port_goes_on_through_its_session(env):
+    up = QuicishUpstream(env)
+    svc, addr = routed(env, up)
+    c, sid, odcid = connect(env, svc, addr, up)
+    source = up.got[-1][1]                          # the session's upstream socket
+    sess = next(iter(svc._sessions.values()))
+    assert set(sess.cids) == {sid, odcid} and sess.learn
+    c.sendto(short_header(sid, b'first 1-rtt'), addr)
+    assert env.recv(c)[0] == short_header(sid, b'first 1-rtt')
+    assert not sess.learn                           # the server's short header ended it
+    moved = env.udp(V4, ('127.0.0.1', 0))           # the NAT rebinds: a new source port
+    moved.sendto(short_header(sid, b'from the new port'), addr)
+    assert env.recv(moved)[0] == short_header(sid, b'from the new port')
+    assert up.got[-1] == (short_header(sid, b'from the new port'), source)
+    c.sendto(short_header(sid, b'old port again'), addr)   # (a NAT flapping back: followed)
+    assert env.recv(c)[0] == short_header(sid, b'old port again')
+    st = svc.stats
+    assert (st.sessions_created, st.quic_moved, st.quic_unrouted, st.sessions_active) == \
+        (1, 2, 0, 1)
+    assert {src for _, src in up.got} == {source}
+    # a short header with an ID nobody has: no default route, dropped and counted
+    stranger = env.udp(V4, ('127.0.0.1', 0))
+    stranger.sendto(short_header(os.urandom(8)), addr)
+    env.run_until(lambda: st.quic_unrouted == 1, what='unrouted')
+    env.nothing(stranger, 0.05)
+    svc.close()
+    assert len(svc._cids) == 0                      # the IDs end with the session
+
+
+def test_a_rebinding_before_the_first_answer_keeps_the_clients_own_id(env):
+    up = QuicishUpstream(env)
+    svc, addr = routed(env, up)
+    c, sid, odcid = connect(env, svc, addr, up)
+    moved = env.udp(V4, ('127.0.0.1', 0))
+    retry = long_header(odcid, b'', body=b'\x00' * 40)    # a long header to the client's ID
+    moved.sendto(retry, addr)
+    env.recv(moved)
+    assert (svc.stats.sessions_created, svc.stats.quic_moved) == (1, 1)
+
+
+def test_ids_travel_with_a_session_handed_over(env):
+    up = QuicishUpstream(env)
+    old, addr = routed(env, up)
+    c, sid, _ = connect(env, old, addr, up)
+    out = old.export_sessions()
+    assert len(old._cids) == 0 and len(out[0][0]['q']) == 2
+    fds = [os.dup(sock.fileno()) for _, sock in out]
+    for _, sock in out:
+        sock.close()
+    new, addr2 = routed(env, up)
+    assert new.adopt_sessions([meta for meta, _ in out], fds) == 1
+    moved = env.udp(V4, ('127.0.0.1', 0))
+    moved.sendto(short_header(sid, b'after the reload'), addr2)
+    assert env.recv(moved)[0] == short_header(sid, b'after the reload')
+    assert (new.stats.quic_moved, new.stats.sessions_created, len(up.ids)) == (1, 0, 1)
+
+
+def test_a_moved_flow_steered_to_another_worker_is_handed_to_it(env):
+    """Two services joined by the peers channel stand for two workers; the client's new
+    flow reaches the second one (here: it sends to the second listener socket)."""
+    up = QuicishUpstream(env)
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    env.socks += [s for pair in pairs for s in pair]
+    by_listener = [{}, {}]
+    peers = [Peers(env.loop, slot, pairs[slot][0], [tx for _, tx in pairs], by_listener[slot],
+                   env.log) for slot in range(2)]
+    first, addr1 = routed(env, up, peers[0], key_port=1)
+    second, addr2 = routed(env, up, peers[1], key_port=1)
+    assert first.key == second.key
+    by_listener[0][first.key], by_listener[1][second.key] = first, second
+    for p in peers:
+        p.start()
+    c, sid, _ = connect(env, first, addr1, up)
+    source = up.got[-1][1]
+    moved = env.udp(V4, ('127.0.0.1', 0))
+    for i in range(3):                          # sent before the session arrives: held
+        moved.sendto(short_header(sid, b'moved %d' % i), addr2)
+    replies = sorted(env.recv(moved)[0] for _ in range(3))
+    assert replies == [short_header(sid, b'moved %d' % i) for i in range(3)]
+    assert [src for _, src in up.got[-3:]] == [source] * 3       # the same upstream socket
+    assert (first.stats.sessions_active, first.stats.sessions_handed_out) == (0, 1)
+    assert (second.stats.sessions_active, second.stats.sessions_adopted,
+            second.stats.quic_moved, second.stats.quic_unrouted) == (1, 1, 1, 0)
+    assert len(first._cids) == 0 and len(second._cids) == 2
+    for p in peers:
+        p.close()
