@@ -16,6 +16,13 @@ a full table) and the held datagrams are sent upstream in the order they came.
                      └─ not a QUIC Initial, QuicError, a bound, HOLD ────▶ default │ logged
                         (the deadline, checked by the service's sweep timer)  or dropped ┘ (rate-limited)
 
+A new flow whose datagram carries the connection ID of a session (`cids.CidIndex`) is
+not new: its client moved (NAT rebinding), and the session follows it (`move`). When that
+session is another worker's (the kernel steers flows by source address), a short-header
+packet finds nothing here: the flow is held as above, without a reader, while the other
+workers are asked for it (`seek`, worker/peers.py; SEEKS a second); the session arrives
+(`settle`: the held datagrams go on to it) or the flow is unrouted at the deadline.
+
 Nothing is ever sent to a client before its session exists (a session only relays its
 upstream's replies). Bounds per worker and listener: MAX_PENDING flows held at once (a
 new flow past it is dropped and counted), each at most MAX_HELD datagrams and
