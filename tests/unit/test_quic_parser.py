@@ -17,7 +17,7 @@ from helpers.quic import (aioquic_initials, client_hello, crypto_frame, long_pac
 from mpproxy.proxy.edge import quic
 from mpproxy.proxy.edge.quic import (DONE, MAX_CRYPTO, MAX_PACKETS, MAX_PIECES, MORE, NOT_QUIC, V1,
                                      V2, ClientHelloReader, QuicError, client_initial_keys,
-                                     initial_dcid)
+                                     MIN_INITIAL_DATAGRAM, initial_dcid)
 
 RFC_DCID = bytes.fromhex('8394c8f03e515708')
 DCID = bytes.fromhex('00112233445566778899')
@@ -115,8 +115,13 @@ RFC9369_INITIAL = bytes.fromhex(
     'a18b2faa745b6fe189cf772a9f84cbfc')
 
 
-def read(datagrams) -> tuple[list[str], ClientHelloReader]:
+def read(datagrams, pad: bool = True) -> tuple[list[str], ClientHelloReader]:
+    """Feed `datagrams` to a new reader; a first one under 1200 bytes is padded to 1200 with
+    zero bytes after its packets (as the client must: RFC 9000 14.1), unless not `pad`."""
     reader = ClientHelloReader()
+    datagrams = list(datagrams)
+    if pad and datagrams and len(datagrams[0]) < MIN_INITIAL_DATAGRAM:
+        datagrams[0] = datagrams[0] + bytes(MIN_INITIAL_DATAGRAM - len(datagrams[0]))
     return [reader.feed(d) for d in datagrams], reader
 
 
@@ -373,8 +378,10 @@ def test_a_changed_dcid_gives_other_keys():
 
 @pytest.mark.parametrize('cut', [1199, 1000, 60, 23])
 def test_a_truncated_initial_is_an_error(cut):
-    with pytest.raises(QuicError, match='past the end'):
-        read([RFC9001_INITIAL[:cut]])
+    with pytest.raises(QuicError, match=f'a datagram of {cut} bytes'):     # before any crypto
+        read([RFC9001_INITIAL[:cut]], pad=False)
+    with pytest.raises(QuicError):
+        read([RFC9001_INITIAL[:cut] + bytes(1200)], pad=False)       # its packet cut short
 
 
 @pytest.mark.parametrize('frame', [b'\x08\x00\x01x', b'\x1d\x00\x00', b'\x07\x00', b'\x1e',

@@ -59,6 +59,9 @@ def available() -> bool:
     return True
 
 
+MIN_INITIAL_DATAGRAM = 1200     # bytes: a client's first Initial datagram is never shorter
+
+
 def initial_dcid(datagram: bytes) -> bytes | None:
     """The DCID of the long-header Initial packet of v1 or v2 that starts `datagram`, else
     None. Cheap: reads a header, no crypto."""
@@ -130,6 +133,9 @@ class ClientHelloReader:
             dcid = initial_dcid(data)
             if dcid is None:
                 return NOT_QUIC
+            if len(data) < MIN_INITIAL_DATAGRAM:      # checked before any key is derived
+                raise QuicError(f'an Initial in a datagram of {len(data)} bytes (a client pads '
+                                f'them to {MIN_INITIAL_DATAGRAM}: RFC 9000 14.1)')
             self._start(dcid, int.from_bytes(data[1:5], 'big'))
         pos, first_dcid = 0, None
         while pos < len(data) and not self._done:
