@@ -369,8 +369,7 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
         half_close_timeout=s.get('half_close_timeout', NON_NEGATIVE, 60.0),
         half_close=half_close,
         next_upstream_tries=s.get('next_upstream_tries', integer(1, 100), 3),
-        sni_routes=_optional_section(s, 'sni_routes', None, partial(_sni_routes, declared=declared,
-                                                                    protocol=protocol)),
+        sni_routes=_optional_section(s, 'sni_routes', None, partial(_sni_routes, declared=declared)),
         proxy_protocol=_proxy_protocol(s, protocol),
         allow=s.get_list('allow', cidr),
         deny=s.get_list('deny', cidr),
@@ -428,14 +427,12 @@ def _keepalive(s: Section) -> Keepalive | None:
                      count=k.get('count', optional(integer(1, 127))))
 
 
-def _sni_routes(s: Section, declared: dict, protocol: str = 'tcp') -> tuple[tuple[str, str], ...]:
+def _sni_routes(s: Section, declared: dict) -> tuple[tuple[str, str], ...]:
     routes = []
     for pattern in s.keys():
         target = s.value(pattern)
         if not isinstance(pattern, str) or not pattern.strip():
             s.report(pattern, f'a server name pattern must be a non-empty string, got {describe(pattern)}')
-        elif ' alpn=' in pattern and protocol != 'udp':
-            s.report(pattern, 'a route that requires an ALPN is not supported yet on a tcp listener')
         elif ' alpn=' in pattern and (not pattern.partition(' alpn=')[0].strip()
                                       or not pattern.partition(' alpn=')[2].strip(' ,')):
             s.report(pattern, "write a route that requires an ALPN as 'NAME alpn=PROTO[,PROTO]'")

@@ -44,7 +44,6 @@ from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.poller import Poller, prime_allocator
 from mpproxy.proxy.tcp.service import TcpService
 from mpproxy.proxy.udp import handoff
-from mpproxy.proxy.udp.quicroute import QuicRouter
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.proxy.udp.session import GateLimit
 from mpproxy.shared.limits import LimitTable
@@ -247,15 +246,10 @@ class Worker(Handover):
             self.peers = Peers(self.loop, self.spec.slot, rx, txs, self.by_listener, log)
         for listener, sock in self.spec.sockets:
             pool = self._pool(listener.upstream)
-            router = None
-            if listener.sni_routes is not None and listener.protocol == 'udp':
-                router = QuicRouter(listener.sni_routes, self._pool)   # QUIC: name and ALPN
-            elif listener.sni_routes is not None:
-                routes = [(pattern, self._pool(name)) for pattern, name in listener.sni_routes
-                          if pattern != 'default']
-                default = next((self._pool(name) for pattern, name in listener.sni_routes
-                                if pattern == 'default'), None)   # None: close the rest
-                router = SniRouter(routes, default)
+            router = None             # sni_routes: by server name and ALPN (TLS, QUIC)
+            if listener.sni_routes is not None:
+                router = SniRouter([(pattern, self._pool(name))
+                                    for pattern, name in listener.sni_routes])
             if listener.protocol == 'tcp':
                 shared = self.config.workers > 1 and not listener.reuseport
                 if self.poller is None:

@@ -78,6 +78,33 @@ def test_sni_routes_to_the_right_upstream_with_hello_unaltered(proxies):
             r.close()
 
 
+
+def test_a_route_may_require_an_alpn_protocol(proxies):
+    h2, plain, other = Recorder(), Recorder(), Recorder()
+    try:
+        port = free_port()
+        proxies(sni_config(port, {'api.example.com alpn=h2': 'h2', 'api.example.com': 'plain',
+                                  'default alpn=h2': 'h2', 'default': 'other'}, None,
+                           {'h2': h2.address, 'plain': plain.address, 'other': other.address})
+                ).start(wait_workers=1)
+        cases = [('api.example.com', ('http/1.1', 'h2'), h2),       # offers h2: the h2 route
+                 ('api.example.com', ('http/1.1',), plain),         # the name's plain route
+                 ('api.example.com', (), plain),
+                 ('www.example.org', ('h2',), h2),                  # default's h2 route
+                 ('www.example.org', (), other)]
+        for name, alpn, backend in cases:
+            hello = client_hello(name, alpn)
+            send_and_close(port, hello)
+            wait_for(lambda: backend.received, 5, what=f'{name} {alpn} to reach its upstream')
+            assert backend.received.pop() == hello
+        send_and_close(port, b'not tls')                        # unreadable: default, no ALPN
+        wait_for(lambda: other.received, 5, what='non-TLS to reach the plain default')
+        assert other.received.pop() == b'not tls'
+        assert not (h2.received or plain.received or other.received)
+    finally:
+        for r in (h2, plain, other):
+            r.close()
+
 def test_fragmented_hello_routed_and_slow_unknown_or_non_tls_clients_closed(proxies):
     www, other = Recorder(), Recorder()
     try:

@@ -142,12 +142,15 @@ def metric_total(admin: int, name: str) -> int:
     return total
 
 
-def client_hello(server_name=None) -> bytes:
-    """The ClientHello Python's ssl module sends for `server_name` (a real TLS client's)."""
+def client_hello(server_name=None, alpn=()) -> bytes:
+    """The ClientHello Python's ssl module sends for `server_name`, offering the ALPN
+    protocols `alpn` (a real TLS client's)."""
     import ssl
     ctx = ssl.create_default_context()
     if server_name is None:
         ctx.check_hostname = False
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
     try:

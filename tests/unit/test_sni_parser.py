@@ -88,9 +88,29 @@ def test_corrupted_hello_never_raises(pos, byte):
 
 def test_router_exact_then_longest_wildcard_then_default():
     r = SniRouter([('*.example.com', 'wild'), ('*.api.example.com', 'api'),
-                   ('www.example.com', 'www')], default='dflt')
+                   ('www.example.com', 'www'), ('default', 'dflt')])
     assert r.route('www.example.com') == 'www'
     assert r.route('x.api.example.com') == 'api'
     assert r.route('shop.example.com') == 'wild'
     assert r.route('example.com') == 'dflt'
     assert r.route(None) == 'dflt'
+
+
+def test_the_router_picks_by_name_then_alpn():
+    routes = [('api.example alpn=h3', 'H3'), ('api.example', 'API'),
+              ('*.example alpn=h3,h3-29', 'WILD3'), ('*.x.example alpn=doq', 'DOQ'),
+              ('default alpn=h3', 'D3'), ('default', 'D')]
+    router = SniRouter(routes)
+    assert router.route('api.example', ('h3',)) == 'H3'
+    assert router.route('api.example', ('h2', 'h3')) == 'H3'
+    assert router.route('api.example', ('doq',)) == 'API'      # the name's plain route
+    assert router.route('www.example', ('h3-29',)) == 'WILD3'
+    assert router.route('www.example', ('doq',)) == 'D'        # no plain *.example: default
+    assert router.route('a.x.example', ('h3',)) == 'WILD3'     # *.x.example has no h3 route
+    assert router.route('a.x.example', ('doq',)) == 'DOQ'
+    assert router.route('other.org', ('h3',)) == 'D3'
+    assert router.route(None, ()) == 'D'
+    assert router.fallback() == 'D'
+    assert sorted(set(router.values())) == ['API', 'D', 'D3', 'DOQ', 'H3', 'WILD3']
+    only = SniRouter([('default alpn=h3', 'D3')])
+    assert (only.route('x', ('h2',)), only.fallback()) == (None, None)

@@ -16,9 +16,9 @@ from helpers.quic import aioquic_initials
 from helpers.udp_unit import V4, Env
 from helpers.unit import serve_env
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
+from mpproxy.proxy.edge.sni import SniRouter
 from mpproxy.proxy.udp import cids
 from mpproxy.proxy.udp.cids import CidIndex, server_cid
-from mpproxy.proxy.udp.quicroute import QuicRouter
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import UpstreamPool
 from mpproxy.worker.peers import Peers
@@ -133,7 +133,7 @@ def routed(env, up, peers=None, key_port=None):
     """A routed service (a.example → `up`, no default) on its own socket; `key_port`: the
     port its listener is known by (two services standing for two workers share one)."""
     pools = {'A': UpstreamPool(Upstream(name='A', servers=(Server(address=Address(*up.addr)),)))}
-    router = QuicRouter([('a.example', 'A')], pools.__getitem__)       # no default
+    router = SniRouter([('a.example', pools['A'])])                   # no default
     lsock = env.udp(V4, ('127.0.0.1', 0))
     port = lsock.getsockname()[1]
     listener = Listener(name='quic', listen=Address('127.0.0.1', key_port or port), protocol='udp',

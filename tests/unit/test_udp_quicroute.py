@@ -11,8 +11,8 @@ from helpers.quic import aioquic_initials, client_hello, split_initials
 from helpers.udp_unit import V4, Clock, EchoUpstream, Env
 from helpers.unit import serve_env
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
+from mpproxy.proxy.edge.sni import SniRouter
 from mpproxy.proxy.udp import quicroute
-from mpproxy.proxy.udp.quicroute import QuicRouter
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import UpstreamPool
 
@@ -30,7 +30,8 @@ def routed(env, default=True, idle=0.4, clock=None, ups=None, host='127.0.0.1'):
     pools = {name: UpstreamPool(Upstream(name=name, servers=(
         Server(address=Address(*up.addr)),))) for name, up in ups.items()}
     routes = [('a.example', 'A'), ('*.b.example', 'B'), ('b.example', 'B')]
-    router = QuicRouter(routes + [('default', 'D')] if default else routes, pools.__getitem__)
+    router = SniRouter([(pattern, pools[name]) for pattern, name in
+                        (routes + [('default', 'D')] if default else routes)])
     lsock = env.udp(V4, (host, 0), reuseport=True)
     port = lsock.getsockname()[1]
     listener = Listener(name='quic', listen=Address(host, port), protocol='udp',
@@ -200,26 +201,6 @@ def test_a_routed_session_handed_over_keeps_its_upstream_and_pool(env):
     c.sendto(b'after the reload', addr2)            # (the new listener socket: a test stand-in)
     env.run_until(lambda: b'after the reload' in sent(ups['A']), what='the adopted session')
     assert ups['A'].source_of(b'after the reload') == ups['A'].source_of(initials[0])
-
-
-def test_the_router_picks_by_name_then_alpn():
-    routes = [('api.example alpn=h3', 'H3'), ('api.example', 'API'),
-              ('*.example alpn=h3,h3-29', 'WILD3'), ('*.x.example alpn=doq', 'DOQ'),
-              ('default alpn=h3', 'D3'), ('default', 'D')]
-    router = QuicRouter(routes, str)
-    assert router.route('api.example', ('h3',)) == 'H3'
-    assert router.route('api.example', ('h2', 'h3')) == 'H3'
-    assert router.route('api.example', ('doq',)) == 'API'      # the name's plain route
-    assert router.route('www.example', ('h3-29',)) == 'WILD3'
-    assert router.route('www.example', ('doq',)) == 'D'        # no plain *.example: default
-    assert router.route('a.x.example', ('h3',)) == 'WILD3'     # *.x.example has no h3 route
-    assert router.route('a.x.example', ('doq',)) == 'DOQ'
-    assert router.route('other.org', ('h3',)) == 'D3'
-    assert router.route(None, ()) == 'D'
-    assert router.fallback() == 'D'
-    assert sorted(set(router.pools())) == ['API', 'D', 'D3', 'DOQ', 'H3', 'WILD3']
-    only = QuicRouter([('default alpn=h3', 'D3')], str)
-    assert (only.route('x', ('h2',)), only.fallback()) == (None, None)
 
 
 def test_a_wildcard_listener_routes_and_answers_from_the_address_used(env):

@@ -26,33 +26,39 @@ MORE, FOUND, NOT_TLS = 'more', 'found', 'not-tls'
 
 def parse_sni(data: bytes) -> tuple[str, str | None]:
     """(MORE, None) | (FOUND, server name or None if the hello has none) | (NOT_TLS, None)."""
+    return parse_hello(data)[:2]
+
+
+def parse_hello(data: bytes) -> tuple[str, str | None, tuple[str, ...]]:
+    """`parse_sni`, with the ClientHello's ALPN protocols: (FOUND, name, alpn); (MORE or
+    NOT_TLS, None, ())."""
     hs = bytearray()
     pos = 0
     while True:
         if len(data) - pos < 5:
-            return (MORE, None) if len(data) < MAX_HELLO else (NOT_TLS, None)
+            return (MORE, None, ()) if len(data) < MAX_HELLO else (NOT_TLS, None, ())
         if data[pos] != 22 or data[pos + 1] != 3:
-            return NOT_TLS, None
+            return NOT_TLS, None, ()
         length = int.from_bytes(data[pos + 3:pos + 5], 'big')
         if length == 0 or length > 16384 + 2048:
-            return NOT_TLS, None
+            return NOT_TLS, None, ()
         if len(data) - pos - 5 < length:
-            return (MORE, None) if pos + 5 + length <= MAX_HELLO else (NOT_TLS, None)
+            return (MORE, None, ()) if pos + 5 + length <= MAX_HELLO else (NOT_TLS, None, ())
         hs += data[pos + 5:pos + 5 + length]
         pos += 5 + length
         if len(hs) >= 4:
             if hs[0] != 1:
-                return NOT_TLS, None
+                return NOT_TLS, None, ()
             need = 4 + int.from_bytes(hs[1:4], 'big')
             if need > MAX_HELLO:
-                return NOT_TLS, None
+                return NOT_TLS, None, ()
             if len(hs) >= need:
                 return _hello_sni(bytes(hs[4:need]))
 
 
-def _hello_sni(body: bytes) -> tuple[str, str | None]:
+def _hello_sni(body: bytes) -> tuple[str, str | None, tuple[str, ...]]:
     names = hello_names(body)
-    return (NOT_TLS, None) if names is None else (FOUND, names[0])
+    return (NOT_TLS, None, ()) if names is None else (FOUND, *names)
 
 
 def hello_names(body: bytes) -> tuple[str | None, tuple[str, ...]] | None:
@@ -121,27 +127,76 @@ def _alpn(ext: bytes) -> tuple[str, ...] | None:
     return tuple(names)
 
 
+def split_route(pattern: str) -> tuple[str, frozenset | None]:
+    """`"name alpn=h3,h3-29"` → ("name", {"h3", "h3-29"}); a plain pattern → (pattern, None)."""
+    name, sep, rest = pattern.strip().partition(' alpn=')
+    if not sep:
+        return name, None
+    return name.strip(), frozenset(p.strip() for p in rest.split(',') if p.strip())
+
+
 class SniRouter:
-    """Maps a server name to a value (a pool): exact names, then `*.suffix`, then default."""
+    """sni_routes, for a TLS ClientHello (tcp) or a QUIC one (udp): a server name pattern,
+    optionally with the ALPN protocols it requires (`"api.example.com alpn=h2": api`), → a
+    value (a pool).
 
-    def __init__(self, routes, default=None):
-        self.exact: dict[str, object] = {}
-        self.wildcards: list[tuple[str, object]] = []
+    Patterns are tried in this order: the exact name, then the longest matching `*.suffix`,
+    then `default`; within a pattern, a route whose ALPN the client offers wins (in config
+    order), else the pattern's route without ALPN; a pattern with neither lets the next one
+    decide. `routes` is [(pattern, value)], `default` among the patterns.
+    """
+
+    def __init__(self, routes):
+        self.exact: dict[str, list] = {}
+        self.wildcards: list[tuple[str, list]] = []
+        self.default: list = []
         for pattern, value in routes:
-            pattern = pattern.lower().rstrip('.')
-            if pattern.startswith('*.'):
-                self.wildcards.append((pattern[1:], value))      # '.example.com'
+            name, alpn = split_route(pattern)
+            name = name.lower().rstrip('.')
+            entry = (alpn, value)
+            if name == 'default':
+                self.default.append(entry)
+            elif name.startswith('*.'):
+                group = next((g for s, g in self.wildcards if s == name[1:]), None)
+                if group is None:
+                    self.wildcards.append((name[1:], [entry]))    # '.example.com'
+                else:
+                    group.append(entry)
             else:
-                self.exact[pattern] = value
+                self.exact.setdefault(name, []).append(entry)
         self.wildcards.sort(key=lambda w: -len(w[0]))           # the longest suffix wins
-        self.default = default
 
-    def route(self, name: str | None):
+    def values(self) -> list:
+        groups = [*self.exact.values(), *(g for _, g in self.wildcards), self.default]
+        return [value for group in groups for _, value in group]
+
+    def route(self, name: str | None, alpn=()):
+        """The value for a ClientHello's server name and ALPN list, or None."""
         if name:
-            value = self.exact.get(name)
-            if value is not None:
-                return value
-            for suffix, value in self.wildcards:
-                if name.endswith(suffix):
+            group = self.exact.get(name)
+            if group is not None:
+                value = _pick(group, alpn)
+                if value is not None:
                     return value
-        return self.default
+            for suffix, group in self.wildcards:
+                if name.endswith(suffix):
+                    value = _pick(group, alpn)
+                    if value is not None:
+                        return value
+        return _pick(self.default, alpn)
+
+    def fallback(self):
+        """The value for a client whose ClientHello could not be read: `default` without
+        ALPN, or None."""
+        return next((value for alpn, value in self.default if alpn is None), None)
+
+
+def _pick(group: list, alpn):
+    plain = None
+    for required, value in group:
+        if required is None:
+            if plain is None:
+                plain = value
+        elif not required.isdisjoint(alpn):
+            return value
+    return plain

@@ -100,12 +100,12 @@ class Preamble:
 
     # -- SNI ------------------------------------------------------------------------------
     def _peek_sni(self, eof: bool) -> None:
-        state, name = sni.parse_sni(b''.join(self.early))
+        state, name, alpn = sni.parse_hello(b''.join(self.early))
         if state == sni.MORE and not eof:
             return
         self._end_stage()
         router = self.ctx.sni
-        pool = router.route(name) if state == sni.FOUND else router.default
+        pool = router.route(name, alpn) if state == sni.FOUND else router.fallback()
         if pool is None:
             self.ctx.log.info('client %s: %s, and no default route; closing',
                                   format_sockaddr(self.client_addr),

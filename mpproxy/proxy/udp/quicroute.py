@@ -4,7 +4,7 @@
 client that has a session goes on as on any listener. One from a client with no
 session opens no session yet: the flow gets a `Pending` entry holding its datagrams
 and an `edge.quic.ClientHelloReader`; once the reader has the whole ClientHello, its
-server name and ALPN list pick the pool (`QuicRouter.route`: exact name, `*.suffix`,
+server name and ALPN list pick the pool (`edge.sni.SniRouter.route`: exact name, `*.suffix`,
 default; within each, a route requiring an offered ALPN first), the
 session is opened to that pool as any session is (`Admission._open`: the per-IP limit,
 a full table) and the held datagrams are sent upstream in the order they came.
@@ -49,78 +49,6 @@ SEEKS = 100               # per second and worker: new flows whose session other
                           # asked for (a short header with an ID unknown here: cids.py)
 
 
-def split_route(pattern: str) -> tuple[str, frozenset | None]:
-    """`"name alpn=h3,h3-29"` → ("name", {"h3", "h3-29"}); a plain pattern → (pattern, None)."""
-    name, sep, rest = pattern.strip().partition(' alpn=')
-    if not sep:
-        return name, None
-    return name.strip(), frozenset(p.strip() for p in rest.split(',') if p.strip())
-
-
-class QuicRouter:
-    """sni_routes of a udp listener: a server name pattern, optionally with the ALPN protocols
-    it requires (`"api.example.com alpn=h3": h3api`), → a pool.
-
-    Patterns are tried as for TCP (the exact name, then the longest matching `*.suffix`, then
-    `default`); within a pattern, a route whose ALPN the client offers wins (in config order),
-    else the pattern's route without ALPN; a pattern with neither lets the next one decide.
-    """
-
-    def __init__(self, routes, pool_of):
-        self.exact: dict[str, list] = {}
-        self.wildcards: list[tuple[str, list]] = []
-        self.default: list = []
-        for pattern, upstream in routes:
-            name, alpn = split_route(pattern)
-            name = name.lower().rstrip('.')
-            entry = (alpn, pool_of(upstream))
-            if name == 'default':
-                self.default.append(entry)
-            elif name.startswith('*.'):
-                group = next((g for s, g in self.wildcards if s == name[1:]), None)
-                if group is None:
-                    self.wildcards.append((name[1:], [entry]))
-                else:
-                    group.append(entry)
-            else:
-                self.exact.setdefault(name, []).append(entry)
-        self.wildcards.sort(key=lambda w: -len(w[0]))
-
-    def pools(self) -> list:
-        groups = [*self.exact.values(), *(g for _, g in self.wildcards), self.default]
-        return [pool for group in groups for _, pool in group]
-
-    def route(self, name: str | None, alpn=()):
-        """The pool for a ClientHello's server name and ALPN list, or None."""
-        if name:
-            group = self.exact.get(name)
-            if group is not None:
-                pool = _pick(group, alpn)
-                if pool is not None:
-                    return pool
-            for suffix, group in self.wildcards:
-                if name.endswith(suffix):
-                    pool = _pick(group, alpn)
-                    if pool is not None:
-                        return pool
-        return _pick(self.default, alpn)
-
-    def fallback(self):
-        """The pool of a flow whose ClientHello could not be read: `default` without ALPN."""
-        return next((pool for alpn, pool in self.default if alpn is None), None)
-
-
-def _pick(group: list, alpn) -> object | None:
-    plain = None
-    for required, pool in group:
-        if required is None:
-            if plain is None:
-                plain = pool
-        elif not required.isdisjoint(alpn):
-            return pool
-    return plain
-
-
 class Pending:
     """A flow with no session yet: what it sent, and its ClientHello so far; or (`reader`
     None) a moved client's, while the other workers are asked for its session."""
@@ -139,7 +67,7 @@ class Pending:
 class RoutedAdmission(Admission):
     """`Admission` with flows routed by their QUIC server name (see the module docstring).
 
-    `router` (a QuicRouter) maps a server name and ALPN list to an UpstreamPool; `arm()`
+    `router` (an edge.sni.SniRouter) maps a server name and ALPN list to an UpstreamPool; `arm()`
     makes sure the service's sweep timer runs, which calls `expire()`. A datagram of a new
     flow that carries the connection ID of a session (`cids`, a cids.CidIndex) is that
     session's, whose client moved: `move(sess, key, addr, cdata, now)` re-keys it. With

@@ -124,10 +124,10 @@ class UdpService:
         self._timer = None
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
-        # router (a quicroute.QuicRouter): sni_routes, new flows routed by their QUIC server
+        # router (an edge.sni.SniRouter): sni_routes, new flows routed by their QUIC server
         # name and ALPN (quicroute.py); None: every session goes to `pool`
         self._routed = {} if router is None else {   # upstream name → pool, for adopted sessions
-            pool.name: pool for pool in router.pools()}
+            pool.name: pool for pool in router.values()}
         # routed sessions are also found by their QUIC connection IDs (cids.py); `peers` (a
         # worker.peers.Peers, or None: one worker) finds those of the other workers
         self._cids = None if router is None else cids.CidIndex()
