@@ -15,7 +15,7 @@ import pytest
 from helpers.backends import UdpEcho, tagged_backend
 from helpers.configs import with_pid_file
 from helpers.net import client, connect, first_bytes, free_port, get, roundtrip
-from helpers.proc import alive, read_pid, run_cli, wait_for
+from helpers.proc import run_cli, wait_for
 
 TOKEN = 'secret-token-for-tests'
 
@@ -178,21 +178,14 @@ def test_the_state_survives_a_reload_and_a_binary_upgrade(proxies, tmp_path, pai
     proxy.wait_log('generation 2 active')
     assert tags(port, 20) == [b'B'] * 20
     assert server_status(admin, a.address)['admin_state'] == 'drain'
-    proxy.signal(signal.SIGUSR2)
-    new = wait_for(lambda: (lambda p: p if p not in (None, proxy.pid) else None)(
-        read_pid(pid_file)), 10, what='the new master')
-    proxy.known_pids.add(new)
+    new = proxy.upgrade(pid_file)
     try:
-        proxy.wait_log('mpproxy started', count=2, timeout=10)
         proxy.signal(signal.SIGQUIT)
         assert proxy.wait_exit(40) == 0
         assert tags(port, 20) == [b'B'] * 20
         assert server_status(admin, a.address)['admin_state'] == 'drain'
     finally:
-        if alive(new):
-            import os
-            os.kill(new, signal.SIGQUIT)
-            wait_for(lambda: not alive(new), 15, what='the new master to stop')
+        proxy.stop_master(new)
 
 
 def test_a_drained_udp_server_gets_no_new_session_and_keeps_its_own(proxies, tmp_path):

@@ -8,13 +8,12 @@ master skips it (the new master serves on the same sockets).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 
 from helpers.configs import listener, upgrade_config, with_admin, with_keys
 from helpers.net import client, connect, echo_roundtrip, free_port, get, roundtrip
-from helpers.proc import alive, children, cmdline, read_pid, run_cli, wait_for
+from helpers.proc import alive, run_cli, wait_for
 
 
 def grace_config(port: int, admin: int, tcp_up: str, udp_up: str, **keys) -> dict:
@@ -178,22 +177,13 @@ def test_binary_upgrade_quit_to_the_old_master_skips_the_grace(proxies, tmp_path
     pid_file = tmp_path / 'mpproxy.pid'
     config = with_keys(upgrade_config(tmp_path, port, tcp_echo.address), shutdown_grace='60s')
     proxy = proxies(config).start(wait_workers=2)
-    old, new = proxy.pid, None
+    new = None
     try:
-        proxy.signal(signal.SIGUSR2)
-        new = wait_for(lambda: (lambda p: p if p not in (None, old) else None)(read_pid(pid_file)),
-                       10, what='the new master to write the pid file')
-        proxy.known_pids.add(new)
-        proxy.wait_log('mpproxy started', count=2, timeout=10)
-        proxy.known_pids.update(wait_for(lambda: (lambda w: w if len(w) == 2 else None)(
-            [p for p in children(new) if cmdline(p).startswith('mpproxy: worker')]), 5,
-            what='the new master\'s workers'))
+        new = proxy.upgrade(pid_file, workers=2)
         proxy.signal(signal.SIGQUIT)                # the operator retires the old master
         assert proxy.wait_exit(10) == 0             # at once, not after 60 s of grace
         assert f'(no shutdown_grace: master pid {new} of the binary upgrade serves)' \
             in proxy.log()
         assert echo_roundtrip(port, b'new master') == b'new master'
     finally:
-        if new and alive(new):
-            os.kill(new, signal.SIGTERM)
-            wait_for(lambda: not alive(new), 5, what='the new master to stop')
+        proxy.stop_master(new, signal.SIGTERM, 5)

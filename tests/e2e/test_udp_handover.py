@@ -18,7 +18,7 @@ import pytest
 from helpers.backends import UdpEcho
 from helpers.configs import udp_config, with_pid_file
 from helpers.net import UdpFleet, free_port, metric_total
-from helpers.proc import alive, read_pid, wait_for
+from helpers.proc import Proxy, alive, read_pid, wait_for
 
 CLIENTS = 50
 
@@ -73,16 +73,6 @@ def test_reload_from_three_workers_to_two_keeps_every_udp_session(proxies):
     reload_keeps_sessions(proxies, 3, 2)
 
 
-def upgrade(scene) -> None:
-    """USR2 to the scene's proxy; returns once the new master's workers serve."""
-    proxy = scene.proxy
-    proxy.signal(signal.SIGUSR2)
-    scene.new = wait_for(lambda: (lambda p: p if p not in (None, proxy.pid) else None)(
-        read_pid(scene.pid_file)), 10, what='the new master')
-    proxy.known_pids.add(scene.new)
-    proxy.wait_log('mpproxy started', count=2, timeout=10)
-
-
 @contextlib.contextmanager
 def upgrade_scene(proxies, tmp_path, workers: int, admin: int | None = None):
     """A proxy with `workers` workers and a pid file, the fleet answered through it; the new
@@ -100,9 +90,7 @@ def upgrade_scene(proxies, tmp_path, workers: int, admin: int | None = None):
         if scene.fleet is not None:
             scene.fleet.finish()
         backend.close()
-        if scene.new and alive(scene.new):
-            os.kill(scene.new, signal.SIGQUIT)
-            wait_for(lambda: not alive(scene.new), 15, what='the new master to stop')
+        Proxy.stop_master(scene.new)
 
 
 def replies_after(fleet: UdpFleet, n: int, what: str) -> None:
@@ -114,7 +102,7 @@ def replies_after(fleet: UdpFleet, n: int, what: str) -> None:
 def test_udp_sessions_follow_a_binary_upgrade(proxies, tmp_path):
     admin = free_port()
     with upgrade_scene(proxies, tmp_path, 2, admin) as scene:
-        upgrade(scene)
+        scene.new = scene.proxy.upgrade(scene.pid_file)
         replies_after(scene.fleet, 20, 'after USR2')   # the old master serves UDP alone
         scene.proxy.signal(signal.SIGQUIT)
         assert scene.proxy.wait_exit(40) == 0
@@ -132,7 +120,7 @@ def test_udp_sessions_follow_an_upgrade_that_changes_the_worker_count(proxies, t
                                                                        before, after):
     with upgrade_scene(proxies, tmp_path, before) as scene:
         scene.proxy.write_config(scene.config(after))
-        upgrade(scene)
+        scene.new = scene.proxy.upgrade(scene.pid_file)
         scene.proxy.signal(signal.SIGQUIT)
         assert scene.proxy.wait_exit(40) == 0
         replies_after(scene.fleet, 30, 'from the new master')
@@ -142,7 +130,7 @@ def test_udp_sessions_follow_an_upgrade_that_changes_the_worker_count(proxies, t
 
 def test_a_backed_out_upgrade_keeps_every_session_on_the_old_master(proxies, tmp_path):
     with upgrade_scene(proxies, tmp_path, 2) as scene:
-        upgrade(scene)
+        scene.new = scene.proxy.upgrade(scene.pid_file)
         os.kill(scene.new, signal.SIGKILL)     # backed out: the new master dies before QUIT
         scene.proxy.wait_log('binary upgrade failed', timeout=10)
         replies_after(scene.fleet, 30, 'after the new master died')

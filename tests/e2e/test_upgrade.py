@@ -8,7 +8,7 @@ import signal
 from helpers.backends import UdpEcho
 from helpers.configs import upgrade_config
 from helpers.net import EchoProber, echo_roundtrip, free_port
-from helpers.proc import alive, children, cmdline, read_pid, wait_for
+from helpers.proc import alive, cmdline, read_pid, wait_for
 
 
 def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp_path, tcp_echo):
@@ -20,18 +20,10 @@ def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp
     new = None
     try:
         wait_for(lambda: prober.ok >= 20, 5, what='traffic before the upgrade')
-        proxy.signal(signal.SIGUSR2)
-        new = wait_for(lambda: (lambda p: p if p not in (None, old) else None)(read_pid(pid_file)),
-                       10, what='the new master to write the pid file')
-        proxy.known_pids.add(new)
+        new = proxy.upgrade(pid_file, workers=2)
         assert read_pid(f'{pid_file}.oldbin') == old
         assert cmdline(new) == f'mpproxy: master -c {proxy.config_path}'
-        proxy.wait_log('mpproxy started', count=2, timeout=10)
         assert 'listening sockets inherited' in proxy.log()
-        new_workers = wait_for(lambda: (lambda w: w if len(w) == 2 else None)(
-            [p for p in children(new) if cmdline(p).startswith('mpproxy: worker')]), 5,
-            what='the new master\'s workers')
-        proxy.known_pids.update(new_workers)
         served = prober.ok
         proxy.signal(signal.SIGQUIT)              # the operator retires the old master
         assert proxy.wait_exit(15) == 0
@@ -43,9 +35,7 @@ def test_usr2_starts_new_master_and_quit_of_old_loses_no_connection(proxies, tmp
         assert echo_roundtrip(port, b'new master') == b'new master'
     finally:
         prober.finish()
-        if new and alive(new):
-            os.kill(new, signal.SIGTERM)
-            wait_for(lambda: not alive(new), 5, what='the new master to stop')
+        proxy.stop_master(new, signal.SIGTERM, 5)
 
 
 def test_usr2_udp_keeps_answering_across_the_upgrade(proxies, tmp_path):
@@ -68,11 +58,7 @@ def test_usr2_udp_keeps_answering_across_the_upgrade(proxies, tmp_path):
     try:
         client.sendto(b'1', ('127.0.0.1', port))
         assert client.recvfrom(100)[0].endswith(b'|1')
-        proxy.signal(signal.SIGUSR2)
-        new = wait_for(lambda: (lambda p: p if p not in (None, proxy.pid) else None)(read_pid(pid_file)),
-                       10, what='the new master')
-        proxy.known_pids.add(new)
-        proxy.wait_log('mpproxy started', count=2, timeout=10)
+        new = proxy.upgrade(pid_file)
         proxy.signal(signal.SIGQUIT)
         assert proxy.wait_exit(40) == 0
         for i in range(5):
@@ -81,9 +67,7 @@ def test_usr2_udp_keeps_answering_across_the_upgrade(proxies, tmp_path):
     finally:
         client.close()
         backend.close()
-        if new and alive(new):
-            os.kill(new, signal.SIGTERM)
-            wait_for(lambda: not alive(new), 5, what='the new master to stop')
+        proxy.stop_master(new, signal.SIGTERM, 5)
 
 
 def test_failed_upgrade_restores_pid_file_and_keeps_serving(proxies, tmp_path, tcp_echo):

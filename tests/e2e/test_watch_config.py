@@ -16,7 +16,7 @@ from helpers.backends import tagged_backend
 from helpers.configmap import ConfigMapDir
 from helpers.configs import render, tcp_config, with_keys
 from helpers.net import first_bytes, free_port
-from helpers.proc import children, cmdline, read_pid, wait_for
+from helpers.proc import children, cmdline, wait_for
 
 RELOAD = 10.0           # deadline for a change to be applied
 OBSERVE = 3.5           # a window in which nothing must happen: > 2 polls of 1 s, plus slack
@@ -155,11 +155,7 @@ def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
         port = free_port()
         proxy = proxies(watched(port, a.address, pid_file=str(pid_file))).start(wait_workers=2)
         old = proxy.pid
-        proxy.signal(signal.SIGUSR2)
-        new = wait_for(lambda: (lambda p: p if p not in (None, old) else None)(read_pid(pid_file)),
-                       10, what='the new master to write the pid file')
-        proxy.known_pids.add(new)
-        proxy.wait_log('mpproxy started', count=2, timeout=10)
+        new = proxy.upgrade(pid_file)
 
         proxy.write_config(watched(port, b.address, pid_file=str(pid_file)))
         proxy.wait_log(f'{new}#master: generation 2 active', timeout=RELOAD)

@@ -163,6 +163,29 @@ class Proxy:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
+    def upgrade(self, pid_file, workers: int = 0, timeout: float = 10.0) -> int:
+        """USR2: the new master's pid, once it wrote `pid_file` and logged that it started
+        (with `workers`, once that many of its workers run). Its pid and its workers' are
+        known: `cleanup` kills what is left of them; `stop_master` stops it gracefully."""
+        old, started = self.pid, self.log().count('mpproxy started')
+        self.signal(signal.SIGUSR2)
+        new = wait_for(lambda: (lambda p: p if p not in (None, old) else None)(read_pid(pid_file)),
+                       timeout, what='the new master to write the pid file')
+        self.known_pids.add(new)
+        self.wait_log('mpproxy started', count=started + 1, timeout=timeout)
+        if workers:
+            self.known_pids.update(wait_for(lambda: (lambda w: w if len(w) == workers else None)(
+                [p for p in children(new) if cmdline(p).startswith('mpproxy: worker')]), timeout,
+                what=f"the new master's {workers} workers"))
+        return new
+
+    @staticmethod
+    def stop_master(pid: int | None, sig: int | None = None, timeout: float = 15.0) -> None:
+        """Stop another master (a binary upgrade's new one) with `sig` (QUIT), if it runs."""
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGQUIT if sig is None else sig)
+            wait_for(lambda: not alive(pid), timeout, what=f'master {pid} to stop')
+
     def wait_exit(self, timeout: float = 10.0) -> int:
         return self.proc.wait(timeout)
 
