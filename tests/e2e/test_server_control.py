@@ -4,7 +4,6 @@ the bearer token of admin.token_file; slow_start ramps a server back in."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import signal
 import socket
@@ -12,52 +11,14 @@ import time
 
 import pytest
 
+from helpers.admin import admin_config as config, put, server_status, tags
 from helpers.backends import UdpEcho, tagged_backend
 from helpers.configs import with_pid_file
-from helpers.net import client, connect, first_bytes, free_port, get, roundtrip
+from helpers.net import client, connect, free_port, get, roundtrip
 from helpers.proc import run_cli, wait_for
-
-TOKEN = 'secret-token-for-tests'
-
-
-def config(port, admin, servers, tmp_path, workers=2, token=True, **upstream) -> dict:
-    token_file = tmp_path / 'admin.token'
-    token_file.write_text(TOKEN + '\n')
-    cfg = {'workers': workers,
-           'admin': {'listen': f'127.0.0.1:{admin}'},
-           'upstreams': {'pool': {'balance': 'round_robin', **upstream, 'servers': servers}},
-           'listeners': [{'listen': f'127.0.0.1:{port}', 'upstream': 'pool'}]}
-    if token:
-        cfg['admin']['token_file'] = str(token_file)
-    return cfg
-
-
-def tag(port: int) -> bytes:
-    return first_bytes(port, 1)
-
-
-def tags(port: int, n: int) -> list[bytes]:
-    return [tag(port) for _ in range(n)]
-
 
 def cli(proxy, *args):
     return run_cli('-c', str(proxy.config_path), 'server', *args)
-
-
-def put(admin: int, path: str, body, token: str | None = TOKEN, raw: bytes | None = None):
-    conn = http.client.HTTPConnection('127.0.0.1', admin, timeout=5)
-    headers = {'Authorization': f'Bearer {token}'} if token else {}
-    try:
-        conn.request('PUT', path, raw if raw is not None else json.dumps(body).encode(), headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def server_status(admin: int, label: str) -> dict:
-    status = json.loads(get(admin, '/status')[2])
-    return next(s for u in status['upstreams'] for s in u['servers'] if s['server'] == label)
 
 
 def test_drain_takes_new_connections_away_and_keeps_the_open_ones(proxies, tmp_path, pair):
@@ -279,7 +240,7 @@ def test_health_checks_never_undrain_and_a_drained_server_is_no_last_resort(prox
             s.settimeout(5)
             assert s.recv(1) == b''
     assert cli(proxy, 'ready', 'pool', a.address).returncode == 0
-    wait_for(lambda: tag(port) == b'A', 3, what='A serves once ready')
+    wait_for(lambda: tags(port, 1) == [b'A'], 3, what='A serves once ready')
 
 
 def test_slow_start_after_a_health_check_brings_a_server_back(proxies, tmp_path, pair):

@@ -13,14 +13,12 @@ import sys
 
 import pytest
 
-from helpers.net import connect, free_port, get
+from helpers.admin import admin_config, server_status, tags
+from helpers.net import free_port, get
 from helpers.proc import children, run_cli, wait_for
 from helpers.terminal import TMUX, Terminal
 
 pytestmark = pytest.mark.skipif(TMUX is None, reason='tmux is not installed')
-
-TOKEN = 'secret-token-for-top'
-
 
 @pytest.fixture
 def terminals(tmp_path):
@@ -46,32 +44,6 @@ def _last_screen(terminal: Terminal) -> str:
         return str(exc)
 
 
-def config(port, admin, servers, tmp_path, token=True) -> dict:
-    cfg = {'workers': 2,
-           'admin': {'listen': f'127.0.0.1:{admin}'},
-           'upstreams': {'pool': {'balance': 'round_robin', 'servers': servers}},
-           'listeners': [{'name': 'front', 'listen': f'127.0.0.1:{port}', 'upstream': 'pool'}]}
-    if token:
-        token_file = tmp_path / 'admin.token'
-        token_file.write_text(TOKEN + '\n')
-        token_file.chmod(0o600)
-        cfg['admin']['token_file'] = str(token_file)
-    return cfg
-
-
-def tags(port: int, n: int) -> list[bytes]:
-    out = []
-    for _ in range(n):
-        with connect(port) as s:
-            out.append(s.recv(1))
-    return out
-
-
-def server_status(admin: int, label: str) -> dict:
-    status = json.loads(get(admin, '/status')[2])
-    return next(s for u in status['upstreams'] for s in u['servers'] if s['server'] == label)
-
-
 def row(screen: str, text: str) -> str:
     """The line of the screen that holds `text` ('' when none)."""
     return next((line for line in screen.splitlines() if text in line), '')
@@ -81,7 +53,7 @@ def test_top_shows_the_proxy_and_drains_and_readies_the_selected_server(
         proxies, terminals, tmp_path, pair):
     a, b = pair
     port, admin = free_port(), free_port()
-    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path)).start(wait_workers=2)
+    proxy = proxies(admin_config(port, admin, [a.address, b.address], tmp_path, name='front')).start(wait_workers=2)
     workers = proxy.serving_workers()
     assert sorted(set(tags(port, 6))) == [b'A', b'B']
     term = terminals(proxy)
@@ -125,7 +97,7 @@ def test_top_shows_the_proxy_and_drains_and_readies_the_selected_server(
 def test_a_read_only_endpoint_shows_the_403(proxies, terminals, tmp_path, pair):
     a, b = pair
     port, admin = free_port(), free_port()
-    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path, token=False))
+    proxy = proxies(admin_config(port, admin, [a.address, b.address], tmp_path, name='front', token=False))
     proxy.start(wait_workers=2)
     term = terminals(proxy)
     term.wait_screen(b.address, what='the servers')
@@ -146,7 +118,7 @@ def test_a_small_terminal_and_a_proxy_that_goes_away_and_comes_back(
         proxies, terminals, tmp_path, pair):
     a, b = pair
     port, admin = free_port(), free_port()
-    cfg = config(port, admin, [a.address, b.address], tmp_path)
+    cfg = admin_config(port, admin, [a.address, b.address], tmp_path, name='front')
     proxy = proxies(cfg).start(wait_workers=2)
     term = terminals(proxy, 120, 40)
     term.wait_screen(b.address, what='the servers')
@@ -182,7 +154,7 @@ def test_status_gives_what_top_shows_worker_cpu_and_rss_and_server_connects(
         proxies, tmp_path, pair):
     a, b = pair
     port, admin = free_port(), free_port()
-    proxy = proxies(config(port, admin, [a.address, b.address], tmp_path)).start(wait_workers=2)
+    proxy = proxies(admin_config(port, admin, [a.address, b.address], tmp_path, name='front')).start(wait_workers=2)
     assert sorted(set(tags(port, 6))) == [b'A', b'B']
 
     def counted():           # workers publish once a second
@@ -200,7 +172,7 @@ def test_status_gives_what_top_shows_worker_cpu_and_rss_and_server_connects(
 def test_without_an_admin_endpoint_or_a_terminal_top_says_why(proxies, tmp_path, pair):
     a, b = pair
     port, admin = free_port(), free_port()
-    cfg = config(port, admin, [a.address, b.address], tmp_path)
+    cfg = admin_config(port, admin, [a.address, b.address], tmp_path, name='front')
     proxy = proxies(cfg)                                    # not started: no need
     out = run_cli('-c', str(proxy.config_path), 'top')      # stdin and stdout: no terminal
     assert out.returncode == 1 and 'top needs a terminal' in out.stderr, out.stderr
