@@ -104,10 +104,13 @@ class EchoUpstream:
             except BlockingIOError:
                 return
             self.got.append((data, src))
-            if data.startswith(b'mute'):
-                continue
-            for _ in range(self.copies):
-                self.sock.sendto(data, src)
+            if not data.startswith(b'mute'):
+                self.answer(data, src)
+
+    def answer(self, data: bytes, src) -> None:
+        """What it sends back to `src` for `data` (a subclass may answer otherwise)."""
+        for _ in range(self.copies):
+            self.sock.sendto(data, src)
 
     def source_of(self, data):
         """The upstream-side source address (the session) the last `data` came from."""

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers.quic import aioquic_initials
-from helpers.udp_unit import V4, Env
+from helpers.udp_unit import V4, EchoUpstream, Env
 from helpers.unit import serve_env
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
 from mpproxy.proxy.edge.sni import SniRouter
@@ -98,30 +98,20 @@ def test_arbitrary_bytes_never_raise(data):
 
 # -- in a routed service --------------------------------------------------------------------
 
-class QuicishUpstream:
+class QuicishUpstream(EchoUpstream):
     """A stand-in QUIC server: a long-header datagram is answered with a long header whose
     source ID is this server's ID for that upstream source; a short-header one is echoed
     (a short header back). Records (data, source)."""
 
     def __init__(self, env):
-        self.sock = env.udp(V4, ('127.0.0.1', 0))
-        self.addr = self.sock.getsockname()
-        self.got = []
         self.ids = {}                   # upstream source -> the ID this server chose
-        env.add_reader(self.sock, self._read)
+        super().__init__(env)
 
-    def _read(self):
-        for _ in range(64):
-            try:
-                data, src = self.sock.recvfrom(70000)
-            except BlockingIOError:
-                return
-            self.got.append((data, src))
-            if data[0] & 0x80:
-                cid = self.ids.setdefault(src, os.urandom(8))
-                self.sock.sendto(long_header(b'', cid), src)
-            else:
-                self.sock.sendto(data, src)
+    def answer(self, data, src):
+        if data[0] & 0x80:
+            self.sock.sendto(long_header(b'', self.ids.setdefault(src, os.urandom(8))), src)
+        else:
+            self.sock.sendto(data, src)
 
 
 @pytest.fixture
