@@ -7,6 +7,7 @@ read a bound."""
 from __future__ import annotations
 
 import http.client
+import random
 import selectors
 import socket
 import threading
@@ -16,19 +17,45 @@ RECV_TIMEOUT = 2.0          # a UDP client's per-recv timeout
 PAYLOAD = b'hello through the proxy'
 
 
+def _fixed_ports() -> range | None:
+    """The largest run of ports below the kernel's ephemeral range (which port 0 draws from,
+    for every client and upstream socket too), if it has 5,000 ports; else None."""
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(10000, low) if low - 10000 >= 5000 else None
+
+
+_FIXED = _fixed_ports()
+_given: set[int] = set()
+
+
 def free_port(kind=socket.SOCK_STREAM, host='127.0.0.1') -> int:
-    """A port free for both TCP and UDP on `host` right now."""
+    """A port free for both TCP and UDP on `host` right now, never given before in this run.
+
+    Taken below the ephemeral range: a port from bind(0) could be drawn again, between this
+    call and the proxy's bind, by any socket bound to port 0 (a test's client, a proxy's
+    upstream socket); one out of that range can only collide with another test run's.
+    """
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    for _ in range(50):
-        with socket.socket(family, kind) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+    other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+    for _ in range(200):
+        port = 0 if _FIXED is None else random.choice(_FIXED)
+        if port in _given:
+            continue
         try:
+            with socket.socket(family, kind) as s:
+                s.bind((host, port))
+                port = s.getsockname()[1]
+            if port in _given:
+                continue
             with socket.socket(family, other) as s:
                 s.bind((host, port))
         except OSError:
             continue
+        _given.add(port)
         return port
     raise RuntimeError('no free port')
 
