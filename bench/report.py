@@ -26,15 +26,16 @@ proxies in turn (A B C D, then B C D A, ...) for several rounds, and each cell i
   socket errors. iperf3: an error. UDP: a reply that differs from its request, or a missing one.
 - `mpproxy/nginx` is the ratio of the medians. For memory, lower is better. A ratio that two
   decimals would round across its target is shown with three (1.098 against >= 1.1).
-- HAProxy does not proxy UDP (n/a). Neither nginx nor HAProxy routes QUIC by server name: the
-  QUIC rows compare mpproxy with direct, and in their own table with mpproxy's plain UDP
-  forwarding (the cost of `sni_routes`), with mpproxy's CPU time per handshake / per MB.
+- HAProxy does not proxy UDP (n/a). Neither nginx nor HAProxy routes QUIC by server name (n/a):
+  the QUIC rows compare mpproxy (`sni_routes`) with direct, and in a table of their own also
+  with mpproxy's plain UDP forwarding, with mpproxy's CPU time per handshake, MB or session.
 - "proxy CPU %" is the CPU time the proxy's worker(s) used during the measurement, as a median
   in % of one core.
 - "per CPU-second" compares work done per CPU-second of the proxy. Where the load generator's core
   is the limit (the proxy well below 100 % and close to "direct"), it says more than the raw ratio.
 - Backends: nginx `return 200 "ok\\n"` (keep-alive, 1 worker), `iperf3 -s`, `udpload echo`
-  (bench/udpload.c), and bench/hold.py for idle connections.
+  (bench/udpload.c), bench/hold.py for idle connections, and two aioquic servers
+  (bench/quicpeer.py) for QUIC.
 - Every proxy runs with its defaults except the open-files limits the memory test needs. nginx's
   and HAProxy's relay buffers are 16 KiB by default (`proxy_buffer_size`, `tune.bufsize`).
 

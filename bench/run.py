@@ -136,14 +136,15 @@ class Bench:
         cpu0, t0 = cpu_seconds(pids), time.monotonic()
         load_cpu = LOAD_CPU if pinned else None
         if WORKLOADS[name].quic:
-            s = quic.measure(name, label, proxy.ports, self.args.seconds, load_cpu)
+            s = quic.measure(name, label, proxy.ports, self.args.seconds, load_cpu,
+                             self.args.udpload, self.args.workdir)
         else:
             s = measure(name, proxy.ports[WORKLOADS[name].port_key], self.args.seconds,
                         load_cpu, self.args.udpload, multi=not pinned)
         if pids:
             used = cpu_seconds(pids) - cpu0
             s.cpu = 100 * used / (time.monotonic() - t0)
-            if s.count:
+            if s.count and WORKLOADS[name].quic:
                 s.cpu_per = used / s.count
         return s
 
@@ -187,7 +188,7 @@ def progress(name: str, r: int, rounds: int, proxy: str, s: Sample) -> None:
     mark = ' !' if s.bad else ''
     cpu = f', proxy CPU {s.cpu:.0f}%' if s.cpu is not None else ''
     if s.cpu_per is not None:
-        cpu += f' ({s.cpu_per * 1e6:.0f} µs per {"handshake" if name == "quicnew" else "MB"})'
+        cpu += f' ({s.cpu_per * 1e6:.0f} µs per {quic.PER[name]})'
     note = f'  ({s.note})' if s.note else ''
     say(f'bench: {name:10} round {r + 1}/{rounds} {proxy:11} {report.fmt(s.value, unit):>8} '
         f'{unit}{mark}{cpu}{note}')
@@ -228,11 +229,14 @@ def main(argv: list[str]) -> int:
                f'memory: {MEM_N:,} pairs / sessions; the whole run took {took / 60:.1f} min', '',
                '### One worker each, proxy pinned to CPU 0; backends and load generators on CPU 1 '
                '(wrk -t1 -c32, udpload 64 clients)',
-               '', report.table(single, args.proxies), '', 'Each round per proxy, in order, with the proxy\'s CPU use and notes:', '',
-               report.details(plain, args.proxies)]
+               '', report.table(single, args.proxies)]
+    if plain:
+        section += ['', 'Each round per proxy, in order, with the proxy\'s CPU use and notes:', '',
+                    report.details(plain, args.proxies)]
     if quic_results:
         section += ['', '### QUIC: through sni_routes, through plain udp listeners, direct '
-                        '(one mpproxy worker on CPU 0; aioquic servers and clients on CPU 1)', '',
+                        '(one mpproxy worker on CPU 0; aioquic servers and clients, udpload on '
+                        'CPU 1)', '',
                     quic.table(quic_results, report.fmt), '',
                     f'- reading one aioquic ClientHello (edge/quic.py, in the bench process): '
                     f'{quic.parse_cost()}']

@@ -6,7 +6,8 @@ Ports (all on 127.0.0.1, below the ephemeral range):
               26353 udpload echo                       26400 hold.py server (idle connections)
               26460, 26461 aioquic servers (bench/quic.py, only for the QUIC workloads)
     proxies   base + 1 HTTP, + 2 iperf3, + 3 UDP steady, + 4 UDP one response, + 5 hold,
-              + 6 QUIC sni_routes, + 7 / + 8 plain UDP to the aioquic servers (mpproxy only)
+              + 6 QUIC sni_routes, + 7 / + 8 plain UDP to the aioquic servers, + 9 sni_routes
+              to the UDP echo (mpproxy only)
               (mpproxy 26500, nginx 26600, haproxy 26700); "direct" uses the backend ports.
 """
 
@@ -25,7 +26,7 @@ from procs import Procs, children, cmdline, http_get, port_free, udp_ping, wait_
 HERE = Path(__file__).resolve().parent
 NGINX_STREAM_MODULE = '/usr/lib/nginx/modules/ngx_stream_module.so'
 BACKEND = {'http': 26080, 'iperf': 26201, 'udp': 26353, 'udpnew': 26353, 'hold': 26400,
-           **quic.BACKEND, 'quicsni': None}
+           **quic.BACKEND, 'quicsni': None, 'quicinit': None}
 BASE = {'mpproxy': 26500, 'nginx': 26600, 'haproxy': 26700}
 KEYS = ('http', 'iperf', 'udp', 'udpnew', 'hold') + quic.KEYS
 NOFILE = 20000            # the open-files hard limit of this machine
@@ -133,7 +134,7 @@ backend be_{key}
 def mpproxy_conf(workdir: Path, workers: int, with_quic: bool = False) -> str:
     p = proxy_ports('mpproxy')
     b = BACKEND
-    upstreams, quic_listeners = quic.mpproxy_yaml(p) if with_quic else ('', '')
+    upstreams, quic_listeners = quic.mpproxy_yaml(p, b['udp']) if with_quic else ('', '')
     return f"""workers: {workers}
 worker_rlimit_nofile: {NOFILE}
 error_log: {workdir}/mpproxy-error.log

@@ -47,6 +47,8 @@ WORKLOADS = {w.name: w for w in (
              quic=True),
     Workload('quicsteady', 'QUIC steady, one connection (4 x 256 KiB streams)', 'Mbit/s',
              'quicsni', None, quic=True),
+    Workload('quicinit', 'QUIC Initial from a new source port per request (udpload)', 'req/s',
+             'quicinit', None, quic=True),
     Workload('memtcp', 'memory per idle TCP pair (5,000)', 'KiB', 'hold', ('<=', 0.5), True),
     Workload('memudp', 'memory per UDP session (5,000)', 'KiB', 'udp', ('<=', 1.0), True),
 )}
@@ -114,10 +116,13 @@ def iperf3(port: int, seconds: int, cpu: str | None, streams: int) -> Sample:
 
 
 def udpload(binary: str, port: int, seconds: int, cpu: str | None, new: bool,
-            clients: int = 64) -> Sample:
+            clients: int = 64, payload: str | None = None) -> Sample:
+    """udpload's load; with `payload` (a file, and `new`) every request is that file's bytes."""
     argv = _taskset(cpu) + [binary, 'load', str(port), str(clients), str(seconds)]
     if new:
         argv.append('new')
+        if payload:
+            argv.append(payload)
     try:
         out = _run(argv, seconds)
     except subprocess.TimeoutExpired:
@@ -134,7 +139,7 @@ def udpload(binary: str, port: int, seconds: int, cpu: str | None, new: bool,
         notes.append('no replies')
     if timeouts:                      # a lost datagram is re-sent: slower, not wrong
         notes.append(f'{timeouts} lost datagrams re-sent')
-    return Sample(replies / elapsed, bool(bad) or replies == 0, '; '.join(notes))
+    return Sample(replies / elapsed, bool(bad) or replies == 0, '; '.join(notes), count=replies)
 
 
 def measure(workload: str, port: int, seconds: int, cpu: str | None, udpload_bin: str,
