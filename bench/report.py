@@ -26,13 +26,16 @@ proxies in turn (A B C D, then B C D A, ...) for several rounds, and each cell i
   socket errors. iperf3: an error. UDP: a reply that differs from its request, or a missing one.
 - `mpproxy/nginx` is the ratio of the medians. For memory, lower is better. A ratio that two
   decimals would round across its target is shown with three (1.098 against >= 1.1).
-- HAProxy does not proxy UDP (n/a).
+- HAProxy does not proxy UDP (n/a). Neither nginx nor HAProxy routes QUIC by server name (n/a):
+  the QUIC rows compare mpproxy (`sni_routes`) with direct, and in a table of their own also
+  with mpproxy's plain UDP forwarding, with mpproxy's CPU time per handshake, MB or session.
 - "proxy CPU %" is the CPU time the proxy's worker(s) used during the measurement, as a median
   in % of one core.
 - "per CPU-second" compares work done per CPU-second of the proxy. Where the load generator's core
   is the limit (the proxy well below 100 % and close to "direct"), it says more than the raw ratio.
 - Backends: nginx `return 200 "ok\\n"` (keep-alive, 1 worker), `iperf3 -s`, `udpload echo`
-  (bench/udpload.c), and bench/hold.py for idle connections.
+  (bench/udpload.c), bench/hold.py for idle connections, and two aioquic servers
+  (bench/quicpeer.py) for QUIC.
 - Every proxy runs with its defaults except the open-files limits the memory test needs. nginx's
   and HAProxy's relay buffers are 16 KiB by default (`proxy_buffer_size`, `tune.bufsize`).
 
@@ -52,8 +55,10 @@ def median(samples: list[Sample]) -> Sample | None:
     bad = any(s.bad for s in samples) or len(values) < len(samples)
     notes = sorted({s.note for s in samples if s.note})
     cpus = [s.cpu for s in samples if s.cpu is not None]
+    pers = [s.cpu_per for s in samples if s.cpu_per is not None]
     return Sample(statistics.median(values) if values else None, bad, '; '.join(notes),
-                  statistics.median(cpus) if cpus else None)
+                  statistics.median(cpus) if cpus else None,
+                  cpu_per=statistics.median(pers) if pers else None)
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -77,7 +82,7 @@ def cell(s: Sample | None, unit: str, applicable: bool = True) -> str:
 def ratio_and_verdict(name: str, results: dict[str, Sample | None]) -> tuple[str, str]:
     w = WORKLOADS[name]
     mp, ng = results.get('mpproxy'), results.get('nginx')
-    if not mp or not ng or mp.value is None or not ng.value:
+    if not mp or not ng or mp.value is None or not ng.value or w.target is None:
         return '', ''
     r = mp.value / ng.value
     op, target = w.target
@@ -109,6 +114,8 @@ def cpu_cell(results: dict[str, Sample | None], proxies: list[str]) -> str:
 def applicable(proxy: str, name: str) -> bool:
     if proxy == 'haproxy' and name in ('udp', 'udpnew', 'memudp'):
         return False
+    if proxy in ('nginx', 'haproxy') and WORKLOADS[name].quic:    # no QUIC routing by name
+        return False
     if proxy == 'direct' and WORKLOADS[name].memory:
         return False
     return True
@@ -132,7 +139,7 @@ def table(results: dict[str, dict[str, list[Sample]]], proxies: list[str],
         ratio, verdict = ratio_and_verdict(name, medians)
         row.append(ratio)
         if with_targets:
-            row += [f'{w.target[0]} {w.target[1]:.1f}', verdict]
+            row += [f'{w.target[0]} {w.target[1]:.1f}' if w.target else '', verdict]
         row += [cpu_cell(medians, proxies), per_cpu_ratio(medians)]
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
@@ -186,7 +193,13 @@ def versions() -> str:
     haproxy = re.sub(r'^HAProxy version (\S+).*', r'HAProxy \1', _first_line(['haproxy', '-v']))
     wrk = re.sub(r'^(wrk \S+).*', r'\1', _first_line(['wrk', '-v']))
     iperf = re.sub(r'^iperf (\S+).*', r'iperf3 \1', _first_line(['iperf3', '--version']))
-    return (f'Python {platform.python_version()}, uvloop {uv}, {nginx}, {haproxy}, {wrk}, {iperf}')
+    try:
+        import aioquic
+        quic = f', aioquic {aioquic.__version__}'
+    except ImportError:
+        quic = ''
+    return (f'Python {platform.python_version()}, uvloop {uv}, {nginx}, {haproxy}, {wrk}, '
+            f'{iperf}{quic}')
 
 
 def write_benchmarks(path: Path, section: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memory                                                    # noqa: E402
+import quic                                                      # noqa: E402
 import report                                                    # noqa: E402
 import servers                                                   # noqa: E402
 from procs import Procs, cpu_seconds                             # noqa: E402
@@ -60,12 +61,13 @@ class Bench:
         self.procs = procs
         self.problems: list[str] = []
 
-    def start_proxies(self, names, workers: int, cpu: str | None) -> dict[str, servers.Proxy]:
+    def start_proxies(self, names, workers: int, cpu: str | None,
+                      with_quic: bool = False) -> dict[str, servers.Proxy]:
         out = {}
         for name in names:
             try:
                 proxy = servers.start_proxy(name, self.procs, self.args.workdir, self.args.mpproxy,
-                                            workers, cpu)
+                                            workers, cpu, with_quic)
             except RuntimeError as e:
                 self.problems.append(f'{name} ({workers} workers) did not start: {e}')
                 say(f'bench: {self.problems[-1]}')
@@ -108,28 +110,43 @@ class Bench:
     def throughput(self, names: list[str], workers: int, pinned: bool,
                    results: dict[str, dict[str, list[Sample]]]) -> None:
         cpu = PROXY_CPU if pinned else None
-        proxies = self.start_proxies(self.args.proxies, workers, cpu)
+        proxies = self.start_proxies(self.args.proxies, workers, cpu,
+                                     with_quic=any(WORKLOADS[n].quic for n in names))
         try:
             for name in names:
-                w = WORKLOADS[name]
                 order = [p for p in self.args.proxies if p in proxies and report.applicable(p, name)]
+                if WORKLOADS[name].quic and 'mpproxy' in order:
+                    order.insert(order.index('mpproxy') + 1, 'mpproxy-udp')
                 for r in range(self.args.rounds):
-                    for pname in rotate(order, r):
-                        proxy = proxies[pname]
+                    for label in rotate(order, r):
+                        proxy = proxies[label.partition('-')[0]]   # mpproxy-udp: mpproxy
                         if proxy.proc is not None and proxy.proc.poll() is not None:
                             continue
-                        time.sleep(0.3)
-                        pids = proxy.workers()
-                        cpu0, t0 = cpu_seconds(pids), time.monotonic()
-                        s = measure(name, proxy.ports[w.port_key], self.args.seconds,
-                                    LOAD_CPU if pinned else None, self.args.udpload,
-                                    multi=not pinned)
-                        if pids:
-                            s.cpu = 100 * (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
-                        results[name].setdefault(pname, []).append(s)
-                        progress(name, r, self.args.rounds, pname, s)
+                        s = self.one(name, label, proxy, pinned)
+                        results[name].setdefault(label, []).append(s)
+                        progress(name, r, self.args.rounds, label, s)
         finally:
             self.stop_proxies(proxies)
+
+    def one(self, name: str, label: str, proxy: servers.Proxy, pinned: bool) -> Sample:
+        """One measurement of `name` through `label` (a proxy, or mpproxy-udp: QUIC through
+        mpproxy's plain udp listeners), with the proxy's CPU use meanwhile."""
+        time.sleep(0.3)
+        pids = proxy.workers()
+        cpu0, t0 = cpu_seconds(pids), time.monotonic()
+        load_cpu = LOAD_CPU if pinned else None
+        if WORKLOADS[name].quic:
+            s = quic.measure(name, label, proxy.ports, self.args.seconds, load_cpu,
+                             self.args.udpload, self.args.workdir)
+        else:
+            s = measure(name, proxy.ports[WORKLOADS[name].port_key], self.args.seconds,
+                        load_cpu, self.args.udpload, multi=not pinned)
+        if pids:
+            used = cpu_seconds(pids) - cpu0
+            s.cpu = 100 * used / (time.monotonic() - t0)
+            if s.count and WORKLOADS[name].quic:
+                s.cpu_per = used / s.count
+        return s
 
     def run_set(self, workers: int, pinned: bool, names: list[str]) -> dict:
         results: dict[str, dict[str, list[Sample]]] = {n: {} for n in names}
@@ -138,6 +155,15 @@ class Bench:
                                LOAD_CPU if pinned else None)
         backends = [p for p in self.procs.live if p not in before]
         try:
+            if any(WORKLOADS[n].quic for n in names):
+                try:
+                    backends += quic.start_backends(self.procs, self.args.workdir,
+                                                    LOAD_CPU if pinned else None)
+                except RuntimeError as e:
+                    self.problems.append(f'QUIC workloads skipped: {e}')
+                    say(f'bench: {self.problems[-1]}')
+                    names = [n for n in names if not WORKLOADS[n].quic]
+                    results = {n: r for n, r in results.items() if n in names}
             for name in names:
                 if WORKLOADS[name].memory:
                     self.memory(name, results[name])
@@ -161,8 +187,10 @@ def progress(name: str, r: int, rounds: int, proxy: str, s: Sample) -> None:
     unit = WORKLOADS[name].unit
     mark = ' !' if s.bad else ''
     cpu = f', proxy CPU {s.cpu:.0f}%' if s.cpu is not None else ''
+    if s.cpu_per is not None:
+        cpu += f' ({s.cpu_per * 1e6:.0f} µs per {quic.PER[name]})'
     note = f'  ({s.note})' if s.note else ''
-    say(f'bench: {name:9} round {r + 1}/{rounds} {proxy:8} {report.fmt(s.value, unit):>8} '
+    say(f'bench: {name:10} round {r + 1}/{rounds} {proxy:11} {report.fmt(s.value, unit):>8} '
         f'{unit}{mark}{cpu}{note}')
 
 
@@ -190,6 +218,8 @@ def main(argv: list[str]) -> int:
     finally:
         procs.stop_all()
     took = time.monotonic() - started
+    plain = {n: r for n, r in single.items() if not WORKLOADS[n].quic}
+    quic_results = {n: r for n, r in single.items() if WORKLOADS[n].quic}
 
     section = [f'## {when}', '',
                f'- command: `{args.command}`',
@@ -199,8 +229,17 @@ def main(argv: list[str]) -> int:
                f'memory: {MEM_N:,} pairs / sessions; the whole run took {took / 60:.1f} min', '',
                '### One worker each, proxy pinned to CPU 0; backends and load generators on CPU 1 '
                '(wrk -t1 -c32, udpload 64 clients)',
-               '', report.table(single, args.proxies), '', 'Each round per proxy, in order, with the proxy\'s CPU use and notes:', '',
-               report.details(single, args.proxies)]
+               '', report.table(single, args.proxies)]
+    if plain:
+        section += ['', 'Each round per proxy, in order, with the proxy\'s CPU use and notes:', '',
+                    report.details(plain, args.proxies)]
+    if quic_results:
+        section += ['', '### QUIC: through sni_routes, through plain udp listeners, direct '
+                        '(one mpproxy worker on CPU 0; aioquic servers and clients, udpload on '
+                        'CPU 1)', '',
+                    quic.table(quic_results, report.fmt), '',
+                    f'- reading one aioquic ClientHello (edge/quic.py, in the bench process): '
+                    f'{quic.parse_cost()}']
     if multi:
         section += ['', '### Two workers each (nginx `worker_processes 2`, HAProxy `nbthread 2`), '
                         'nothing pinned (wrk -t2 -c64, udpload 64 clients)', '',

@@ -4,7 +4,10 @@ Ports (all on 127.0.0.1, below the ephemeral range):
 
     backends  26080 HTTP (nginx, `return 200 "ok\\n"`)   26201 iperf3 -s
               26353 udpload echo                       26400 hold.py server (idle connections)
-    proxies   base + 1 HTTP, + 2 iperf3, + 3 UDP steady, + 4 UDP one response, + 5 hold
+              26460, 26461 aioquic servers (bench/quic.py, only for the QUIC workloads)
+    proxies   base + 1 HTTP, + 2 iperf3, + 3 UDP steady, + 4 UDP one response, + 5 hold,
+              + 6 QUIC sni_routes, + 7 / + 8 plain UDP to the aioquic servers, + 9 sni_routes
+              to the UDP echo (mpproxy only)
               (mpproxy 26500, nginx 26600, haproxy 26700); "direct" uses the backend ports.
 """
 
@@ -17,13 +20,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import quic
 from procs import Procs, children, cmdline, http_get, port_free, udp_ping, wait_tcp
 
 HERE = Path(__file__).resolve().parent
 NGINX_STREAM_MODULE = '/usr/lib/nginx/modules/ngx_stream_module.so'
-BACKEND = {'http': 26080, 'iperf': 26201, 'udp': 26353, 'udpnew': 26353, 'hold': 26400}
+BACKEND = {'http': 26080, 'iperf': 26201, 'udp': 26353, 'udpnew': 26353, 'hold': 26400,
+           **quic.BACKEND, 'quicsni': None, 'quicinit': None}
 BASE = {'mpproxy': 26500, 'nginx': 26600, 'haproxy': 26700}
-KEYS = ('http', 'iperf', 'udp', 'udpnew', 'hold')
+KEYS = ('http', 'iperf', 'udp', 'udpnew', 'hold') + quic.KEYS
 NOFILE = 20000            # the open-files hard limit of this machine
 
 
@@ -33,6 +38,8 @@ def proxy_ports(name: str) -> dict[str, int | None]:
     ports = {key: BASE[name] + i + 1 for i, key in enumerate(KEYS)}
     if name == 'haproxy':                       # HAProxy has no UDP proxying
         ports['udp'] = ports['udpnew'] = None
+    if name != 'mpproxy':                       # nor routes QUIC by name; nginx neither
+        ports.update(dict.fromkeys(quic.KEYS))
     return ports
 
 
@@ -124,14 +131,15 @@ backend be_{key}
     return ''.join(out)
 
 
-def mpproxy_conf(workdir: Path, workers: int) -> str:
+def mpproxy_conf(workdir: Path, workers: int, with_quic: bool = False) -> str:
     p = proxy_ports('mpproxy')
     b = BACKEND
+    upstreams, quic_listeners = quic.mpproxy_yaml(p, b['udp']) if with_quic else ('', '')
     return f"""workers: {workers}
 worker_rlimit_nofile: {NOFILE}
 error_log: {workdir}/mpproxy-error.log
 log_level: warn
-listeners:
+{upstreams}listeners:
   - {{listen: "127.0.0.1:{p['http']}", protocol: tcp, upstream: ["127.0.0.1:{b['http']}"]}}
   - {{listen: "127.0.0.1:{p['iperf']}", protocol: tcp, upstream: ["127.0.0.1:{b['iperf']}"]}}
   - {{listen: "127.0.0.1:{p['hold']}", protocol: tcp, upstream: ["127.0.0.1:{b['hold']}"]}}
@@ -139,7 +147,7 @@ listeners:
      idle_timeout: 10m}}
   - {{listen: "127.0.0.1:{p['udpnew']}", protocol: udp, upstream: ["127.0.0.1:{b['udp']}"],
      idle_timeout: 10m, udp: {{responses: 1}}}}
-"""
+{quic_listeners}"""
 
 
 # --- starting -----------------------------------------------------------------------------
@@ -174,7 +182,8 @@ def start_backends(procs: Procs, workdir: Path, udpload: str, cpu: str | None) -
 
 
 def start_proxy(name: str, procs: Procs, workdir: Path, mpproxy: str, workers: int,
-                cpu: str | None) -> Proxy:
+                cpu: str | None, with_quic: bool = False) -> Proxy:
+    """Start proxy `name` (mpproxy with its QUIC listeners when `with_quic`) and check it."""
     ports = proxy_ports(name)
     if name == 'direct':
         return Proxy(name, ports)
@@ -191,7 +200,7 @@ def start_proxy(name: str, procs: Procs, workdir: Path, mpproxy: str, workers: i
         argv = ['haproxy', '-db', '-f', str(conf)]
     elif name == 'mpproxy':
         conf = workdir / f'mpproxy-{workers}.yaml'
-        conf.write_text(mpproxy_conf(workdir, workers))
+        conf.write_text(mpproxy_conf(workdir, workers, with_quic))
         argv = [mpproxy, '-c', str(conf)]
     else:
         raise ValueError(name)

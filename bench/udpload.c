@@ -1,9 +1,13 @@
 /* udpload: the UDP side of scripts/bench — an echo backend and a load generator.
  *
  *   udpload echo  PORT                         echo every datagram on 127.0.0.1:PORT
- *   udpload load  PORT CLIENTS SECONDS [new]   CLIENTS sockets each keep one request in
+ *   udpload load  PORT CLIENTS SECONDS [new [FILE]]
+ *                                              CLIENTS sockets each keep one request in
  *                                              flight; with "new" every request comes from a
- *                                              fresh socket (a new source port), like DNS
+ *                                              fresh socket (a new source port), like DNS;
+ *                                              with FILE every request is that file's bytes
+ *                                              (up to 2048: a QUIC Initial, say), and a reply
+ *                                              must equal them
  *   udpload sessions PORT N HOLD               N sockets each send one datagram, in batches of
  *                                              200 (each batch waits for its replies, up to 2 s),
  *                                              then hold the sockets open until stdin closes or
@@ -85,6 +89,9 @@ static int open_client(int ep, struct sockaddr_in *dst, struct client *c, int id
     return 0;
 }
 
+static char fixed[2048];              /* load ... new FILE: every request is these bytes */
+static ssize_t fixed_len = -1;
+
 static void fill(char *buf, uint64_t seq, int idx) {
     memset(buf, 'a' + idx % 26, PAYLOAD);
     memcpy(buf, &seq, sizeof seq);
@@ -92,8 +99,9 @@ static void fill(char *buf, uint64_t seq, int idx) {
 
 static void send_req(struct client *c, int idx) {
     char buf[PAYLOAD];
-    fill(buf, c->seq, idx);
     c->sent = now();
+    if (fixed_len >= 0) { send(c->fd, fixed, fixed_len, 0); return; }
+    fill(buf, c->seq, idx);
     send(c->fd, buf, sizeof buf, 0);
 }
 
@@ -101,6 +109,8 @@ static void send_req(struct client *c, int idx) {
 static int check_reply(const char *buf, ssize_t got, uint64_t want, int idx) {
     char expect[PAYLOAD];
     uint64_t seq;
+    if (fixed_len >= 0)               /* fixed requests: a fresh socket's reply is its request's */
+        return got == fixed_len && memcmp(buf, fixed, fixed_len) == 0 ? 1 : -1;
     if (got != PAYLOAD) return -1;
     memcpy(&seq, buf, sizeof seq);
     fill(expect, seq, idx);
@@ -201,11 +211,18 @@ static int sessions(int port, int n, double hold) {
 
 int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "echo")) return echo(atoi(argv[2]));
-    if (argc >= 5 && !strcmp(argv[1], "load"))
+    if (argc >= 5 && !strcmp(argv[1], "load")) {
+        if (argc > 6) {
+            FILE *f = fopen(argv[6], "rb");
+            if (!f) { perror(argv[6]); return 1; }
+            fixed_len = fread(fixed, 1, sizeof fixed, f);
+            fclose(f);
+        }
         return load(atoi(argv[2]), atoi(argv[3]), atof(argv[4]), argc > 5 && !strcmp(argv[5], "new"));
+    }
     if (argc >= 5 && !strcmp(argv[1], "sessions"))
         return sessions(atoi(argv[2]), atoi(argv[3]), atof(argv[4]));
-    fprintf(stderr, "usage: udpload echo PORT | udpload load PORT CLIENTS SECONDS [new]"
+    fprintf(stderr, "usage: udpload echo PORT | udpload load PORT CLIENTS SECONDS [new [FILE]]"
                     " | udpload sessions PORT N HOLD\n");
     return 2;
 }

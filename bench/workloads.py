@@ -2,7 +2,8 @@
 
 Each returns a `Sample`: the value (None when the run failed), whether a correctness check
 failed (wrk: non-2xx/3xx responses or socket errors; iperf3: an error; udpload: a reply that
-differs from its request), and a note saying what went wrong.
+differs from its request), and a note saying what went wrong. The QUIC workloads' runs are
+in bench/quic.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class Sample:
     bad: bool = False
     note: str = ''
     cpu: float | None = None   # the proxy's CPU use meanwhile, % of one core (workers summed)
+    count: float | None = None     # QUIC: the work done (handshakes, MB), for cpu_per
+    cpu_per: float | None = None   # QUIC: the proxy's CPU seconds per unit of `count`
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,9 @@ class Workload:
     title: str
     unit: str
     port_key: str              # which listener of the proxy it uses
-    target: tuple[str, float]  # ('>=', 1.1): mpproxy/nginx must be >= 1.1
+    target: tuple[str, float] | None  # ('>=', 1.1): mpproxy/nginx must be >= 1.1
     memory: bool = False
+    quic: bool = False         # run by bench/quic.py: mpproxy and direct only
 
 
 WORKLOADS = {w.name: w for w in (
@@ -39,6 +43,12 @@ WORKLOADS = {w.name: w for w in (
     Workload('bulk8', 'TCP bulk, 8 streams (iperf3 -P 8)', 'Gbit/s', 'iperf', ('>=', 1.1)),
     Workload('udp', 'UDP req/resp, 64 steady clients', 'req/s', 'udp', ('>=', 1.2)),
     Workload('udpnew', 'UDP new source port per request', 'req/s', 'udpnew', ('>=', 1.2)),
+    Workload('quicnew', 'QUIC new handshakes (aioquic, 16 at a time)', 'hs/s', 'quicsni', None,
+             quic=True),
+    Workload('quicsteady', 'QUIC steady, one connection (4 x 256 KiB streams)', 'Mbit/s',
+             'quicsni', None, quic=True),
+    Workload('quicinit', 'QUIC Initial from a new source port per request (udpload)', 'req/s',
+             'quicinit', None, quic=True),
     Workload('memtcp', 'memory per idle TCP pair (5,000)', 'KiB', 'hold', ('<=', 0.5), True),
     Workload('memudp', 'memory per UDP session (5,000)', 'KiB', 'udp', ('<=', 1.0), True),
 )}
@@ -106,10 +116,13 @@ def iperf3(port: int, seconds: int, cpu: str | None, streams: int) -> Sample:
 
 
 def udpload(binary: str, port: int, seconds: int, cpu: str | None, new: bool,
-            clients: int = 64) -> Sample:
+            clients: int = 64, payload: str | None = None) -> Sample:
+    """udpload's load; with `payload` (a file, and `new`) every request is that file's bytes."""
     argv = _taskset(cpu) + [binary, 'load', str(port), str(clients), str(seconds)]
     if new:
         argv.append('new')
+        if payload:
+            argv.append(payload)
     try:
         out = _run(argv, seconds)
     except subprocess.TimeoutExpired:
@@ -126,7 +139,7 @@ def udpload(binary: str, port: int, seconds: int, cpu: str | None, new: bool,
         notes.append('no replies')
     if timeouts:                      # a lost datagram is re-sent: slower, not wrong
         notes.append(f'{timeouts} lost datagrams re-sent')
-    return Sample(replies / elapsed, bool(bad) or replies == 0, '; '.join(notes))
+    return Sample(replies / elapsed, bool(bad) or replies == 0, '; '.join(notes), count=replies)
 
 
 def measure(workload: str, port: int, seconds: int, cpu: str | None, udpload_bin: str,

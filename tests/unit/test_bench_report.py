@@ -35,3 +35,20 @@ def test_ratio_never_rounds_across_a_lower_is_better_target():
 def test_a_failed_correctness_check_is_never_met():
     assert report.ratio_and_verdict('keepalive', {'mpproxy': Sample(50.0, True),
                                                   'nginx': Sample(10.0)})[1] == 'missed'
+
+
+def test_quic_rows_are_not_applicable_to_nginx_and_haproxy_and_have_no_target():
+    for name in ('quicnew', 'quicsteady'):
+        assert not report.applicable('nginx', name) and not report.applicable('haproxy', name)
+        assert report.applicable('mpproxy', name) and report.applicable('direct', name)
+        assert report.ratio_and_verdict(name, {'mpproxy': Sample(1.0), 'nginx': Sample(1.0)}) \
+            == ('', '')
+
+
+def test_quic_table_compares_sni_routes_with_plain_udp_and_direct():
+    import quic
+    results = {'quicnew': {'mpproxy': [Sample(240.0, cpu_per=300e-6)],
+                           'mpproxy-udp': [Sample(250.0, cpu_per=200e-6)],
+                           'direct': [Sample(300.0)]}}
+    row = quic.table(results, report.fmt).splitlines()[2]
+    assert '| 240 | 250 | 300 | 0.96 | 0.80 | 300 / 200 (+100) µs per handshake |' in row
