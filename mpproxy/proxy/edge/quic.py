@@ -28,6 +28,11 @@ from __future__ import annotations
 
 import hmac
 
+try:
+    from _hashlib import hmac_digest as _hmac     # hmac.digest without its Python wrapper
+except ImportError:                                # (a CPython without OpenSSL's hashlib)
+    _hmac = hmac.digest
+
 from mpproxy.proxy.edge.sni import hello_names
 
 MORE, DONE, NOT_QUIC = 'more', 'done', 'not-quic'
@@ -76,11 +81,10 @@ def initial_dcid(datagram: bytes) -> bytes | None:
 
 def client_initial_keys(dcid: bytes, version: int = V1) -> tuple[bytes, bytes, bytes]:
     """(key, iv, hp) that protect the client's Initial packets (RFC 9001 5.2, RFC 9369 3.3)."""
-    salt, prefix, _, _ = _VERSIONS[version]
-    secret = _expand_label(hmac.digest(salt, dcid, 'sha256'), b'tls13 client in', 32)
-    return (_expand_label(secret, b'tls13 ' + prefix + b'key', 16),
-            _expand_label(secret, b'tls13 ' + prefix + b'iv', 12),
-            _expand_label(secret, b'tls13 ' + prefix + b'hp', 16))
+    salt, client_in, key, iv, hp = _LABELS[version]
+    secret = _hmac(_hmac(salt, dcid, 'sha256'), client_in, 'sha256')
+    return (_hmac(secret, key, 'sha256')[:16], _hmac(secret, iv, 'sha256')[:12],
+            _hmac(secret, hp, 'sha256')[:16])
 
 
 class ClientHelloReader:
@@ -320,10 +324,18 @@ def _packet_number(largest: int, truncated: int, bits: int) -> int:
     return candidate
 
 
-def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
-    """HKDF-Expand-Label with an empty context, for lengths of one SHA-256 block at most."""
-    info = length.to_bytes(2, 'big') + bytes((len(label),)) + label + b'\x00'
-    return hmac.digest(secret, info + b'\x01', 'sha256')[:length]
+def _expand_info(label: bytes, length: int) -> bytes:
+    """What HKDF-Expand-Label (RFC 8446 7.1) with an empty context MACs for `label`, for
+    lengths of one SHA-256 block at most: the output is HMAC(secret, this)[:length]."""
+    return length.to_bytes(2, 'big') + bytes((len(label),)) + label + b'\x00' + b'\x01'
+
+
+# version → (salt, then the HKDF-Expand-Label inputs of the client secret, key, iv and hp)
+_LABELS = {version: (salt, _expand_info(b'tls13 client in', 32),
+                     _expand_info(b'tls13 ' + prefix + b'key', 16),
+                     _expand_info(b'tls13 ' + prefix + b'iv', 12),
+                     _expand_info(b'tls13 ' + prefix + b'hp', 16))
+           for version, (salt, prefix, _, _) in _VERSIONS.items()}
 
 
 def _load_crypto() -> None:

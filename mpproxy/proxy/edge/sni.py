@@ -20,6 +20,10 @@ QUIC CRYPTO frames rather than in TLS records.
 
 from __future__ import annotations
 
+import struct
+
+_TYPE_LENGTH = struct.Struct('>HH').unpack_from     # an extension's type and length
+
 MAX_HELLO = 16384 + 5 * 4     # bytes of records we read at most before giving up
 MORE, FOUND, NOT_TLS = 'more', 'found', 'not-tls'
 
@@ -81,8 +85,7 @@ def hello_names(body: bytes) -> tuple[str | None, tuple[str, ...]] | None:
     p += 2
     name, alpn, seen = None, (), set()
     while p + 4 <= end:
-        ext_type = int.from_bytes(body[p:p + 2], 'big')
-        ext_len = int.from_bytes(body[p + 2:p + 4], 'big')
+        ext_type, ext_len = _TYPE_LENGTH(body, p)
         p += 4
         if p + ext_len > end:
             return None

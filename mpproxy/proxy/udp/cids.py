@@ -7,13 +7,15 @@ the DCID of a session it already has. `CidIndex` maps the IDs of every routed se
 to it, so that such a flow goes on through the same session (the same upstream socket:
 the server sees no change) and the replies follow the client to its new address.
 
-Which IDs a session is found by (at most PER_SESSION, each MIN_CID..MAX_CID bytes):
+Which IDs a session is found by (at most PER_SESSION, each MIN_CID..MAX_CID bytes): the
+source connection ID of every long-header packet the server sends (its Initial, Handshake
+and Retry packets name the ID the client then sends to); the session's reply path reads
+them until the server's first short-header packet, then never again.
 
-  - the DCID of the client's first Initial (it chose it: a client that rebinds before
-    the server's first answer still uses it);
-  - the source connection ID of every long-header packet the server sends (its Initial,
-    Handshake and Retry packets name the ID the client then sends to); the session's
-    reply path reads them until the server's first short-header packet, then never again.
+Not the ID the client's first Initial names: the client chose it, anyone who saw that
+datagram could send it again from elsewhere, and it is only used until the server's first
+answer (a client that rebinds within that round trip starts over: its Initial is a new
+flow, routed afresh).
 
 IDs the server hands out later travel encrypted (NEW_CONNECTION_ID frames): a client
 that switches to one of them on purpose while it moves (RFC 9000 9.5) is not followed;

@@ -162,9 +162,9 @@ class RoutedAdmission(Admission):
                 return 1
             seeking = (self._seek is not None and cids.is_short(data, len(data))
                        and self._may_seek(now))
-            flow = pending[key] = Pending(addr, cdata, now + HOLD, seeking)
-            self._arm()
+            flow = Pending(addr, cdata, now + HOLD, seeking)
             if seeking:
+                self._keep(key, flow)
                 self._seek(key, addr, cdata, data[:cids.PROBE])
         flow.held.append(data)
         flow.size += len(data)
@@ -192,32 +192,36 @@ class RoutedAdmission(Admission):
             return self._release(key, flow, now, None, 'bound',
                                  f'no whole ClientHello in {len(flow.held)} datagrams '
                                  f'({flow.size} bytes)')
+        if key not in pending:      # (a ClientHello in its first datagram is never kept)
+            self._keep(key, flow)
         return 0
+
+    def _keep(self, key, flow: Pending) -> None:
+        self.pending[key] = flow
+        self._arm()
 
     def _release(self, key, flow: Pending, now: float, pool, kind=None, why=None) -> int:
         """The flow leaves the pending table: to `pool`, or (`why` it was not routed by
         name) to the default route, else dropped. Returns how many datagrams were dropped."""
-        del self.pending[key]
+        self.pending.pop(key, None)
         if why is not None:
             self._stats.quic_unrouted += 1
             pool = None if kind == 'no route' else self._router.fallback()
             self._rl.warning(('quic', kind), 'udp %s: QUIC flow from %s: %s; %s', self._name,
                              flow.addr, why, 'dropped' if pool is None else 'sent to default')
         return self._forward(key, flow.addr, flow.cdata, flow.held, flow.size, now, pool,
-                             flow.reader.dcid if why is None else None)
+                             quic=why is None)
 
     def _forward(self, key, addr, cdata, held: list, size: int, now: float, pool,
-                 dcid: bytes | None = None) -> int:
+                 quic: bool = False) -> int:
         """Open the session of `addr` to `pool` and send it the `held` datagrams in order;
-        `dcid`: the QUIC connection's, as the client's first Initial named it."""
+        `quic`: routed by its ClientHello, its replies are read for the server's IDs."""
         if pool is None:
             return len(held)
         sess = self._open(key, addr, cdata, now, pool=pool)
         if sess is None:
             return len(held)
-        if dcid is not None:        # routed by its ClientHello: a QUIC connection
-            self._cids.learn(sess, dcid)
-            sess.learn = True
+        sess.learn = quic
         return self._send_held(sess, held, size)
 
     def _send_held(self, sess, held: list, size: int) -> int:
