@@ -72,6 +72,7 @@ from mpproxy.proxy.io.ratelog import RateLimitedLog
 from mpproxy.proxy.io.poller import Poller
 from mpproxy.proxy.udp import cids, handoff, pktinfo
 from mpproxy.proxy.udp.admit import Admission
+from mpproxy.proxy.udp.moves import SessionMoves
 from mpproxy.proxy.udp.quicroute import RoutedAdmission
 from mpproxy.proxy.udp.session import TALKING, PerIpLimit, Session, SessionTable, UdpStats
 
@@ -91,7 +92,7 @@ _AGAIN = (BlockingIOError, InterruptedError)
 _DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 
 
-class UdpService:
+class UdpService(SessionMoves):
     """The session table of one UDP listener socket in one worker."""
 
     def __init__(self, loop, listener, sock: socket.socket, pool, log: logging.Logger,
@@ -444,79 +445,6 @@ class UdpService:
             self._unexpected(exc, 'expiring sessions')
         if (sessions or self._admission.pending) and not self._closed:
             self._timer = self._loop.call_later(self._period, self._sweep)
-
-    # -- QUIC sessions that follow their client (cids.py; sni_routes only) --------------------
-
-    def _learned(self, sess, size: int) -> None:
-        """A reply of a routed session still in its QUIC handshake (in the buffer): the ID
-        its server chose, from a long header; the first short header ends the learning."""
-        buf = self._buf
-        if buf[0] & 0x80:
-            self._cids.learn(sess, cids.server_cid(buf, size))
-        else:
-            sess.learn = False
-
-    def _move(self, sess, key, addr, cdata, now: float) -> None:
-        """A packet from `addr` carried an ID of `sess`: its client moved there (NAT
-        rebinding). The session is found by the new address, and its replies go there."""
-        old = sess.addr
-        self._table.rekey(sess, key)
-        sess.addr = sess.client = addr
-        sess.anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
-        sess.last = now
-        if sess.gated and old[0] != addr[0]:        # counted under its new IP from now on
-            self._per_ip.release(old[0])
-            self._per_ip.adopt(addr[0])
-        self.stats.quic_moved += 1
-        self._rl.info(('moved', 'here'), 'udp %s: QUIC connection of %s moved to %s', self._name,
-                      old, addr)
-
-    def _seek(self, key, addr, cdata, probe: bytes) -> None:
-        """Ask the other workers for the session whose ID `probe` (a short header) carries:
-        the client moved, and the kernel now steers its flow to this worker."""
-        anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
-        self._peers.seek(self.key, {
-            'a': list(addr), 'd': key[1].hex() if self._wildcard and key[1] else None,
-            'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in anc] if anc else None}, probe)
-
-    def give(self, probe: bytes, where: dict, send) -> bool:
-        """Another worker got a packet with an ID of one of our sessions from a new client
-        address (`where`: its 'a', 'd', 'n' as handoff.describe writes them): the session
-        goes to it with `send(meta, fd)` (True once sent), to serve the client there."""
-        sess = None if self._cids is None else self._cids.find(probe, len(probe))
-        if sess is None or sess.sock is None or self._closed:
-            return False
-        meta = handoff.describe(sess, self._wildcard, self._time())
-        meta.update(a=where['a'], d=where['d'], n=where['n'])
-        meta.pop('c', None)
-        if not send(meta, sess.fd):
-            return False
-        self._poller.unwatch(sess.fd)
-        sess.sock.close()
-        sess.sock = None
-        self._table.remove(sess)
-        self._cids.forget(sess)
-        if sess.gated:
-            sess.gated = False
-            self._per_ip.release(sess.client[0])
-        (sess.pool or self._pool).release(sess.target)
-        self.stats.sessions_active -= 1
-        self.stats.sessions_handed_out += 1
-        self._rl.info(('moved', 'peer'), 'udp %s: QUIC connection of %s moved to %s (another worker)',
-                      self._name, sess.addr, tuple(where['a']))
-        return True
-
-    def take(self, meta: dict, fd: int) -> None:
-        """A session another worker gave us (`give`): its client now reaches this worker;
-        what we held of that flow meanwhile goes on to it."""
-        if self._closed or self.adopt_sessions([meta], [fd]) != 1:
-            return
-        addr = tuple(meta['a'])
-        dst = bytes.fromhex(meta['d']) if meta['d'] else None
-        sess = self._sessions.get((addr, dst) if self._wildcard else addr)
-        if sess is not None:
-            self.stats.quic_moved += 1
-            self._admission.settle(sess)
 
     def _arm(self) -> None:
         """Make sure the sweep timer runs (a flow is held: quicroute.py)."""
