@@ -99,3 +99,22 @@ def test_commented_examples_are_expanded():
     assert block.splitlines() == ['    health_check: {type: tcp, rise: 2}',
                                   '    keepalive: {idle: 60s}',
                                   '    resolve: null              # example: 30s']
+
+
+def section_yaml(title: str) -> str:
+    """The first ```yaml block under the README heading `title` (any level)."""
+    text = README.read_text()
+    heading = re.search(rf'^#+ {re.escape(title)}\s*$', text, re.M)
+    assert heading, f'README.md has no "{title}" section'
+    block = re.search(r'^```yaml\n(.*?)^```', text[heading.end():], re.M | re.S)
+    assert block, f'no ```yaml block under "{title}"'
+    return block.group(1)
+
+
+def test_the_quic_passthrough_example_is_a_config_the_loader_takes(tmp_path):
+    path = tmp_path / 'quic.yaml'
+    path.write_text(section_yaml('QUIC passthrough by server name'))
+    config = load(str(path))
+    listener = config.listeners[0]
+    assert listener.protocol == 'udp'
+    assert dict(listener.sni_routes)['api.example.com alpn=doq'] == 'rest'
