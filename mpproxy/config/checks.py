@@ -345,10 +345,6 @@ def _listener(s: Section, declared: dict, inline: dict) -> Listener | None:
     name = s.get('name', optional(text)) or (str(listen) if listen else s.path)
     upstream = _listener_upstream(s, name if protocol == 'tcp' else f'{name}/udp', declared, inline)
     reuseport = s.get('reuseport', boolean, False)
-    if protocol == 'udp' and s.value('sni_routes') is not None:
-        pp = s.value('proxy_protocol')           # QUIC routing reads a datagram from its 1st byte
-        if isinstance(pp, dict) and (pp.get('accept') or pp.get('send') not in (None, 'none')):
-            s.report('sni_routes', 'not supported yet on a udp listener with proxy_protocol')
     if reuseport and protocol == 'udp':
         s.report('reuseport', 'udp listeners always use one SO_REUSEPORT socket per worker')
     half_close = s.get('half_close', boolean, True)

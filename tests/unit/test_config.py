@@ -681,20 +681,19 @@ def test_a_udp_listener_takes_sni_routes_for_quic_but_not_beside_proxy_protocol(
     listener = config.listeners[0]
     assert listener.sni_routes == (('a.example', 'a'), ('default', 'rest'))
     assert listener.upstream == 'rest'
-    found = problems(tmp_path, """\
+    config = load_text(tmp_path, """\
         upstreams:
           a: {servers: [127.0.0.1:9000]}
         listeners:
           - listen: 127.0.0.1:443
             protocol: udp
             sni_routes: {"a.example": a}
-            proxy_protocol: {send: v2}
+            proxy_protocol: {accept: true, trusted: [127.0.0.1], send: v2}
         """)
-    assert len(found) == 1 and 'listeners[0].sni_routes' in found[0], found
-    assert 'not supported yet on a udp listener with proxy_protocol' in found[0]
+    assert config.listeners[0].proxy_protocol.send == 'v2'   # they compose (test_udp_quicroute)
 
 
-def test_routes_that_require_an_alpn_are_for_udp_listeners(tmp_path):
+def test_routes_that_require_an_alpn(tmp_path):
     config = load_text(tmp_path, """\
         upstreams:
           a: {servers: [127.0.0.1:9000]}

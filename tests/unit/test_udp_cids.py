@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from helpers.quic import aioquic_initials
 from helpers.udp_unit import V4, EchoUpstream, Env
 from helpers.unit import serve_env
-from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
+from mpproxy.config.schema import (Address, Listener, ProxyProtocol, Server, UdpOptions,
+                                   Upstream)
+from mpproxy.proxy.edge import proxy_header
 from mpproxy.proxy.edge.sni import SniRouter
 from mpproxy.proxy.udp import cids
 from mpproxy.proxy.udp.cids import CidIndex, server_cid
@@ -205,21 +207,28 @@ def test_ids_travel_with_a_session_handed_over(env):
     assert (new.stats.quic_moved, new.stats.sessions_created, len(up.ids)) == (1, 0, 1)
 
 
-def test_a_moved_flow_steered_to_another_worker_is_handed_to_it(env):
-    """Two services joined by the peers channel stand for two workers; the client's new
-    flow reaches the second one (here: it sends to the second listener socket)."""
-    up = QuicishUpstream(env)
+def joined(env, make):
+    """Two services made by `make(peers, key_port)`, joined by the peers channel as two
+    workers of a generation are; (first, second, their Peers)."""
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
     env.socks += [s for pair in pairs for s in pair]
     by_listener = [{}, {}]
     peers = [Peers(env.loop, slot, pairs[slot][0], [tx for _, tx in pairs], by_listener[slot],
                    env.log) for slot in range(2)]
-    first, addr1 = routed(env, up, peers[0], key_port=1)
-    second, addr2 = routed(env, up, peers[1], key_port=1)
-    assert first.key == second.key
-    by_listener[0][first.key], by_listener[1][second.key] = first, second
+    first, second = make(peers[0], 1), make(peers[1], 1)
+    assert first[0].key == second[0].key
+    by_listener[0][first[0].key], by_listener[1][second[0].key] = first[0], second[0]
     for p in peers:
         p.start()
+    return first, second, peers
+
+
+def test_a_moved_flow_steered_to_another_worker_is_handed_to_it(env):
+    """Two services joined by the peers channel stand for two workers; the client's new
+    flow reaches the second one (here: it sends to the second listener socket)."""
+    up = QuicishUpstream(env)
+    (first, addr1), (second, addr2), peers = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port))
     c, sid, _ = connect(env, first, addr1, up)
     source = up.got[-1][1]
     moved = env.udp(V4, ('127.0.0.1', 0))
@@ -232,5 +241,87 @@ def test_a_moved_flow_steered_to_another_worker_is_handed_to_it(env):
     assert (second.stats.sessions_active, second.stats.sessions_adopted,
             second.stats.quic_moved, second.stats.quic_unrouted) == (1, 1, 1, 0)
     assert len(first._cids) == 0 and len(second._cids) == 1
+    for p in peers:
+        p.close()
+
+
+# -- behind a proxy: proxy_protocol accept and send: v2 with sni_routes ----------------------
+
+def proxied(env, up, peers=None, key_port=None):
+    """A routed service that reads v2 PROXY headers from 127.0.0.1 and sends its own."""
+    other = EchoUpstream(env, copies=0)          # the listener's own upstream: never reached
+    pools = {name: UpstreamPool(Upstream(name=name, servers=(Server(address=Address(*u.addr)),)))
+             for name, u in (('A', up), ('other', other))}
+    lsock = env.udp(V4, ('127.0.0.1', 0))
+    port = lsock.getsockname()[1]
+    listener = Listener(name='quic', listen=Address('127.0.0.1', key_port or port),
+                        protocol='udp', upstream='other', idle_timeout=5, udp=UdpOptions(),
+                        proxy_protocol=ProxyProtocol(accept=True, trusted=('127.0.0.1/32',),
+                                                     send='v2'))
+    svc = UdpService(env.loop, listener, lsock, pools['other'], env.log,
+                     router=SniRouter([('a.example', pools['A'])]), peers=peers)
+    svc.other = other
+    env.services.append(svc)
+    svc.start()
+    return svc, ('127.0.0.1', port)
+
+
+class ProxiedQuicUpstream(QuicishUpstream):
+    """QuicishUpstream behind a proxy that sends v2 PROXY headers: each datagram's header is
+    read off (recorded in `clients`) and the QUIC packet after it answered."""
+
+    def __init__(self, env):
+        self.clients = []
+        super().__init__(env)
+
+    def answer(self, data, src):
+        state, header, used, _ = proxy_header.parse(data)
+        assert state == proxy_header.DONE and header.version == 2, data[:20]
+        self.clients.append(header.source)
+        super().answer(data[used:], src)
+
+
+def test_behind_a_proxy_the_payload_is_routed_and_the_client_followed(env):
+    up = ProxiedQuicUpstream(env)
+    svc, addr = proxied(env, up)
+    lb = env.udp(V4, ('127.0.0.1', 0))                   # the proxy in front, one socket
+    initials = aioquic_initials('a.example', ['h3'])
+    head = proxy_header.v2(('198.51.100.7', 4433), ('203.0.113.1', 443), 'udp')
+    for d in initials:
+        lb.sendto(head + d, addr)
+    answer = env.recv(lb)[0]
+    sid = server_cid(answer, len(answer))
+    assert sid is not None                              # routed by the name after the header
+    assert up.clients == [('198.51.100.7', 4433)] * len(initials)   # its own v2 header
+    moved = proxy_header.v2(('198.51.100.7', 5000), ('203.0.113.1', 443), 'udp')
+    lb2 = env.udp(V4, ('127.0.0.1', 0))                  # the client rebound, the proxy's flow too
+    lb2.sendto(moved + short_header(sid, b'after the move'), addr)
+    assert env.recv(lb2)[0] == short_header(sid, b'after the move')
+    assert up.clients[-1] == ('198.51.100.7', 5000)      # the header names the new client
+    assert (svc.stats.sessions_created, svc.stats.quic_moved) == (1, 1)
+    sess = next(iter(svc._sessions.values()))
+    assert sess.client == ('198.51.100.7', 5000) and sess.addr == lb2.getsockname()
+    lb2.sendto(moved + short_header(sid, b'again'), addr)    # the header's fast path (`pre`)
+    assert env.recv(lb2)[0] == short_header(sid, b'again')
+    assert svc.other.got == []
+
+
+def test_behind_a_proxy_a_client_steered_to_another_worker_is_followed(env):
+    up = ProxiedQuicUpstream(env)
+    (first, addr1), (second, addr2), peers = joined(
+        env, lambda peers, key_port: proxied(env, up, peers, key_port))
+    lb = env.udp(V4, ('127.0.0.1', 0))
+    head = proxy_header.v2(('198.51.100.7', 4433), ('203.0.113.1', 443), 'udp')
+    for d in aioquic_initials('a.example', ['h3']):
+        lb.sendto(head + d, addr1)
+    answer = env.recv(lb)[0]
+    sid = server_cid(answer, len(answer))
+    moved = proxy_header.v2(('198.51.100.7', 5000), ('203.0.113.1', 443), 'udp')
+    lb2 = env.udp(V4, ('127.0.0.1', 0))
+    lb2.sendto(moved + short_header(sid, b'on the other worker'), addr2)
+    assert env.recv(lb2)[0] == short_header(sid, b'on the other worker')
+    assert up.clients[-1] == ('198.51.100.7', 5000)      # the new header, made by the second
+    assert (first.stats.sessions_handed_out, second.stats.quic_moved) == (1, 1)
+    assert next(iter(second._sessions.values())).client == ('198.51.100.7', 5000)
     for p in peers:
         p.close()

@@ -259,15 +259,10 @@ class Admission:
                         client, told = addr, None
                     else:
                         client, told = header.source, header.destination
-                    if self._acl is not None and not self._acl.permits(client[0]):
-                        self._deny(client, addr)
-                        continue
-                    sess = self._open(key, addr, cdata, now, client, told)
+                    sess = self._first_proxied(key, addr, cdata, now, view, start, size,
+                                               client, told)
                     if sess is None:
-                        dropped += 1
                         continue
-                    if trusted is not None:
-                        sess.pre = bytes(view[:start])
                 elif sess.last != now:
                     touch(key)
                     sess.last = now
@@ -309,6 +304,21 @@ class Admission:
         sess = self._open(key, addr, cdata, now)
         if sess is None:
             self._stats.dropped += 1
+        return sess
+
+    def _first_proxied(self, key, addr, cdata, now, view, start: int, size: int, client,
+                       told):
+        """`_first` with proxy_protocol: the datagram's payload is `view[start:size]` (after
+        its PROXY header, `view[:start]`), its real client `client` (the header's source, else
+        the sender) and the destination the header named `told`."""
+        if self._acl is not None and not self._acl.permits(client[0]):
+            self._deny(client, addr)
+            return None
+        sess = self._open(key, addr, cdata, now, client, told)
+        if sess is None:
+            self._stats.dropped += 1
+        elif self._trusted is not None:
+            sess.pre = bytes(view[:start])
         return sess
 
     def _open(self, key, addr, cdata, now, client=None, told=None, pool=None):

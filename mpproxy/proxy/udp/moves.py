@@ -28,28 +28,36 @@ class SessionMoves:
         else:
             sess.learn = False
 
-    def _move(self, sess, key, addr, cdata, now: float) -> None:
+    def _move(self, sess, key, addr, cdata, now: float, client=None, told=None) -> None:
         """A packet from `addr` carried an ID of `sess`: its client moved there (NAT
-        rebinding). The session is found by the new address, and its replies go there."""
-        old = sess.addr
+        rebinding). The session is found by the new address, and its replies go there.
+        With proxy_protocol.accept `client` and `told` are what the packet's header named
+        (the caller puts the session's new send: v2 header in place)."""
+        old = sess.client
+        client = client or addr
         self._table.rekey(sess, key)
-        sess.addr = sess.client = addr
+        sess.addr, sess.client, sess.told = addr, client, told
         sess.anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
         sess.last = now
-        if sess.gated and old[0] != addr[0]:        # counted under its new IP from now on
+        if sess.gated and old[0] != client[0]:      # counted under its new IP from now on
             self._per_ip.release(old[0])
-            self._per_ip.adopt(addr[0])
+            self._per_ip.adopt(client[0])
         self.stats.quic_moved += 1
         self._rl.info(('moved', 'here'), 'udp %s: QUIC connection of %s moved to %s', self._name,
-                      old, addr)
+                      old, client)
 
-    def _seek(self, key, addr, cdata, probe: bytes) -> None:
+    def _seek(self, key, addr, cdata, probe: bytes, client=None, told=None) -> None:
         """Ask the other workers for the session whose ID `probe` (a short header) carries:
-        the client moved, and the kernel now steers its flow to this worker."""
+        the client moved, and the kernel now steers its flow to this worker. (`client`,
+        `told`: what its PROXY header named, with proxy_protocol.accept.)"""
         anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
-        self._peers.seek(self.key, {
-            'a': list(addr), 'd': key[1].hex() if self._wildcard and key[1] else None,
-            'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in anc] if anc else None}, probe)
+        where = {'a': list(addr), 'd': key[1].hex() if self._wildcard and key[1] else None,
+                 'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in anc] if anc else None}
+        if client is not None and client != addr:
+            where['c'] = list(client)
+        if told is not None:
+            where['t'] = list(told)
+        self._peers.seek(self.key, where, probe)
 
     def give(self, probe: bytes, where: dict, send) -> bool:
         """Another worker got a packet with an ID of one of our sessions from a new client
@@ -59,8 +67,12 @@ class SessionMoves:
         if sess is None or sess.sock is None or self._closed:
             return False
         meta = handoff.describe(sess, self._wildcard, self._time())
-        meta.update(a=where['a'], d=where['d'], n=where['n'])
-        meta.pop('c', None)
+        for field in ('a', 'd', 'n', 'c', 't'):         # where the client is now
+            meta.pop(field, None)
+            if where.get(field) is not None:
+                meta[field] = where[field]
+        meta.setdefault('d', None)
+        meta.setdefault('n', None)
         if not send(meta, sess.fd):
             return False
         self._poller.unwatch(sess.fd)
@@ -74,8 +86,8 @@ class SessionMoves:
         (sess.pool or self._pool).release(sess.target)
         self.stats.sessions_active -= 1
         self.stats.sessions_handed_out += 1
-        self._rl.info(('moved', 'peer'), 'udp %s: QUIC connection of %s moved to %s (another worker)',
-                      self._name, sess.addr, tuple(where['a']))
+        self._rl.info(('moved', 'peer'), 'udp %s: QUIC connection of %s moved to %s (another '
+                      'worker)', self._name, sess.client, tuple(where.get('c') or where['a']))
         return True
 
     def take(self, meta: dict, fd: int) -> None:

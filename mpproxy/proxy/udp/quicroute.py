@@ -53,15 +53,18 @@ class Pending:
     """A flow with no session yet: what it sent, and its ClientHello so far; or (`reader`
     None) a moved client's, while the other workers are asked for its session."""
 
-    __slots__ = ('addr', 'cdata', 'reader', 'held', 'size', 'deadline')
+    __slots__ = ('addr', 'cdata', 'reader', 'held', 'size', 'deadline', 'client', 'told', 'pre')
 
-    def __init__(self, addr, cdata, deadline: float, seeking: bool = False):
-        self.addr = addr            # the client, as recvfrom() gave it
+    def __init__(self, addr, cdata, deadline: float, seeking: bool = False, proxied=None):
+        self.addr = addr            # the sender, as recvfrom() gave it
         self.cdata = cdata          # wildcard listeners: its pktinfo, for the session's replies
         self.reader = None if seeking else quic.ClientHelloReader()
-        self.held: list[bytes] = []
+        self.held: list[bytes] = []     # payloads (after their PROXY header, if any)
         self.size = 0
         self.deadline = deadline
+        # proxy_protocol: the real client and destination its first PROXY header named, and
+        # that header's bytes (accept: the session's `pre`); else None
+        self.client, self.told, self.pre = proxied or (None, None, None)
 
 
 class RoutedAdmission(Admission):
@@ -123,14 +126,44 @@ class RoutedAdmission(Admission):
         on; else held until its ClientHello is whole, then routed."""
         if self._cids.by_id:
             sess = self._cids.find(view, size)
-            if sess is not None and (self._acl is None or self._acl.permits(addr[0])):
-                flow = self.pending.pop(key, None)
-                if flow is not None:
-                    self._stats.dropped += len(flow.held)
-                self._move(sess, key, addr, cdata, now)
+            if sess is not None and (self._acl is None or self._acl.permits(addr[0])) \
+                    and self._moved(sess, key, addr, cdata, now):
                 return sess
         self._stats.dropped += self._hold(key, addr, cdata, bytes(view[:size]), now)
         return None
+
+    def _first_proxied(self, key, addr, cdata, now, view, start, size, client, told):
+        """`_first` with proxy_protocol (Admission._first_proxied): the QUIC packet is the
+        payload after the PROXY header, the real client the one the header named."""
+        if self._acl is not None and not self._acl.permits(client[0]):
+            self._deny(client, addr)
+            return None
+        pre = bytes(view[:start]) if self._trusted is not None else None
+        if self._cids.by_id:
+            sess = self._cids.find(view[start:size], size - start)
+            if sess is not None and self._moved(sess, key, addr, cdata, now, client, told, pre):
+                return sess
+        self._stats.dropped += self._hold(key, addr, cdata, bytes(view[start:size]), now,
+                                          (client, told, pre))
+        return None
+
+    def _moved(self, sess, key, addr, cdata, now, client=None, told=None, pre=None) -> bool:
+        """`sess`'s client moved to `addr` (or, behind a proxy, to `client`): follow it,
+        dropping what the new flow had held; False when its send: v2 header cannot be made
+        (logged; the session is ended)."""
+        flow = self.pending.pop(key, None)
+        if flow is not None:
+            self._stats.dropped += len(flow.held)
+        self._move(sess, key, addr, cdata, now, client, told)
+        sess.pre = pre
+        if self._send_v2:
+            head = self._header_for(sess.client, told, key)
+            if head is None:
+                self._end(sess, 'closed')
+                self._stats.sessions_closed += 1
+                return False
+            self._prefix(sess, head)
+        return True
 
     def _may_seek(self, now: float) -> bool:
         """Take one from the seek budget (SEEKS a second), if there is one."""
@@ -141,9 +174,9 @@ class RoutedAdmission(Admission):
         self._seeks -= 1.0
         return True
 
-    def _hold(self, key, addr, cdata, data: bytes, now: float) -> int:
-        """One datagram of a flow with no session: held, or its flow routed. Returns how
-        many datagrams were dropped."""
+    def _hold(self, key, addr, cdata, data: bytes, now: float, proxied=None) -> int:
+        """One datagram of a flow with no session: held, or its flow routed (`proxied`:
+        (client, told, pre) of its PROXY header). Returns how many were dropped."""
         pending = self.pending
         flow = pending.get(key)
         if flow is None:
@@ -152,8 +185,8 @@ class RoutedAdmission(Admission):
                 return 0
             if not self._quic:
                 self._stats.quic_unrouted += 1
-                return self._forward(key, addr, cdata, [data], len(data), now,
-                                     self._router.fallback())
+                return self._forward(key, Pending(addr, cdata, now, True, proxied), [data],
+                                     len(data), now, self._router.fallback())   # (no reader)
             if len(pending) >= MAX_PENDING:
                 self._stats.quic_unrouted += 1
                 self._rl.warning(('quic', 'pending'), 'udp %s: %d QUIC flows waiting for their '
@@ -162,10 +195,10 @@ class RoutedAdmission(Admission):
                 return 1
             seeking = (self._seek is not None and cids.is_short(data, len(data))
                        and self._may_seek(now))
-            flow = Pending(addr, cdata, now + HOLD, seeking)
+            flow = Pending(addr, cdata, now + HOLD, seeking, proxied)
             if seeking:
                 self._keep(key, flow)
-                self._seek(key, addr, cdata, data[:cids.PROBE])
+                self._seek(key, addr, cdata, data[:cids.PROBE], flow.client, flow.told)
         flow.held.append(data)
         flow.size += len(data)
         if flow.reader is None:             # a moved client's, its session asked for
@@ -209,19 +242,19 @@ class RoutedAdmission(Admission):
             pool = None if kind == 'no route' else self._router.fallback()
             self._rl.warning(('quic', kind), 'udp %s: QUIC flow from %s: %s; %s', self._name,
                              flow.addr, why, 'dropped' if pool is None else 'sent to default')
-        return self._forward(key, flow.addr, flow.cdata, flow.held, flow.size, now, pool,
-                             quic=why is None)
+        return self._forward(key, flow, flow.held, flow.size, now, pool, quic=why is None)
 
-    def _forward(self, key, addr, cdata, held: list, size: int, now: float, pool,
+    def _forward(self, key, flow: Pending, held: list, size: int, now: float, pool,
                  quic: bool = False) -> int:
-        """Open the session of `addr` to `pool` and send it the `held` datagrams in order;
-        `quic`: routed by its ClientHello, its replies are read for the server's IDs."""
+        """Open the session of `flow`'s sender to `pool` and send it the `held` datagrams in
+        order; `quic`: routed by its ClientHello, its replies are read for the server's IDs."""
         if pool is None:
             return len(held)
-        sess = self._open(key, addr, cdata, now, pool=pool)
+        sess = self._open(key, flow.addr, flow.cdata, now, flow.client, flow.told, pool)
         if sess is None:
             return len(held)
         sess.learn = quic
+        sess.pre = flow.pre
         return self._send_held(sess, held, size)
 
     def _send_held(self, sess, held: list, size: int) -> int:
@@ -231,7 +264,14 @@ class RoutedAdmission(Admission):
             sess.datagrams_in += len(held)
             sess.bytes_in += size
         dropped = 0
+        head = sess.head                        # send: v2
         for i, data in enumerate(held):
+            if head is not None:
+                if len(data) > sess.room:
+                    dropped += 1
+                    self._too_big(sess, len(data))
+                    continue
+                data = head + data
             try:
                 sess.sock.send(data)
             except OSError as exc:
