@@ -151,3 +151,30 @@ def test_a_quic_connection_keeps_exchanging_data_through_three_reloads(proxies):
     assert log.count('handed 1 UDP session(s) to the new worker(s)') == 3, log   # one upstream
                                                                         # socket all along
     assert_clean(proxy)
+
+
+def test_quic_routed_by_name_behind_another_proxy_that_sends_proxy_headers(proxies):
+    """Two listeners of one mpproxy: a plain udp one sending v2 PROXY headers (the proxy in
+    front) to an sni_routes one that accepts them: QUIC reaches the server its name routes to."""
+    front, routed = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    holder = {}
+
+    async def body(ports):
+        ups = ''.join(f'  {n[0]}:\n    servers: ["127.0.0.1:{p}"]\n' for n, p in ports.items())
+        proxy = holder['proxy'] = proxies(
+            f'workers: 2\nupstreams:\n{ups}  behind:\n    servers: ["127.0.0.1:{routed}"]\n'
+            f'listeners:\n'
+            f'  - listen: "127.0.0.1:{front}"\n    protocol: udp\n    upstream: behind\n'
+            f'    proxy_protocol: {{send: v2}}\n'
+            f'  - listen: "127.0.0.1:{routed}"\n    protocol: udp\n'
+            f'    sni_routes: {{"a.example": a, "b.example": b}}\n'
+            f'    proxy_protocol: {{accept: true, trusted: ["127.0.0.1"]}}\n')
+        proxy.start(wait_workers=2)
+        names = ['a.example', 'b.example'] * 3
+        got = await asyncio.gather(*(quic_exchange(front, name, b'via %d' % i)
+                                     for i, name in enumerate(names)))
+        assert [common for common, _ in got] == names
+        assert [answer for _, answer in got] == [n.encode() + b'|via %d' % i
+                                                 for i, n in enumerate(names)]
+    asyncio.run(with_servers(body))
+    assert_clean(holder['proxy'])
