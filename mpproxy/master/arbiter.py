@@ -159,6 +159,9 @@ class Arbiter:
 
     def manage_workers(self) -> None:
         """Let the table move towards its target, then act on what it reports."""
+        if self.upgraded_from is not None and os.getppid() != self.upgraded_from:
+            for generation in self.table.generations:   # the old master is gone: no more
+                generation.drop_kept_inboxes()          # of its sessions can come
         self.table.manage(self.config.max_draining_generations)
         for event in self.table.events():
             self.guard.run(f'the {event[0]} event', getattr(self, '_on_' + event[0]), *event[1:])

@@ -289,6 +289,7 @@ class WorkerTable:
             if generation.state == DRAINING and not generation.workers:
                 self.generations.remove(generation)
                 generation.close_peers()
+                generation.drop_kept_inboxes()
                 self._events.append(('finished', generation))
         self._limit_draining(max_draining)
         if self.grace_until is not None and now >= self.grace_until:
@@ -354,9 +355,12 @@ class WorkerTable:
 
     def _has_udp_to_take(self, generation: Generation, slot: int) -> bool:
         """A starting worker takes over UDP sessions of the active generation (its slot's,
-        or any slot's when the worker count changes), or of the old master (`inherits`)."""
-        if generation.state != STARTING or not generation.udp():
+        or any slot's when the worker count changes), or of the old master (`inherits`);
+        so does one that replaces a dead worker while the old master may still hand over."""
+        if not generation.udp():
             return False
+        if generation.state != STARTING:
+            return slot in generation.kept_inboxes
         return generation.inherits or any(g.state == ACTIVE and g.udp() for g in self.generations)
 
     def _on_control(self, worker: WorkerHandle) -> None:

@@ -70,7 +70,7 @@ class Generation:
 
     __slots__ = ('number', 'config', 'bound', 'credentials', 'state', 'workers', 'deadline',
                  'loaded_at', 'health', 'limits', 'limit_index', 'layout', 'admin', 'reload',
-                 'inherits', 'pausing', 'servers', 'peers')
+                 'inherits', 'pausing', 'servers', 'peers', 'kept_inboxes')
 
     def __init__(self, number: int, config: Config, bound: Bound,
                  credentials: Credentials | None = None,
@@ -96,6 +96,15 @@ class Generation:
         self.pausing = None       # before its UDP flows are steered: [deadline, old workers
                                   # yet to stop reading UDP], then 'done' (table.pause_udp)
         self.peers = None         # [(inbox, sending end)] per slot: worker/peers.py (open_peers)
+        self.kept_inboxes: dict[int, socket.socket] = {}  # `inherits`: each slot's inbox (the
+                                  # receiving end), kept while the old master may hand over:
+                                  # a worker that replaces a dead one waits on the same inbox
+
+    def drop_kept_inboxes(self) -> None:
+        """The old master of the binary upgrade is gone: nothing more can arrive."""
+        for inbox in self.kept_inboxes.values():
+            inbox.close()
+        self.kept_inboxes.clear()
 
     def close_peers(self) -> None:
         for pair in self.peers or ():
@@ -127,14 +136,17 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     behind: no socket, limit slot or metrics block of the attempt stays open.
 
     With `take_over`, the worker waits for the UDP sessions of the slot's current
-    worker on a socketpair whose other end the master keeps in `handoff_peer`.
+    worker on a socketpair whose other end the master keeps in `handoff_peer`; in a
+    generation that `inherits` from an old master, on the slot's kept inbox if it has one
+    (it replaces a worker that died while the old master still serves).
     """
     made: list = []                 # what to undo if the fork fails
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     made += (master_end, worker_end)
     peer = successor = None
+    kept = generation.kept_inboxes.get(slot) if take_over else None
     try:
-        if take_over:
+        if take_over and kept is None:
             peer, successor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             made += (peer, successor)
     except BaseException:
@@ -145,7 +157,8 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     spec = process.WorkerSpec(
         slot=slot, generation=generation.number, config=generation.config,
         master_pid=os.getpid(), control=worker_end, sockets=generation.bound.for_slot(slot),
-        handoff=successor, handoff_wait=None if generation.inherits else process.HANDOFF_WAIT,
+        handoff=kept or successor,
+        handoff_wait=None if generation.inherits else process.HANDOFF_WAIT,
         health=generation.health,
         servers=generation.servers.block if generation.servers is not None else None, credentials=generation.credentials,
         limits=generation.limits, limit_slot=limit_slot, limit_index=generation.limit_index,
@@ -178,7 +191,10 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     handle.limit_slot = limit_slot
     handle.metrics = area
     if successor is not None:
-        successor.close()
+        if generation.inherits:       # kept: a replacement of this worker waits on it too
+            generation.kept_inboxes[slot] = successor
+        else:
+            successor.close()
         handle.handoff_peer = peer
     return handle
 

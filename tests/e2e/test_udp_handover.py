@@ -18,7 +18,7 @@ import pytest
 from helpers.backends import UdpEcho
 from helpers.configs import udp_config, with_pid_file
 from helpers.net import UdpFleet, free_port, metric_total
-from helpers.proc import Proxy, alive, read_pid, wait_for
+from helpers.proc import Proxy, alive, children, cmdline, read_pid, wait_for
 
 CLIENTS = 50
 
@@ -137,3 +137,24 @@ def test_a_backed_out_upgrade_keeps_every_session_on_the_old_master(proxies, tmp
         scene.fleet.finish()
         assert_kept(scene.fleet)
         assert alive(scene.proxy.pid) and read_pid(scene.pid_file) == scene.proxy.pid
+
+
+def test_a_new_worker_that_dies_before_quit_is_replaced_by_one_that_waits_too(proxies,
+                                                                              tmp_path):
+    """Between USR2 and QUIT the old master's workers read UDP alone; a worker of the new
+    master that dies then must not be replaced by one that reads the same sockets at once
+    (its slot's clients would get second sessions): it waits on the same inbox."""
+    with upgrade_scene(proxies, tmp_path, 2) as scene:
+        scene.new = scene.proxy.upgrade(scene.pid_file, workers=2)
+        workers = [p for p in children(scene.new) if cmdline(p).startswith('mpproxy: worker')]
+        os.kill(workers[0], signal.SIGKILL)
+        replacement = wait_for(lambda: [p for p in children(scene.new) if p not in workers
+                                        and cmdline(p).startswith('mpproxy: worker')], 10,
+                               what='the replacement worker')
+        scene.proxy.known_pids.update(replacement)
+        replies_after(scene.fleet, 30, 'after the replacement')   # still the old master alone
+        scene.proxy.signal(signal.SIGQUIT)
+        assert scene.proxy.wait_exit(40) == 0
+        replies_after(scene.fleet, 30, 'from the new master')
+        scene.fleet.finish()
+        assert_kept(scene.fleet)
