@@ -7,16 +7,22 @@ the others for the session (`seek`: the packet's first bytes, which hold the con
 ID, and where the client is now); the one that has it hands it over (`UdpService.give`:
 its description and its upstream socket, as on a reload), and the asking worker serves
 it from then on (`UdpService.take`): same upstream socket, replies to the new address.
+Every other worker answers: with the session, or "not here" (or "here, but kept": its
+client left that address just now), so that the asking worker knows at once when no
+worker has it (the flow is then unrouted, as any flow that is not QUIC).
 
 The master makes the channel when the generation's config routes QUIC by name and has
 more than one worker: a SOCK_DGRAM socketpair per slot, whose receiving end only that
 slot's worker keeps and whose sending ends every worker of the generation keeps (a
 worker that replaces a dead one gets the same ends). Only processes holding those fds
-can write to it. Every send is non-blocking: a full queue loses the message (the client
-retransmits, and its next packet asks again).
+can write to it. Every send is non-blocking: a question that cannot be sent to every
+other worker is not asked (its datagram is dropped, and the client's next packet asks
+again); an answer or a session that cannot be sent back leaves the flow waiting until
+its deadline (dropped then; the next packet asks again), and the session where it was.
 
-    message = JSON {"w": listener, "from": slot, "at": {a, d, n}} "\\n" probe   (seek)
-            | JSON {"g": listener, "s": meta} + the session's fd            (give)
+    message = JSON {"w": listener, "q": n, "from": slot, "at": {a, d, n, c, t}} "\\n" probe
+            | JSON {"x": listener, "q": n, "k": kept}                        (no session)
+            | JSON {"g": listener, "s": meta} + the session's fd            (the session)
 """
 
 from __future__ import annotations
@@ -55,11 +61,14 @@ class Peers:
         except Exception:
             pass
 
-    def seek(self, listener: tuple, where: dict, probe: bytes) -> None:
+    def seek(self, listener: tuple, where: dict, probe: bytes, question: int) -> int:
         """Ask every other worker for the session of `listener` whose connection ID the
-        short-header packet starting with `probe` carries; `where` the client is now."""
-        head = json.dumps({'w': list(listener), 'from': self._slot, 'at': where}).encode()
+        short-header packet starting with `probe` carries; `where` the client is now.
+        Returns how many were asked: 0 when one of them could not be."""
+        head = json.dumps({'w': list(listener), 'q': question, 'from': self._slot,
+                           'at': where}).encode()
         message = head + b'\n' + bytes(probe[:cids.PROBE])
+        asked = 0
         for slot, tx in enumerate(self._txs):
             if slot != self._slot:
                 try:
@@ -67,6 +76,9 @@ class Peers:
                 except OSError as exc:
                     self._rl.warning(('seek', slot), 'cannot ask worker %d for a moved QUIC '
                                      'connection: %s', slot, exc.strerror or exc)
+                    return 0
+                asked += 1
+        return asked
 
     def _give_to(self, slot: int, listener: list, meta: dict, fd: int) -> bool:
         try:
@@ -102,9 +114,23 @@ class Peers:
         if 'w' in message:
             service = self._services.get(tuple(message['w']))
             slot = int(message['from'])
-            if service is not None and 0 <= slot < len(self._txs) and slot != self._slot:
-                service.give(probe, message['at'],
-                             lambda meta, fd: self._give_to(slot, message['w'], meta, fd))
+            if not 0 <= slot < len(self._txs) or slot == self._slot:
+                return
+            given = None
+            if service is not None:
+                given = service.give(probe, message['at'],
+                                     lambda meta, fd: self._give_to(slot, message['w'], meta, fd))
+            if given != 'given':
+                try:
+                    self._txs[slot].send(json.dumps({'x': message['w'], 'q': message['q'],
+                                                     'k': given == 'kept'}).encode())
+                except OSError as exc:
+                    self._rl.warning(('answer', slot), 'cannot answer worker %d about a moved '
+                                     'QUIC connection: %s', slot, exc.strerror or exc)
+        elif 'x' in message:
+            service = self._services.get(tuple(message['x']))
+            if service is not None:
+                service.answered(int(message['q']), bool(message['k']))
         elif 'g' in message and fds:
             service = self._services.get(tuple(message['g']))
             if service is not None:

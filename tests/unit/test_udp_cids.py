@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers.quic import aioquic_initials
-from helpers.udp_unit import V4, EchoUpstream, Env
+from helpers.udp_unit import V4, Clock, EchoUpstream, Env
 from helpers.unit import serve_env
 from mpproxy.config.schema import (Address, Listener, ProxyProtocol, Server, UdpOptions,
                                    Upstream)
 from mpproxy.proxy.edge import proxy_header
 from mpproxy.proxy.edge.sni import SniRouter
-from mpproxy.proxy.udp import cids
+from mpproxy.proxy.udp import cids, moves, quicroute
 from mpproxy.proxy.udp.cids import CidIndex, server_cid
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import UpstreamPool
@@ -121,16 +121,22 @@ def env():
     yield from serve_env(Env())
 
 
-def routed(env, up, peers=None, key_port=None):
-    """A routed service (a.example → `up`, no default) on its own socket; `key_port`: the
-    port its listener is known by (two services standing for two workers share one)."""
+def routed(env, up, peers=None, key_port=None, clock=None, default=None):
+    """A routed service (a.example → `up`; default → the upstream `default`, else none) on
+    its own socket; `key_port`: the port its listener is known by (two services standing
+    for two workers share one)."""
     pools = {'A': UpstreamPool(Upstream(name='A', servers=(Server(address=Address(*up.addr)),)))}
-    router = SniRouter([('a.example', pools['A'])])                   # no default
+    routes = [('a.example', pools['A'])]
+    if default is not None:
+        routes.append(('default', UpstreamPool(Upstream(name='D', servers=(
+            Server(address=Address(*default.addr)),)))))
+    router = SniRouter(routes)
     lsock = env.udp(V4, ('127.0.0.1', 0))
     port = lsock.getsockname()[1]
     listener = Listener(name='quic', listen=Address('127.0.0.1', key_port or port), protocol='udp',
                         upstream='A', idle_timeout=5, udp=UdpOptions())
-    svc = UdpService(env.loop, listener, lsock, pools['A'], env.log, router=router, peers=peers)
+    svc = UdpService(env.loop, listener, lsock, pools['A'], env.log, router=router, peers=peers,
+                     clock=clock)
     env.services.append(svc)
     svc.start()
     return svc, ('127.0.0.1', port)
@@ -149,7 +155,8 @@ def connect(env, svc, addr, up):
 
 def test_a_client_on_a_new_port_goes_on_through_its_session(env):
     up = QuicishUpstream(env)
-    svc, addr = routed(env, up)
+    clock = Clock()
+    svc, addr = routed(env, up, clock=clock)
     c, sid, _ = connect(env, svc, addr, up)
     source = up.got[-1][1]                          # the session's upstream socket
     sess = next(iter(svc._sessions.values()))
@@ -161,7 +168,11 @@ def test_a_client_on_a_new_port_goes_on_through_its_session(env):
     moved.sendto(short_header(sid, b'from the new port'), addr)
     assert env.recv(moved)[0] == short_header(sid, b'from the new port')
     assert up.got[-1] == (short_header(sid, b'from the new port'), source)
-    c.sendto(short_header(sid, b'old port again'), addr)   # (a NAT flapping back: followed)
+    c.sendto(short_header(sid, b'late, reordered'), addr)  # from the old port, just after:
+    env.nothing(c, 0.1)                                     # a late packet, dropped
+    assert up.got[-1][0] == short_header(sid, b'from the new port')
+    clock.advance(moves.BACK_AFTER)
+    c.sendto(short_header(sid, b'old port again'), addr)   # later: the NAT went back, followed
     assert env.recv(c)[0] == short_header(sid, b'old port again')
     st = svc.stats
     assert (st.sessions_created, st.quic_moved, st.quic_unrouted, st.sessions_active) == \
@@ -209,7 +220,7 @@ def test_ids_travel_with_a_session_handed_over(env):
 
 def joined(env, make):
     """Two services made by `make(peers, key_port)`, joined by the peers channel as two
-    workers of a generation are; (first, second, their Peers)."""
+    workers of a generation are; (first, second, their Peers). They stop at the test's end."""
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
     env.socks += [s for pair in pairs for s in pair]
     by_listener = [{}, {}]
@@ -220,6 +231,7 @@ def joined(env, make):
     by_listener[0][first[0].key], by_listener[1][second[0].key] = first[0], second[0]
     for p in peers:
         p.start()
+        env.readers.append(p._rx.fileno())
     return first, second, peers
 
 
@@ -325,3 +337,77 @@ def test_behind_a_proxy_a_client_steered_to_another_worker_is_followed(env):
     assert next(iter(second._sessions.values())).client == ('198.51.100.7', 5000)
     for p in peers:
         p.close()
+
+
+def test_with_two_workers_text_to_default_goes_at_once_not_at_the_deadline(env):
+    """A first datagram whose first byte has the top bit clear looks like a short header:
+    the other worker is asked, answers "not here" at once, and the flow goes to default
+    (the clock is frozen: the 1 s deadline never comes)."""
+    up, fallback, clock = QuicishUpstream(env), EchoUpstream(env), Clock()
+    (first, addr1), (second, _), _ = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback))
+    c = env.udp(V4, ('127.0.0.1', 0))
+    c.sendto(b'hello, plain text', addr1)
+    assert env.recv(c)[0] == b'hello, plain text'       # through default, answered
+    assert [d for d, _ in fallback.got] == [b'hello, plain text']
+    assert (first.stats.quic_unrouted, first.stats.sessions_created) == (1, 1)
+    assert first._admission.pending == {} and first._admission._asked == {}
+
+
+def test_past_the_ask_budget_a_short_header_is_dropped_and_asks_again_later(env, monkeypatch):
+    monkeypatch.setattr(quicroute, 'SEEKS', 2)
+    up, fallback, clock = QuicishUpstream(env), EchoUpstream(env), Clock()
+    (first, addr1), (second, addr2), _ = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback))
+    c, sid, _ = connect(env, first, addr1, up)
+    junk = [env.udp(V4, ('127.0.0.1', 0)) for _ in range(2)]
+    for j in junk:                                      # spend the budget of the second
+        j.sendto(short_header(os.urandom(8)), addr2)
+    env.run_until(lambda: second.stats.quic_unrouted == 2, what='the junk answered')
+    moved = env.udp(V4, ('127.0.0.1', 0))
+    moved.sendto(short_header(sid, b'no budget left'), addr2)
+    env.run_until(lambda: second.stats.quic_unrouted == 3, what='dropped past the budget')
+    env.nothing(moved, 0.1)                             # dropped: no session to default
+    assert second._sessions.keys() == {j.getsockname() for j in junk}   # (junk: to default)
+    clock.advance(1.0)                                  # the budget refills: asked, followed
+    moved.sendto(short_header(sid, b'asked now'), addr2)
+    assert env.recv(moved)[0] == short_header(sid, b'asked now')
+    assert (first.stats.sessions_handed_out, second.stats.quic_moved) == (1, 1)
+
+
+def test_a_late_packet_from_the_address_left_does_not_pull_the_session_back(env):
+    up, clock = QuicishUpstream(env), Clock()
+    (first, addr1), (second, addr2), _ = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port, clock))
+    c, sid, _ = connect(env, first, addr1, up)
+    moved = env.udp(V4, ('127.0.0.1', 0))
+    moved.sendto(short_header(sid, b'moved'), addr2)
+    assert env.recv(moved)[0] == short_header(sid, b'moved')
+    c.sendto(short_header(sid, b'late'), addr1)         # reordered, from the old address
+    env.run_until(lambda: first._admission.pending == {}, what='the answer "kept"')
+    env.nothing(c, 0.1)
+    assert (len(first._sessions), len(second._sessions), second.stats.sessions_handed_out) == \
+        (0, 1, 0)
+    moved.sendto(short_header(sid, b'still here'), addr2)
+    assert env.recv(moved)[0] == short_header(sid, b'still here')
+
+
+def test_a_session_sent_to_default_learns_no_ids_after_a_hand_over(env):
+    """Only QUIC sessions (routed by their ClientHello) read their replies for IDs, also
+    once handed over: a default session's replies that look like long headers teach none."""
+    up, fallback = QuicishUpstream(env), EchoUpstream(env)
+    old, addr = routed(env, up, default=fallback)
+    c = env.udp(V4, ('127.0.0.1', 0))
+    c.sendto(b'plain request', addr)
+    assert env.recv(c)[0] == b'plain request'
+    out = old.export_sessions()
+    assert 'L' not in out[0][0] and out[0][0]['p'] == 'D'
+    fds = [os.dup(sock.fileno()) for _, sock in out]
+    for _, sock in out:
+        sock.close()
+    new, addr2 = routed(env, up, default=fallback)
+    assert new.adopt_sessions([meta for meta, _ in out], fds) == 1
+    looks_long = long_header(b'', b'K' * 8)             # a reply that parses as a long header
+    c.sendto(looks_long, addr2)
+    assert env.recv(c)[0] == looks_long
+    assert len(new._cids) == 0

@@ -23,7 +23,9 @@ a NAT rebinding keeps the ID it had, and is. IDs shorter than MIN_CID are not ke
 they would be guessed too easily (a packet with a session's ID moves its replies).
 
 A short-header packet does not say how long its DCID is: the index keeps the lengths
-of the IDs it holds (servers use one length) and tries each.
+of the IDs it holds (servers use one length) and tries each. Any first byte with the top
+bit clear is read as a short header: a client may grease the fixed bit (RFC 9287), and
+the match is exact on 8 bytes or more.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def server_cid(data, size: int) -> bytes | None:
 
 
 def is_short(data, size: int) -> bool:
-    """A QUIC short-header (1-RTT) packet long enough to carry a kept DCID."""
-    return size > MIN_CID and data[0] & 0xC0 == 0x40
+    """A QUIC short-header (1-RTT) packet long enough to carry a kept DCID: the top bit
+    clear. (Not the fixed bit too: a peer may grease it, RFC 9287.)"""
+    return size > MIN_CID and not data[0] & 0x80
 
 
 class CidIndex:
@@ -117,10 +120,9 @@ class CidIndex:
             if not MIN_CID <= dcil <= MAX_CID or size < 6 + dcil:
                 return None
             return by_id.get(bytes(data[6:6 + dcil]))
-        if first & 0x40:                                # short header: try each length
-            for length in self.lengths:
-                if size > length:
-                    sess = by_id.get(bytes(data[1:1 + length]))
-                    if sess is not None:
-                        return sess
+        for length in self.lengths:                     # short header (the top bit clear,
+            if size > length:                           # the fixed bit maybe greased): try
+                sess = by_id.get(bytes(data[1:1 + length]))     # each length held
+                if sess is not None:
+                    return sess
         return None

@@ -256,6 +256,8 @@ def describe(sess: Session, wildcard: bool, now: float) -> dict:
         meta['p'] = sess.pool.name
     if sess.cids:                       # ... and the connection IDs it is found by (cids.py)
         meta['q'] = [cid.hex() for cid in sess.cids]
+    if sess.learn:                      # ... still reading its server's replies for more
+        meta['L'] = 1
     return meta
 
 

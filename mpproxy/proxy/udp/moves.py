@@ -13,7 +13,18 @@ counters, the CidIndex `_cids` and the peers `_peers`) as the service's other me
 
 from __future__ import annotations
 
+import socket
+
 from mpproxy.proxy.udp import cids, handoff, pktinfo
+
+BACK_AFTER = 1.0          # seconds before a session follows its client back to the address it
+                          # left: a packet from there sooner is a late one, reordered (dropped)
+
+
+def may_move(sess, client, now: float) -> bool:
+    """Whether `sess` may follow its client to `client` now (see BACK_AFTER)."""
+    moved = sess.moved
+    return moved is None or moved[0] != client or now - moved[1] >= BACK_AFTER
 
 
 class SessionMoves:
@@ -37,6 +48,7 @@ class SessionMoves:
         client = client or addr
         self._table.rekey(sess, key)
         sess.addr, sess.client, sess.told = addr, client, told
+        sess.moved = (old, now)
         sess.anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
         sess.last = now
         if sess.gated and old[0] != client[0]:      # counted under its new IP from now on
@@ -46,10 +58,11 @@ class SessionMoves:
         self._rl.info(('moved', 'here'), 'udp %s: QUIC connection of %s moved to %s', self._name,
                       old, client)
 
-    def _seek(self, key, addr, cdata, probe: bytes, client=None, told=None) -> None:
+    def _seek(self, key, addr, cdata, probe: bytes, client, told, question: int) -> int:
         """Ask the other workers for the session whose ID `probe` (a short header) carries:
         the client moved, and the kernel now steers its flow to this worker. (`client`,
-        `told`: what its PROXY header named, with proxy_protocol.accept.)"""
+        `told`: what its PROXY header named, with proxy_protocol.accept.) Returns how many
+        were asked (0: not all could be); each answers (`answered`) or gives the session."""
         anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
         where = {'a': list(addr), 'd': key[1].hex() if self._wildcard and key[1] else None,
                  'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in anc] if anc else None}
@@ -57,24 +70,35 @@ class SessionMoves:
             where['c'] = list(client)
         if told is not None:
             where['t'] = list(told)
-        self._peers.seek(self.key, where, probe)
+        return self._peers.seek(self.key, where, probe, question)
 
-    def give(self, probe: bytes, where: dict, send) -> bool:
+    def answered(self, question: int, kept: bool) -> None:
+        """A worker has no session for our question (`kept`: has it and keeps it)."""
+        if not self._closed:
+            self._admission.answered(question, kept, self._time())
+
+    def give(self, probe: bytes, where: dict, send) -> str | None:
         """Another worker got a packet with an ID of one of our sessions from a new client
-        address (`where`: its 'a', 'd', 'n' as handoff.describe writes them): the session
-        goes to it with `send(meta, fd)` (True once sent), to serve the client there."""
+        address (`where`: its 'a', 'd', 'n' (and 'c', 't') as handoff.describe writes them):
+        the session goes to it with `send(meta, fd)` (True once sent), to serve the client
+        there. Returns 'given'; 'kept' when the session stays here (its client left that
+        address less than BACK_AFTER ago, or the send failed); None: not ours."""
         sess = None if self._cids is None else self._cids.find(probe, len(probe))
         if sess is None or sess.sock is None or self._closed:
-            return False
-        meta = handoff.describe(sess, self._wildcard, self._time())
+            return None
+        now = self._time()
+        if not may_move(sess, tuple(where.get('c') or where['a']), now):
+            return 'kept'
+        meta = handoff.describe(sess, self._wildcard, now)
         for field in ('a', 'd', 'n', 'c', 't'):         # where the client is now
             meta.pop(field, None)
             if where.get(field) is not None:
                 meta[field] = where[field]
         meta.setdefault('d', None)
         meta.setdefault('n', None)
+        meta['m'] = list(sess.client)                   # the client it leaves (BACK_AFTER)
         if not send(meta, sess.fd):
-            return False
+            return 'kept'
         self._poller.unwatch(sess.fd)
         sess.sock.close()
         sess.sock = None
@@ -88,16 +112,25 @@ class SessionMoves:
         self.stats.sessions_handed_out += 1
         self._rl.info(('moved', 'peer'), 'udp %s: QUIC connection of %s moved to %s (another '
                       'worker)', self._name, sess.client, tuple(where.get('c') or where['a']))
-        return True
+        return 'given'
 
     def take(self, meta: dict, fd: int) -> None:
         """A session another worker gave us (`give`): its client now reaches this worker;
         what we held of that flow meanwhile goes on to it."""
-        if self._closed or self.adopt_sessions([meta], [fd]) != 1:
+        if self._closed or not self._reading:       # (asked before a drain or a hand-over)
+            socket.close(fd)
+            self._rl.warning(('moved', 'late'), 'udp %s: a QUIC connection moved to this '
+                             'worker after it stopped reading its listener: closed', self._name)
+            return
+        if self.adopt_sessions([meta], [fd]) != 1:
+            self._rl.warning(('moved', 'bad'), 'udp %s: a QUIC connection moved to this worker '
+                             'could not be taken over: closed', self._name)
             return
         addr = tuple(meta['a'])
         dst = bytes.fromhex(meta['d']) if meta['d'] else None
         sess = self._sessions.get((addr, dst) if self._wildcard else addr)
         if sess is not None:
             self.stats.quic_moved += 1
+            if meta.get('m'):
+                sess.moved = (tuple(meta['m']), self._time())
             self._admission.settle(sess)

@@ -17,19 +17,23 @@ a full table) and the held datagrams are sent upstream in the order they came.
                         (the deadline, checked by the service's sweep timer)  or dropped ┘ (rate-limited)
 
 A new flow whose datagram carries the connection ID of a session (`cids.CidIndex`) is
-not new: its client moved (NAT rebinding), and the session follows it (`move`). When that
-session is another worker's (the kernel steers flows by source address), a short-header
-packet finds nothing here: the flow is held as above, without a reader, while the other
-workers are asked for it (`seek`, worker/peers.py; SEEKS a second); the session arrives
-(`settle`: the held datagrams go on to it) or the flow is unrouted at the deadline.
+not new: its client moved (NAT rebinding), and the session follows it (`move`; not back
+to the address it left less than moves.BACK_AFTER ago: such a packet is dropped). When
+that session is another worker's (the kernel steers flows by source address), a
+short-header packet finds nothing here: the flow is held as above, without a reader,
+while the other workers are asked for it (`seek`, worker/peers.py; SEEKS a second). The
+session arrives (`settle`: the held datagrams go on to it); or every worker answers it has
+none (`answered`): unrouted at once, as a flow that is not QUIC; or one keeps it, or the
+answers do not all come by the deadline, or the budget is spent: the datagrams are
+dropped, no session opened (the client's next packet asks again).
 
 Nothing is ever sent to a client before its session exists (a session only relays its
 upstream's replies). Bounds per worker and listener: MAX_PENDING flows held at once (a
 new flow past it is dropped and counted), each at most MAX_HELD datagrams and
 MAX_HELD_BYTES bytes, for at most HOLD seconds (expired within one sweep period after).
 Held flows are dropped, not forwarded, when the service drains, closes or hands its
-sessions over on reload: the client's QUIC stack retransmits its Initials, and the next
-worker reads them afresh.
+sessions over on reload: the client's QUIC stack retransmits its Initials (a moved
+client's next packet asks again), and the next worker reads them afresh.
 
 Without the `cryptography` package (`mpproxy[quic]`; `mpproxy -t` and start-up refuse
 such a config, a reload cannot check) every new flow is unrouted: to default, or dropped.
@@ -40,12 +44,13 @@ from __future__ import annotations
 from mpproxy.proxy.edge import quic
 from mpproxy.proxy.udp import cids
 from mpproxy.proxy.udp.admit import Admission
+from mpproxy.proxy.udp.moves import BACK_AFTER, may_move
 
 HOLD = 1.0                # seconds a flow may take to send its whole ClientHello
 MAX_PENDING = 1024        # flows held at once, per worker and listener
 MAX_HELD = 8              # datagrams held per flow
 MAX_HELD_BYTES = 16384    # bytes held per flow
-SEEKS = 100               # per second and worker: new flows whose session other workers are
+SEEKS = 1000              # per second and worker: new flows whose session other workers are
                           # asked for (a short header with an ID unknown here: cids.py)
 
 
@@ -53,7 +58,8 @@ class Pending:
     """A flow with no session yet: what it sent, and its ClientHello so far; or (`reader`
     None) a moved client's, while the other workers are asked for its session."""
 
-    __slots__ = ('addr', 'cdata', 'reader', 'held', 'size', 'deadline', 'client', 'told', 'pre')
+    __slots__ = ('addr', 'cdata', 'reader', 'held', 'size', 'deadline', 'client', 'told', 'pre',
+                 'token', 'waiting')
 
     def __init__(self, addr, cdata, deadline: float, seeking: bool = False, proxied=None):
         self.addr = addr            # the sender, as recvfrom() gave it
@@ -65,6 +71,7 @@ class Pending:
         # proxy_protocol: the real client and destination its first PROXY header named, and
         # that header's bytes (accept: the session's `pre`); else None
         self.client, self.told, self.pre = proxied or (None, None, None)
+        self.token = self.waiting = 0   # seeking: the question's number, answers still due
 
 
 class RoutedAdmission(Admission):
@@ -88,6 +95,8 @@ class RoutedAdmission(Admission):
         self._seek = seek
         self._seeks = float(SEEKS)      # the seek budget (a token bucket) and its clock
         self._seeks_at = 0.0
+        self._asked: dict[int, object] = {}     # question number → the held flow's key
+        self._questions = 0
         self.pending: dict = {}         # table key → Pending, oldest (earliest deadline) first
         self._quic = quic.available()
         if not self._quic:
@@ -102,23 +111,47 @@ class RoutedAdmission(Admission):
             key, flow = next(iter(pending.items()))
             if flow.deadline > now:
                 break
-            dropped += self._release(key, flow, now, None, 'timeout',
-                                     f'no whole ClientHello within {HOLD:g}s'
-                                     if flow.reader is not None else
-                                     'no worker has a session with the connection ID of its '
-                                     'short-header packets')
+            if flow.reader is None:         # asked of the other workers, not all answered:
+                dropped += self._release(key, flow, now, None, 'timeout', 'the other workers '
+                                         'did not all answer within %gs' % HOLD, default=False)
+            else:
+                dropped += self._release(key, flow, now, None, 'timeout',
+                                         f'no whole ClientHello within {HOLD:g}s')
         self._stats.dropped += dropped
 
     def drop_pending(self) -> None:
         self._stats.dropped += sum(len(flow.held) for flow in self.pending.values())
         self.pending.clear()
+        self._asked.clear()
 
     def settle(self, sess) -> None:
         """`sess` came from another worker for a flow held here while it was asked for:
         what the flow sent meanwhile goes on to it."""
         flow = self.pending.pop(sess.key, None)
         if flow is not None:
+            self._asked.pop(flow.token, None)
             self._stats.dropped += self._send_held(sess, flow.held, flow.size)
+
+    def answered(self, question: int, kept: bool, now: float) -> None:
+        """Another worker has no session for question `question` (or `kept`: has it, and
+        keeps it: the client left it just now). When every worker said it has none, the flow
+        is not a moved client's: unrouted, as any flow that is not QUIC; when one keeps it,
+        what the flow sent is dropped (its next packet asks again)."""
+        key = self._asked.get(question)
+        flow = None if key is None else self.pending.get(key)
+        if flow is None or flow.token != question:
+            return
+        if kept:
+            self._stats.dropped += self._release(
+                key, flow, now, None, 'kept', 'another worker keeps the session of its '
+                'connection ID (it left that client less than %gs ago)' % BACK_AFTER,
+                default=False)
+            return
+        flow.waiting -= 1
+        if flow.waiting <= 0:
+            self._stats.dropped += self._release(
+                key, flow, now, None, 'unknown', 'a short-header packet whose connection ID '
+                'no worker has')
 
     def _first(self, key, addr, cdata, now, view, size):
         """A datagram of a flow with no session (the plain reader's one branch that differs,
@@ -126,9 +159,8 @@ class RoutedAdmission(Admission):
         on; else held until its ClientHello is whole, then routed."""
         if self._cids.by_id:
             sess = self._cids.find(view, size)
-            if sess is not None and (self._acl is None or self._acl.permits(addr[0])) \
-                    and self._moved(sess, key, addr, cdata, now):
-                return sess
+            if sess is not None and (self._acl is None or self._acl.permits(addr[0])):
+                return self._follow(sess, key, addr, cdata, now)
         self._stats.dropped += self._hold(key, addr, cdata, bytes(view[:size]), now)
         return None
 
@@ -141,18 +173,23 @@ class RoutedAdmission(Admission):
         pre = bytes(view[:start]) if self._trusted is not None else None
         if self._cids.by_id:
             sess = self._cids.find(view[start:size], size - start)
-            if sess is not None and self._moved(sess, key, addr, cdata, now, client, told, pre):
-                return sess
+            if sess is not None:
+                return self._follow(sess, key, addr, cdata, now, client, told, pre)
         self._stats.dropped += self._hold(key, addr, cdata, bytes(view[start:size]), now,
                                           (client, told, pre))
         return None
 
-    def _moved(self, sess, key, addr, cdata, now, client=None, told=None, pre=None) -> bool:
+    def _follow(self, sess, key, addr, cdata, now, client=None, told=None, pre=None):
         """`sess`'s client moved to `addr` (or, behind a proxy, to `client`): follow it,
-        dropping what the new flow had held; False when its send: v2 header cannot be made
-        (logged; the session is ended)."""
+        dropping what the new flow had held, and return it; or None (the datagram dropped):
+        the client left that address less than BACK_AFTER ago (a late packet, not a move
+        back), or its send: v2 header cannot be made (logged; the session is ended)."""
+        if not may_move(sess, client or addr, now):
+            self._stats.dropped += 1
+            return None
         flow = self.pending.pop(key, None)
         if flow is not None:
+            self._asked.pop(flow.token, None)
             self._stats.dropped += len(flow.held)
         self._move(sess, key, addr, cdata, now, client, told)
         sess.pre = pre
@@ -161,9 +198,10 @@ class RoutedAdmission(Admission):
             if head is None:
                 self._end(sess, 'closed')
                 self._stats.sessions_closed += 1
-                return False
+                self._stats.dropped += 1
+                return None
             self._prefix(sess, head)
-        return True
+        return sess
 
     def _may_seek(self, now: float) -> bool:
         """Take one from the seek budget (SEEKS a second), if there is one."""
@@ -193,19 +231,17 @@ class RoutedAdmission(Admission):
                                  'ClientHello (per worker): datagram from %s dropped',
                                  self._name, MAX_PENDING, addr)
                 return 1
-            seeking = (self._seek is not None and cids.is_short(data, len(data))
-                       and self._may_seek(now))
+            seeking = self._seek is not None and cids.is_short(data, len(data))
             flow = Pending(addr, cdata, now + HOLD, seeking, proxied)
-            if seeking:
-                self._keep(key, flow)
-                self._seek(key, addr, cdata, data[:cids.PROBE], flow.client, flow.told)
+            if seeking and not self._ask(key, flow, data, now):
+                return 1
         flow.held.append(data)
         flow.size += len(data)
         if flow.reader is None:             # a moved client's, its session asked for
             if len(flow.held) >= MAX_HELD or flow.size >= MAX_HELD_BYTES:
                 return self._release(key, flow, now, None, 'bound',
                                      f'{len(flow.held)} datagrams ({flow.size} bytes) while '
-                                     f'the workers were asked for its session')
+                                     f'the workers were asked for its session', default=False)
             return 0
         try:
             state = flow.reader.feed(data)
@@ -229,17 +265,42 @@ class RoutedAdmission(Admission):
             self._keep(key, flow)
         return 0
 
+    def _ask(self, key, flow: Pending, data: bytes, now: float) -> bool:
+        """A short header no session here has the ID of: held while the other workers are
+        asked whether their session it is; False (the datagram dropped, nothing held, the
+        next packet asks again) past the SEEKS budget or when none could be asked."""
+        if not self._may_seek(now):
+            self._rl.warning(('quic', 'seeks'), 'udp %s: more than %d new flows a second with '
+                             'short-header packets to ask the other workers about: datagram '
+                             'from %s dropped', self._name, SEEKS, flow.addr)
+            self._stats.quic_unrouted += 1
+            return False
+        self._questions += 1
+        flow.token = self._questions
+        flow.waiting = self._seek(key, flow.addr, flow.cdata, data[:cids.PROBE], flow.client,
+                                  flow.told, flow.token)
+        if not flow.waiting:
+            self._stats.quic_unrouted += 1
+            return False
+        self._asked[flow.token] = key
+        self._keep(key, flow)
+        return True
+
     def _keep(self, key, flow: Pending) -> None:
         self.pending[key] = flow
         self._arm()
 
-    def _release(self, key, flow: Pending, now: float, pool, kind=None, why=None) -> int:
+    def _release(self, key, flow: Pending, now: float, pool, kind=None, why=None,
+                 default: bool = True) -> int:
         """The flow leaves the pending table: to `pool`, or (`why` it was not routed by
-        name) to the default route, else dropped. Returns how many datagrams were dropped."""
+        name) to the default route (unless not `default`), else dropped. Returns how many
+        datagrams were dropped."""
         self.pending.pop(key, None)
+        if flow.token:
+            self._asked.pop(flow.token, None)
         if why is not None:
             self._stats.quic_unrouted += 1
-            pool = None if kind == 'no route' else self._router.fallback()
+            pool = None if kind == 'no route' or not default else self._router.fallback()
             self._rl.warning(('quic', kind), 'udp %s: QUIC flow from %s: %s; %s', self._name,
                              flow.addr, why, 'dropped' if pool is None else 'sent to default')
         return self._forward(key, flow, flow.held, flow.size, now, pool, quic=why is None)

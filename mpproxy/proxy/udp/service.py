@@ -264,6 +264,7 @@ class UdpService(SessionMoves):
         for i, fd in enumerate(fds):
             try:
                 sess = handoff.rebuild(metas[i], fd, self._wildcard, now)
+                ids = [bytes.fromhex(cid) for cid in metas[i].get('q', ())]
             except (IndexError, KeyError, TypeError, ValueError, OSError):
                 socket.close(fd)
                 continue
@@ -272,10 +273,6 @@ class UdpService(SessionMoves):
                 continue
             if 'p' in metas[i]:         # routed by name: this generation's pool of that name
                 sess.pool = self._routed.get(metas[i]['p'])
-                if self._cids is not None and sess.pool is not None:
-                    sess.learn = True       # (until the server's next short-header packet)
-                    for cid in metas[i].get('q', ()):
-                        self._cids.learn(sess, bytes.fromhex(cid))
             old = self._sessions.get(sess.key)
             if old is not None:
                 self._end(old)
@@ -289,6 +286,10 @@ class UdpService(SessionMoves):
                 self._per_ip.adopt(sess.client[0])
                 sess.gated = True
             sess.target = (sess.pool or self._pool).adopt(sess.target)   # counted again
+            if self._cids is not None and sess.pool is not None:    # a QUIC connection's
+                sess.learn = bool(metas[i].get('L'))  # still in its handshake
+                for cid in ids:
+                    self._cids.learn(sess, cid)
             self._table.add(sess)
             adopted += 1
         stats = self.stats

@@ -31,8 +31,10 @@ class UdpStats:
     # sessions_completed ended after udp.responses replies
     # sessions_failed    ended by an upstream error (ECONNREFUSED, unreachable)
     # sessions_closed    ended by close()
-    # sessions_handed_out  given to the next worker of this slot on reload
-    # sessions_adopted   taken over from the previous worker of this slot
+    # sessions_handed_out  given to the next worker of this slot on reload (or a QUIC session
+    #                    to the worker its moved client now reaches: moves.py)
+    # sessions_adopted   taken over from the previous worker of this slot (or from another
+    #                    worker, a QUIC session whose client moved)
     # sessions_evicted_unanswered  ended for a new client, table full: had no reply yet
     # sessions_evicted_idle        ended for a new client, table full: answered, not talking
     # denied             datagrams from clients that allow/deny refuse
@@ -155,7 +157,7 @@ class Session:
 
     __slots__ = ('key', 'addr', 'sock', 'fd', 'anc', 'target', 'pool', 'replies', 'last', 'gated',
                  'client', 'told', 'head', 'room', 'pre', 'started', 'datagrams_in', 'bytes_in',
-                 'bytes_out', 'cids', 'learn')
+                 'bytes_out', 'cids', 'learn', 'moved')
 
     def __init__(self, key, addr, sock, anc, target, now, client=None):
         self.key = key              # table key: addr, or (addr, local dst) for wildcards
@@ -182,6 +184,7 @@ class Session:
         # replies are still read for the server's IDs (until its first short-header packet)
         self.cids = None
         self.learn = False
+        self.moved = None           # (the client it left, when) after a move: moves.py
 
 
 class SessionTable:
