@@ -446,10 +446,17 @@ class Arbiter:
         self.upgrade_pid = None
         self._close_channel()                     # its inboxes are gone: our sessions stay
         upgrade.restore_pidfile(self.pidfile)     # before the log line: whoever reads it
-        log.error('binary upgrade failed: the new master (pid %d) exited with code %d; '
-                  'this master goes on serving', pid, os.waitstatus_to_exitcode(status))
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:             # QUIT or TERM to the new master: the operator backed out
+            outcome = 'binary upgrade backed out'
+            log.log(logmod.NOTICE, '%s: the new master (pid %d) exited; this master goes on '
+                    'serving', outcome, pid)
+        else:
+            outcome = 'binary upgrade failed'
+            log.error('%s: the new master (pid %d) exited with code %d; this master goes on '
+                      'serving', outcome, pid, code)
         if not self.table.stopping:   # take the service back, should the new one have had it
-            notify.send(READY=1, STATUS='binary upgrade failed; serving from this master',
+            notify.send(READY=1, STATUS=f'{outcome}; serving from this master',
                         MAINPID=os.getpid())
 
     # -- systemd (sd_notify) ----------------------------------------------------------------

@@ -16,7 +16,8 @@ What the arbiter sends, and when:
       the new master, serving   READY=1  STATUS=...  MAINPID=<its pid>   (systemd follows it)
       the old master            nothing more while the new master lives (no STOPPING=1 on
                                 QUIT: the service goes on in the new master)
-      new master exits          READY=1  STATUS=binary upgrade failed, ...  MAINPID=<own pid>
+      new master exits          READY=1  STATUS=binary upgrade failed (backed out: exit 0),
+                                ...  MAINPID=<own pid>
                                 (failed, or QUIT to back out: it sends no STOPPING=1 while
                                 the old master, its parent, lives)
 """

@@ -241,7 +241,10 @@ def test_backing_out_of_usr2_gives_the_service_back(proxies, tmp_path, tcp_echo,
     back = notify_socket.next()                  # and the new master said no STOPPING=1
     assert back.pid == proxy.pid and back.fields['MAINPID'] == str(proxy.pid), back
     assert back.keys == ['READY', 'STATUS', 'MAINPID']
+    assert back.fields['STATUS'] == 'binary upgrade backed out; serving from this master'
     wait_for(lambda: read_pid(pid_file) == proxy.pid, 5, what='the pid file back')
+    assert 'binary upgrade backed out: the new master' in proxy.log()
+    assert '[error]' not in proxy.log()                  # an operator's choice, not an error
     assert not os.path.exists(f'{pid_file}.oldbin')
     assert echo_roundtrip(port, b'old master') == b'old master'
 

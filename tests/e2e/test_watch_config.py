@@ -164,7 +164,7 @@ def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
         assert f'{old}#master: config file changed' not in proxy.log()
 
         os.kill(new, signal.SIGQUIT)                  # back out: the old master goes on ...
-        proxy.wait_log('binary upgrade failed', timeout=10)
+        proxy.wait_log('binary upgrade backed out: the new master', timeout=10)
         log = proxy.wait_log(f'{old}#master: generation 2 active', timeout=RELOAD)
         assert f'{old}#master: config file changed, reloading' in log   # ... with the new file
         assert only_from(port, b'B')

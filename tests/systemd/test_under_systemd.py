@@ -199,10 +199,10 @@ def test_backing_out_of_an_upgrade_gives_the_service_back_to_the_old_master(serv
         now = state(service)
         assert (now['ActiveState'], now['MainPID']) == ('active', str(old)), now
         time.sleep(0.2)
-    assert now['StatusText'] == 'binary upgrade failed; serving from this master'
+    assert now['StatusText'] == 'binary upgrade backed out; serving from this master'
     assert int(service.read(PID_FILE)) == old
     assert service.roundtrip(PORT, 'backed out') == 'a:backed out'
-    assert service.wait_journal(f'binary upgrade failed: the new master (pid {new}) exited',
+    assert service.wait_journal(f'binary upgrade backed out: the new master (pid {new}) exited',
                                 cursor)
     assert service.systemctl('stop', UNIT).returncode == 0
     assert state(service)['Result'] == 'success'
