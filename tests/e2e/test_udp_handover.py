@@ -158,3 +158,15 @@ def test_a_new_worker_that_dies_before_quit_is_replaced_by_one_that_waits_too(pr
         replies_after(scene.fleet, 30, 'from the new master')
         scene.fleet.finish()
         assert_kept(scene.fleet)
+
+
+def test_an_old_master_that_dies_without_quit_leaves_no_client_unserved(proxies, tmp_path):
+    """USR2 from 3 workers to 2, then the old master is killed (no QUIT, so it never steered
+    the flows to 2): the new master steers them itself, and every client is served again
+    (by new sessions: nothing was handed over)."""
+    with upgrade_scene(proxies, tmp_path, 3) as scene:
+        scene.proxy.write_config(scene.config(2))
+        scene.new = scene.proxy.upgrade(scene.pid_file, workers=2)
+        scene.proxy.proc.kill()
+        scene.proxy.proc.wait(5)
+        replies_after(scene.fleet, 30, 'from the new master alone')
