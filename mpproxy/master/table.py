@@ -399,6 +399,7 @@ class WorkerTable:
         if generation.state == DRAINING:
             return
         generation.state = DRAINING
+        generation.drop_kept_inboxes()        # the old master's sessions can no longer come
         generation.deadline = time.monotonic() + generation.config.shutdown_timeout + CLOSE_SLACK
         if not quiet:
             log.info('generation %d draining (%d worker(s))', generation.number,

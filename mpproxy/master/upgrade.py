@@ -77,6 +77,8 @@ class SessionChannel:
     def offer(self, inboxes: list) -> bool:
         """The new master: send the inboxes of its serving workers (slot order)."""
         if not inboxes or any(inbox is None for inbox in inboxes):
+            log.warning('binary upgrade: a worker of this master has no inbox for the UDP '
+                        'sessions; they will not be handed over')
             return False
         try:
             socket.send_fds(self.sock, [json.dumps({'slots': len(inboxes)}).encode()],

@@ -144,7 +144,10 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     made += (master_end, worker_end)
     peer = successor = None
-    kept = generation.kept_inboxes.get(slot) if take_over else None
+    # an inbox already offered to the old master is waited on again; before the offer (the
+    # generation still starting) a fresh one is made, whose sending end is offered instead
+    kept = generation.kept_inboxes.get(slot) \
+        if take_over and generation.state != STARTING else None
     try:
         if take_over and kept is None:
             peer, successor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -192,6 +195,9 @@ def spawn(generation: Generation, slot: int, take_over: bool = False) -> WorkerH
     handle.metrics = area
     if successor is not None:
         if generation.inherits:       # kept: a replacement of this worker waits on it too
+            old = generation.kept_inboxes.pop(slot, None)
+            if old is not None:
+                old.close()
             generation.kept_inboxes[slot] = successor
         else:
             successor.close()

@@ -15,10 +15,10 @@ The master makes the channel when the generation's config routes QUIC by name an
 more than one worker: a SOCK_DGRAM socketpair per slot, whose receiving end only that
 slot's worker keeps and whose sending ends every worker of the generation keeps (a
 worker that replaces a dead one gets the same ends). Only processes holding those fds
-can write to it. Every send is non-blocking: a question that cannot be sent to every
-other worker is not asked (its datagram is dropped, and the client's next packet asks
-again); an answer or a session that cannot be sent back leaves the flow waiting until
-its deadline (dropped then; the next packet asks again), and the session where it was.
+can write to it. Every send is non-blocking: a worker whose inbox is full (dead, in its
+respawn back-off, stalled) is not asked, nor waited for; an answer or a session that
+cannot be sent back leaves the flow waiting until its deadline (then unrouted), and the
+session where it was.
 
     message = JSON {"w": listener, "q": n, "from": slot, "at": {a, d, n, c, t}} "\\n" probe
             | JSON {"x": listener, "q": n, "k": kept}                        (no session)
@@ -64,7 +64,8 @@ class Peers:
     def seek(self, listener: tuple, where: dict, probe: bytes, question: int) -> int:
         """Ask every other worker for the session of `listener` whose connection ID the
         short-header packet starting with `probe` carries; `where` the client is now.
-        Returns how many were asked: 0 when one of them could not be."""
+        Returns how many were asked: a worker whose inbox is full (dead, in its respawn
+        back-off, or stalled) is not waited for."""
         head = json.dumps({'w': list(listener), 'q': question, 'from': self._slot,
                            'at': where}).encode()
         message = head + b'\n' + bytes(probe[:cids.PROBE])
@@ -76,7 +77,7 @@ class Peers:
                 except OSError as exc:
                     self._rl.warning(('seek', slot), 'cannot ask worker %d for a moved QUIC '
                                      'connection: %s', slot, exc.strerror or exc)
-                    return 0
+                    continue
                 asked += 1
         return asked
 

@@ -259,8 +259,9 @@ def test_a_moved_flow_steered_to_another_worker_is_handed_to_it(env):
 
 # -- behind a proxy: proxy_protocol accept and send: v2 with sni_routes ----------------------
 
-def proxied(env, up, peers=None, key_port=None):
-    """A routed service that reads v2 PROXY headers from 127.0.0.1 and sends its own."""
+def proxied(env, up, peers=None, key_port=None, allow=()):
+    """A routed service that reads v2 PROXY headers from 127.0.0.1 and sends its own (and
+    lets only clients in `allow` in, if any)."""
     other = EchoUpstream(env, copies=0)          # the listener's own upstream: never reached
     pools = {name: UpstreamPool(Upstream(name=name, servers=(Server(address=Address(*u.addr)),)))
              for name, u in (('A', up), ('other', other))}
@@ -269,7 +270,7 @@ def proxied(env, up, peers=None, key_port=None):
     listener = Listener(name='quic', listen=Address('127.0.0.1', key_port or port),
                         protocol='udp', upstream='other', idle_timeout=5, udp=UdpOptions(),
                         proxy_protocol=ProxyProtocol(accept=True, trusted=('127.0.0.1/32',),
-                                                     send='v2'))
+                                                     send='v2'), allow=tuple(allow))
     svc = UdpService(env.loop, listener, lsock, pools['other'], env.log,
                      router=SniRouter([('a.example', pools['A'])]), peers=peers)
     svc.other = other
@@ -383,13 +384,18 @@ def test_a_late_packet_from_the_address_left_does_not_pull_the_session_back(env)
     moved = env.udp(V4, ('127.0.0.1', 0))
     moved.sendto(short_header(sid, b'moved'), addr2)
     assert env.recv(moved)[0] == short_header(sid, b'moved')
-    c.sendto(short_header(sid, b'late'), addr1)         # reordered, from the old address
-    env.run_until(lambda: first._admission.pending == {}, what='the answer "kept"')
-    env.nothing(c, 0.1)
+    for i in range(moves.BACK_LATE):                    # reordered, from the old address:
+        c.sendto(short_header(sid, b'late %d' % i), addr1)      # the answer is "kept"
+        env.run_until(lambda: first.stats.quic_unrouted == i + 1, what='the answer "kept"')
+        assert first._admission.pending == {}
+    env.nothing(c, 0.05)
     assert (len(first._sessions), len(second._sessions), second.stats.sessions_handed_out) == \
         (0, 1, 0)
     moved.sendto(short_header(sid, b'still here'), addr2)
     assert env.recv(moved)[0] == short_header(sid, b'still here')
+    c.sendto(short_header(sid, b'back for real'), addr1)    # it goes on from there: followed
+    assert env.recv(c)[0] == short_header(sid, b'back for real')
+    assert (len(first._sessions), second.stats.sessions_handed_out) == (1, 1)
 
 
 def test_a_session_sent_to_default_learns_no_ids_after_a_hand_over(env):
@@ -411,3 +417,66 @@ def test_a_session_sent_to_default_learns_no_ids_after_a_hand_over(env):
     c.sendto(looks_long, addr2)
     assert env.recv(c)[0] == looks_long
     assert len(new._cids) == 0
+
+
+def test_behind_a_proxy_allow_is_for_the_real_client_not_the_proxy(env):
+    up = ProxiedQuicUpstream(env)
+    svc, addr = proxied(env, up, allow=['198.51.100.0/24'])
+    lb = env.udp(V4, ('127.0.0.1', 0))                  # the proxy, not in `allow`
+    initials = aioquic_initials('a.example', ['h3'])
+    for client in (('203.0.113.9', 1000), ('198.51.100.7', 4433)):
+        head = proxy_header.v2(client, ('203.0.113.1', 443), 'udp')
+        for d in initials:
+            lb.sendto(head + d, addr)
+    env.recv(lb)                                         # the allowed one's answer
+    assert up.clients == [('198.51.100.7', 4433)] * len(initials)
+    assert (svc.stats.denied, svc.stats.sessions_created) == (1, 1)
+
+
+def test_a_new_client_in_the_same_senders_header_is_the_sessions_client_from_then_on(env):
+    """The proxy in front followed its client to a new address (on the same flow to us):
+    the session takes the client its header names now, for its own v2 header too."""
+    up = ProxiedQuicUpstream(env)
+    svc, addr = proxied(env, up)
+    lb = env.udp(V4, ('127.0.0.1', 0))
+    head = proxy_header.v2(('198.51.100.7', 4433), ('203.0.113.1', 443), 'udp')
+    for d in aioquic_initials('a.example', ['h3']):
+        lb.sendto(head + d, addr)
+    answer = env.recv(lb)[0]
+    sid = server_cid(answer, len(answer))
+    moved = proxy_header.v2(('198.51.100.7', 5000), ('203.0.113.1', 443), 'udp')
+    lb.sendto(moved + short_header(sid, b'same sender, new client'), addr)
+    assert env.recv(lb)[0] == short_header(sid, b'same sender, new client')
+    assert up.clients[-1] == ('198.51.100.7', 5000)
+    sess = next(iter(svc._sessions.values()))
+    assert sess.client == ('198.51.100.7', 5000) and svc.stats.sessions_created == 1
+
+
+def test_a_worker_that_cannot_be_asked_is_not_waited_for(env):
+    """The other worker's inbox is full (dead, in its respawn back-off): it is not asked,
+    and text to default goes at once (the clock is frozen: no deadline comes)."""
+    up, fallback, clock = QuicishUpstream(env), EchoUpstream(env), Clock()
+    (first, addr1), _, peers = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback))
+    peers[1].close()                                    # it reads no more; fill its inbox
+    with pytest.raises(BlockingIOError):
+        for _ in range(100000):
+            peers[0]._txs[1].send(b'{"padding": 1}' + bytes(1000))
+    c = env.udp(V4, ('127.0.0.1', 0))
+    c.sendto(b'hello, plain text', addr1)
+    assert env.recv(c)[0] == b'hello, plain text'
+    assert first.stats.quic_unrouted == 1 and first._admission.pending == {}
+
+
+def test_a_question_left_unanswered_ends_as_an_unrouted_flow_at_the_deadline(env):
+    up, fallback, clock = QuicishUpstream(env), EchoUpstream(env), Clock()
+    (first, addr1), _, peers = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback))
+    peers[1].close()                                    # asked, never answers
+    c = env.udp(V4, ('127.0.0.1', 0))
+    c.sendto(b'hello, plain text', addr1)
+    env.run_until(lambda: len(first._admission.pending) == 1, what='held, asked')
+    env.nothing(c, 0.1)
+    clock.advance(quicroute.HOLD)
+    assert env.recv(c)[0] == b'hello, plain text'       # to default at the deadline
+    assert first._admission._asked == {}

@@ -254,6 +254,7 @@ class Admission:
                             continue
                         if sess is not None:
                             sess.pre = bytes(view[:start])
+                            self._reheaded(sess, header)
                 if sess is None:
                     if trusted is None or header.local:   # LOCAL: the sender is the client
                         client, told = addr, None
@@ -376,6 +377,25 @@ class Admission:
         return True
 
     # -- the PROXY protocol ----------------------------------------------------------
+
+    def _reheaded(self, sess, header) -> None:
+        """A session's sender changed its PROXY header. A QUIC session (one with connection
+        IDs: quicroute.py) takes the client it names now (the proxy in front followed its
+        client to a new address): its per-IP count, its own send: v2 header, the access log.
+        Any other session keeps the client its first header named."""
+        if not sess.cids:
+            return
+        client, told = (sess.addr, None) if header.local else (header.source, header.destination)
+        if client == sess.client and told == sess.told:
+            return
+        if sess.gated and client[0] != sess.client[0]:
+            self._per_ip.release(sess.client[0])
+            self._per_ip.adopt(client[0])
+        sess.client, sess.told = client, told
+        if self._send_v2:
+            head = self._header_for(client, told, sess.key)
+            if head is not None:        # (else it keeps the old one: logged)
+                self._prefix(sess, head)
 
     def _read_header(self, view, size: int, addr) -> tuple[int, proxy_header.ProxyHeader | None]:
         """(length, header) of the v2 PROXY header a datagram starts with; (0, None) when it

@@ -13,18 +13,23 @@ counters, the CidIndex `_cids` and the peers `_peers`) as the service's other me
 
 from __future__ import annotations
 
-import socket
-
 from mpproxy.proxy.udp import cids, handoff, pktinfo
 
-BACK_AFTER = 1.0          # seconds before a session follows its client back to the address it
-                          # left: a packet from there sooner is a late one, reordered (dropped)
+BACK_AFTER = 1.0          # seconds in which the first BACK_LATE packets from the address a
+BACK_LATE = 3             # session just left are taken for late ones, reordered, and dropped
+                          # (not followed back); a client that goes on sending from there is
+                          # followed back (an attacker's one packet does not lock it out)
 
 
 def may_move(sess, client, now: float) -> bool:
-    """Whether `sess` may follow its client to `client` now (see BACK_AFTER)."""
+    """Whether `sess` may follow its client to `client` now (see BACK_AFTER); counts the
+    packets it does not follow."""
     moved = sess.moved
-    return moved is None or moved[0] != client or now - moved[1] >= BACK_AFTER
+    if moved is None or moved[0] != client or now - moved[1] >= BACK_AFTER \
+            or moved[2] >= BACK_LATE:
+        return True
+    moved[2] += 1
+    return False
 
 
 class SessionMoves:
@@ -48,7 +53,7 @@ class SessionMoves:
         client = client or addr
         self._table.rekey(sess, key)
         sess.addr, sess.client, sess.told = addr, client, told
-        sess.moved = (old, now)
+        sess.moved = [old, now, 0]
         sess.anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
         sess.last = now
         if sess.gated and old[0] != client[0]:      # counted under its new IP from now on
@@ -117,11 +122,6 @@ class SessionMoves:
     def take(self, meta: dict, fd: int) -> None:
         """A session another worker gave us (`give`): its client now reaches this worker;
         what we held of that flow meanwhile goes on to it."""
-        if self._closed or not self._reading:       # (asked before a drain or a hand-over)
-            socket.close(fd)
-            self._rl.warning(('moved', 'late'), 'udp %s: a QUIC connection moved to this '
-                             'worker after it stopped reading its listener: closed', self._name)
-            return
         if self.adopt_sessions([meta], [fd]) != 1:
             self._rl.warning(('moved', 'bad'), 'udp %s: a QUIC connection moved to this worker '
                              'could not be taken over: closed', self._name)
@@ -129,8 +129,12 @@ class SessionMoves:
         addr = tuple(meta['a'])
         dst = bytes.fromhex(meta['d']) if meta['d'] else None
         sess = self._sessions.get((addr, dst) if self._wildcard else addr)
-        if sess is not None:
+        if sess is not None and self._closed:       # (asked before this worker stopped)
+            self._end(sess)
+            self.stats.sessions_closed += 1
+            return
+        if sess is not None:            # (paused, draining, handed over: kept as any session)
             self.stats.quic_moved += 1
             if meta.get('m'):
-                sess.moved = (tuple(meta['m']), self._time())
+                sess.moved = [tuple(meta['m']), self._time(), 0]
             self._admission.settle(sess)

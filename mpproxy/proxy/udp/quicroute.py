@@ -18,7 +18,8 @@ a full table) and the held datagrams are sent upstream in the order they came.
 
 A new flow whose datagram carries the connection ID of a session (`cids.CidIndex`) is
 not new: its client moved (NAT rebinding), and the session follows it (`move`; not back
-to the address it left less than moves.BACK_AFTER ago: such a packet is dropped). When
+to the address it left less than moves.BACK_AFTER ago for its first BACK_LATE packets:
+those are dropped). When
 that session is another worker's (the kernel steers flows by source address), a
 short-header packet finds nothing here: the flow is held as above, without a reader,
 while the other workers are asked for it (`seek`, worker/peers.py; SEEKS a second). The
@@ -111,9 +112,9 @@ class RoutedAdmission(Admission):
             key, flow = next(iter(pending.items()))
             if flow.deadline > now:
                 break
-            if flow.reader is None:         # asked of the other workers, not all answered:
-                dropped += self._release(key, flow, now, None, 'timeout', 'the other workers '
-                                         'did not all answer within %gs' % HOLD, default=False)
+            if flow.reader is None:         # asked of the other workers, not all answered
+                dropped += self._release(key, flow, now, None, 'timeout', 'no other worker '
+                                         'said it has its session within %gs' % HOLD)
             else:
                 dropped += self._release(key, flow, now, None, 'timeout',
                                          f'no whole ClientHello within {HOLD:g}s')
@@ -218,8 +219,8 @@ class RoutedAdmission(Admission):
         pending = self.pending
         flow = pending.get(key)
         if flow is None:
-            if self._acl is not None and not self._acl.permits(addr[0]):
-                self._deny(addr)
+            if proxied is None and self._acl is not None and not self._acl.permits(addr[0]):
+                self._deny(addr)        # (behind a proxy _first_proxied checked the client)
                 return 0
             if not self._quic:
                 self._stats.quic_unrouted += 1
@@ -237,6 +238,9 @@ class RoutedAdmission(Admission):
                 return 1
         flow.held.append(data)
         flow.size += len(data)
+        if flow.reader is None and not flow.waiting:    # no other worker could be asked
+            return self._release(key, flow, now, None, 'unknown', 'a short-header packet '
+                                 'whose connection ID no worker has (or could be asked)')
         if flow.reader is None:             # a moved client's, its session asked for
             if len(flow.held) >= MAX_HELD or flow.size >= MAX_HELD_BYTES:
                 return self._release(key, flow, now, None, 'bound',
@@ -267,8 +271,9 @@ class RoutedAdmission(Admission):
 
     def _ask(self, key, flow: Pending, data: bytes, now: float) -> bool:
         """A short header no session here has the ID of: held while the other workers are
-        asked whether their session it is; False (the datagram dropped, nothing held, the
-        next packet asks again) past the SEEKS budget or when none could be asked."""
+        asked whether their session it is (those that could be: `flow.waiting` answers are
+        due); False (the datagram dropped, nothing held, the next packet asks again) past
+        the SEEKS budget."""
         if not self._may_seek(now):
             self._rl.warning(('quic', 'seeks'), 'udp %s: more than %d new flows a second with '
                              'short-header packets to ask the other workers about: datagram '
@@ -279,11 +284,9 @@ class RoutedAdmission(Admission):
         flow.token = self._questions
         flow.waiting = self._seek(key, flow.addr, flow.cdata, data[:cids.PROBE], flow.client,
                                   flow.told, flow.token)
-        if not flow.waiting:
-            self._stats.quic_unrouted += 1
-            return False
-        self._asked[flow.token] = key
-        self._keep(key, flow)
+        if flow.waiting:
+            self._asked[flow.token] = key
+        self._keep(key, flow)       # (nobody could be asked: answered below, as if by all)
         return True
 
     def _keep(self, key, flow: Pending) -> None:

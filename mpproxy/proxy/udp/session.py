@@ -184,7 +184,7 @@ class Session:
         # replies are still read for the server's IDs (until its first short-header packet)
         self.cids = None
         self.learn = False
-        self.moved = None           # (the client it left, when) after a move: moves.py
+        self.moved = None           # [the client it left, when, late packets dropped]: moves.py
 
 
 class SessionTable:
