@@ -99,16 +99,21 @@ def replies_after(fleet: UdpFleet, n: int, what: str) -> None:
              what=f'{n} replies each {what}')
 
 
+def quit_old_master(scene) -> None:
+    """QUIT to the old master; the new one serves every client, each on its old session."""
+    scene.proxy.signal(signal.SIGQUIT)
+    assert scene.proxy.wait_exit(40) == 0
+    replies_after(scene.fleet, 30, 'from the new master')
+    scene.fleet.finish()
+    assert_kept(scene.fleet)
+
+
 def test_udp_sessions_follow_a_binary_upgrade(proxies, tmp_path):
     admin = free_port()
     with upgrade_scene(proxies, tmp_path, 2, admin) as scene:
         scene.new = scene.proxy.upgrade(scene.pid_file)
         replies_after(scene.fleet, 20, 'after USR2')   # the old master serves UDP alone
-        scene.proxy.signal(signal.SIGQUIT)
-        assert scene.proxy.wait_exit(40) == 0
-        replies_after(scene.fleet, 30, 'from the new master')
-        scene.fleet.finish()
-        assert_kept(scene.fleet)
+        quit_old_master(scene)
         wait_for(lambda: metric_total(admin, 'mpproxy_udp_sessions_adopted_total') >= CLIENTS, 5,
                  what='the adopted sessions in /metrics of the new master')
         handed = re.findall(r'handed (\d+) UDP session', scene.proxy.log())
@@ -121,11 +126,7 @@ def test_udp_sessions_follow_an_upgrade_that_changes_the_worker_count(proxies, t
     with upgrade_scene(proxies, tmp_path, before) as scene:
         scene.proxy.write_config(scene.config(after))
         scene.new = scene.proxy.upgrade(scene.pid_file)
-        scene.proxy.signal(signal.SIGQUIT)
-        assert scene.proxy.wait_exit(40) == 0
-        replies_after(scene.fleet, 30, 'from the new master')
-        scene.fleet.finish()
-        assert_kept(scene.fleet)
+        quit_old_master(scene)
 
 
 def test_a_backed_out_upgrade_keeps_every_session_on_the_old_master(proxies, tmp_path):
@@ -153,17 +154,13 @@ def test_a_new_worker_that_dies_before_quit_is_replaced_by_one_that_waits_too(pr
                                what='the replacement worker')
         scene.proxy.known_pids.update(replacement)
         replies_after(scene.fleet, 30, 'after the replacement')   # still the old master alone
-        scene.proxy.signal(signal.SIGQUIT)
-        assert scene.proxy.wait_exit(40) == 0
-        replies_after(scene.fleet, 30, 'from the new master')
-        scene.fleet.finish()
-        assert_kept(scene.fleet)
+        quit_old_master(scene)
 
 
 def test_an_old_master_that_dies_without_quit_leaves_no_client_unserved(proxies, tmp_path):
     """USR2 from 3 workers to 2, then the old master is killed (no QUIT, so it never steered
-    the flows to 2): the new master steers them itself, and every client is served again
-    (by new sessions: nothing was handed over)."""
+    the flows to 2): every client is served again, by the new master's workers alone (on
+    new sessions: nothing was handed over)."""
     with upgrade_scene(proxies, tmp_path, 3) as scene:
         scene.proxy.write_config(scene.config(2))
         scene.new = scene.proxy.upgrade(scene.pid_file, workers=2)
