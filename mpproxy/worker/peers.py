@@ -15,14 +15,15 @@ The master makes the channel when the generation's config routes QUIC by name an
 more than one worker: a SOCK_DGRAM socketpair per slot, whose receiving end only that
 slot's worker keeps and whose sending ends every worker of the generation keeps (a
 worker that replaces a dead one gets the same ends). Only processes holding those fds
-can write to it. Every send is non-blocking: a worker whose inbox is full (dead, in its
-respawn back-off, stalled) is not asked, nor waited for; an answer or a session that
-cannot be sent back leaves the flow waiting until its deadline (then unrouted), and the
-session where it was.
+can write to it. Every send is non-blocking: a question that cannot be sent is not asked
+(the datagram is dropped; the next packet asks again); a worker that left a question
+unanswered for SILENT is not asked until it answers again; an answer or a session that
+cannot be sent back leaves the flow waiting until its deadline (then dropped: the next
+packet asks again), and the session where it was.
 
     message = JSON {"w": listener, "q": n, "from": slot, "at": {a, d, n, c, t}} "\\n" probe
-            | JSON {"x": listener, "q": n, "k": kept}                        (no session)
-            | JSON {"g": listener, "s": meta} + the session's fd            (the session)
+            | JSON {"x": listener, "q": n, "k": kept, "from": slot}         (no session)
+            | JSON {"g": listener, "s": meta, "from": slot} + the session's fd  (the session)
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from mpproxy.proxy.udp import cids
 
 MAX_MESSAGE = 8192        # a seek (probe and address) or a give (one session's description)
 READS = 64                # messages read per callback
+SILENT = 1.0              # seconds a worker may leave a question unanswered (or not take one)
+                          # before it is no longer asked, until it answers again
 
 
 class Peers:
@@ -49,6 +52,7 @@ class Peers:
         self._txs = txs
         self._services = services       # listener key -> its service (the worker's by_listener)
         self._rl = RateLimitedLog(log)
+        self._due: dict[int, float] = {}    # slot -> since when a question to it is unanswered
         for sock in (rx, *txs):
             sock.setblocking(False)
 
@@ -61,30 +65,40 @@ class Peers:
         except Exception:
             pass
 
-    def seek(self, listener: tuple, where: dict, probe: bytes, question: int) -> int:
+    def seek(self, listener: tuple, where: dict, probe: bytes, question: int) -> int | None:
         """Ask every other worker for the session of `listener` whose connection ID the
         short-header packet starting with `probe` carries; `where` the client is now.
-        Returns how many were asked: a worker whose inbox is full (dead, in its respawn
-        back-off, or stalled) is not waited for."""
+        Returns how many were asked; None when one could not be (its inbox is full: ask
+        again with the next packet). A worker silent for SILENT (dead, in its respawn back-off,
+        stalled) is not asked nor waited for, until it answers again (a worker that
+        replaces a dead one answers what waited in the slot's inbox)."""
         head = json.dumps({'w': list(listener), 'q': question, 'from': self._slot,
                            'at': where}).encode()
         message = head + b'\n' + bytes(probe[:cids.PROBE])
+        now = self._loop.time()
+        due = self._due
         asked = 0
         for slot, tx in enumerate(self._txs):
-            if slot != self._slot:
-                try:
-                    tx.send(message)
-                except OSError as exc:
-                    self._rl.warning(('seek', slot), 'cannot ask worker %d for a moved QUIC '
-                                     'connection: %s', slot, exc.strerror or exc)
-                    continue
-                asked += 1
+            if slot == self._slot:
+                continue
+            since = due.get(slot)
+            if since is not None and now - since > SILENT:
+                continue
+            if since is None:
+                due[slot] = now
+            try:
+                tx.send(message)
+            except OSError as exc:
+                self._rl.warning(('seek', slot), 'cannot ask worker %d for a moved QUIC '
+                                 'connection: %s', slot, exc.strerror or exc)
+                return None
+            asked += 1
         return asked
 
     def _give_to(self, slot: int, listener: list, meta: dict, fd: int) -> bool:
         try:
-            socket.send_fds(self._txs[slot], [json.dumps({'g': listener, 's': meta}).encode()],
-                            [fd])
+            socket.send_fds(self._txs[slot], [json.dumps({'g': listener, 's': meta,
+                                                          'from': self._slot}).encode()], [fd])
             return True
         except OSError as exc:
             self._rl.warning(('give', slot), 'cannot hand a moved QUIC connection to worker '
@@ -124,15 +138,18 @@ class Peers:
             if given != 'given':
                 try:
                     self._txs[slot].send(json.dumps({'x': message['w'], 'q': message['q'],
-                                                     'k': given == 'kept'}).encode())
+                                                     'k': given == 'kept',
+                                                     'from': self._slot}).encode())
                 except OSError as exc:
                     self._rl.warning(('answer', slot), 'cannot answer worker %d about a moved '
                                      'QUIC connection: %s', slot, exc.strerror or exc)
         elif 'x' in message:
+            self._due.pop(message.get('from'), None)          # it answers
             service = self._services.get(tuple(message['x']))
             if service is not None:
                 service.answered(int(message['q']), bool(message['k']))
         elif 'g' in message and fds:
+            self._due.pop(message.get('from'), None)
             service = self._services.get(tuple(message['g']))
             if service is not None:
                 fd, fds[0] = fds[0], -1     # the service owns it now (closes it if unwanted)

@@ -5,12 +5,16 @@ replaces a dead one then waits for the same sessions)."""
 
 from __future__ import annotations
 
+import selectors
+import socket
 from types import SimpleNamespace
 
 import pytest
 
 from mpproxy.config import load
 from mpproxy.master import workers
+from mpproxy.master.table import WorkerTable
+from mpproxy.master.upgrade import SessionChannel
 from mpproxy.master.workers import ACTIVE, Generation, spawn
 
 
@@ -58,3 +62,23 @@ def test_a_worker_replaced_while_starting_gets_a_fresh_inbox_and_after_the_offer
     assert third.handoff_peer is None                    # no new pair: the same inbox
     assert scene.specs[-1]['handoff'] is offered and offered.fileno() != -1
     assert scene.specs[-1]['handoff_wait'] is None       # until EOF, however long
+
+
+def test_a_draining_inheriting_generation_lets_go_of_its_kept_inboxes(scene):
+    """Reloaded before the old master's QUIT: its hand-over must fail where the old master
+    sees it, not queue into an inbox nobody reads any more."""
+    first = scene.spawned()
+    kept = scene.kept[0]
+    with selectors.DefaultSelector() as selector:
+        table = WorkerTable(selector, retire=lambda worker: None)
+        scene.generation.state = ACTIVE
+        table._drain(scene.generation, quiet=True)
+    assert scene.kept == {} and kept.fileno() == -1
+    workers.close_handoff(first)
+
+
+def test_offering_an_inbox_that_is_missing_says_so(log_records):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        assert SessionChannel(ours).offer([None]) is False
+    assert any('has no inbox for the UDP sessions' in r.getMessage() for r in log_records)

@@ -23,6 +23,7 @@ from mpproxy.proxy.udp import cids, moves, quicroute
 from mpproxy.proxy.udp.cids import CidIndex, server_cid
 from mpproxy.proxy.udp.service import UdpService
 from mpproxy.upstream.pool import UpstreamPool
+from mpproxy.worker import peers as peers_module
 from mpproxy.worker.peers import Peers
 
 
@@ -218,21 +219,22 @@ def test_ids_travel_with_a_session_handed_over(env):
     assert (new.stats.quic_moved, new.stats.sessions_created, len(up.ids)) == (1, 0, 1)
 
 
-def joined(env, make):
-    """Two services made by `make(peers, key_port)`, joined by the peers channel as two
-    workers of a generation are; (first, second, their Peers). They stop at the test's end."""
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+def joined(env, make, n=2):
+    """`n` services made by `make(peers, key_port)`, joined by the peers channel as the
+    workers of a generation are; (each service, then their Peers). They stop at the end."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(n)]
     env.socks += [s for pair in pairs for s in pair]
-    by_listener = [{}, {}]
+    by_listener = [{} for _ in range(n)]
     peers = [Peers(env.loop, slot, pairs[slot][0], [tx for _, tx in pairs], by_listener[slot],
-                   env.log) for slot in range(2)]
-    first, second = make(peers[0], 1), make(peers[1], 1)
-    assert first[0].key == second[0].key
-    by_listener[0][first[0].key], by_listener[1][second[0].key] = first[0], second[0]
+                   env.log) for slot in range(n)]
+    made = [make(peers[slot], 1) for slot in range(n)]
+    assert len({svc.key for svc, _ in made}) == 1
+    for slot, (svc, _) in enumerate(made):
+        by_listener[slot][svc.key] = svc
     for p in peers:
         p.start()
         env.readers.append(p._rx.fileno())
-    return first, second, peers
+    return (*made, peers)
 
 
 def test_a_moved_flow_steered_to_another_worker_is_handed_to_it(env):
@@ -447,31 +449,88 @@ def test_a_new_client_in_the_same_senders_header_is_the_sessions_client_from_the
     assert sess.client == ('198.51.100.7', 5000) and svc.stats.sessions_created == 1
 
 
-def test_a_worker_that_cannot_be_asked_is_not_waited_for(env):
-    """The other worker's inbox is full (dead, in its respawn back-off): it is not asked,
-    and text to default goes at once (the clock is frozen: no deadline comes)."""
+def test_a_silent_worker_is_asked_until_it_has_been_silent_a_while_then_not_waited_for(
+        env, monkeypatch):
+    """Three workers; the third reads nothing (dead, in its respawn back-off). A question it
+    leaves unanswered holds the flow until the deadline (dropped then: the session may be
+    its); once it has been silent for SILENT it is not asked, and text to default goes at
+    once while the second still answers."""
+    monkeypatch.setattr(peers_module, 'SILENT', 0.2)
     up, fallback, clock = QuicishUpstream(env), EchoUpstream(env), Clock()
-    (first, addr1), _, peers = joined(
-        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback))
-    peers[1].close()                                    # it reads no more; fill its inbox
-    with pytest.raises(BlockingIOError):
-        for _ in range(100000):
-            peers[0]._txs[1].send(b'{"padding": 1}' + bytes(1000))
-    c = env.udp(V4, ('127.0.0.1', 0))
-    c.sendto(b'hello, plain text', addr1)
-    assert env.recv(c)[0] == b'hello, plain text'
-    assert first.stats.quic_unrouted == 1 and first._admission.pending == {}
-
-
-def test_a_question_left_unanswered_ends_as_an_unrouted_flow_at_the_deadline(env):
-    up, fallback, clock = QuicishUpstream(env), EchoUpstream(env), Clock()
-    (first, addr1), _, peers = joined(
-        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback))
-    peers[1].close()                                    # asked, never answers
+    (first, addr1), _, third, peers = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback), n=3)
+    peers[2].close()                                    # asked, never answers
     c = env.udp(V4, ('127.0.0.1', 0))
     c.sendto(b'hello, plain text', addr1)
     env.run_until(lambda: len(first._admission.pending) == 1, what='held, asked')
     env.nothing(c, 0.1)
-    clock.advance(quicroute.HOLD)
-    assert env.recv(c)[0] == b'hello, plain text'       # to default at the deadline
+    clock.advance(quicroute.HOLD)                       # the deadline: dropped, no session
+    env.run_until(lambda: not first._admission.pending, what='the deadline')
+    assert (first.stats.sessions_created, first.stats.quic_unrouted) == (0, 1)
+    env.run_for(0.25)                                   # silent for SILENT now
+    c2 = env.udp(V4, ('127.0.0.1', 0))
+    c2.sendto(b'hello again', addr1)
+    assert env.recv(c2)[0] == b'hello again'            # the second said "not here": default
     assert first._admission._asked == {}
+
+
+def test_a_worker_whose_inbox_is_full_is_asked_again_with_the_next_packet(env):
+    up, fallback, clock = QuicishUpstream(env), EchoUpstream(env), Clock()
+    (first, addr1), (second, addr2), peers = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port, clock, fallback))
+    c, sid, _ = connect(env, first, addr1, up)
+    peers[0].close()                                    # busy: fill its inbox
+    with pytest.raises(BlockingIOError):
+        for _ in range(100000):
+            peers[1]._txs[0].send(b'{"padding": 1}' + bytes(1000))
+    moved = env.udp(V4, ('127.0.0.1', 0))
+    moved.sendto(short_header(sid, b'not asked'), addr2)
+    env.run_until(lambda: second.stats.quic_unrouted == 1, what='not asked: dropped')
+    assert not second._sessions and not second._admission.pending    # not sent to default
+    while True:                                          # it reads again (its backlog too)
+        try:
+            data, fds, _, _ = socket.recv_fds(peers[0]._rx, 70000, 1)
+        except BlockingIOError:
+            break
+    peers[0].start()
+    moved.sendto(short_header(sid, b'asked now'), addr2)
+    assert env.recv(moved)[0] == short_header(sid, b'asked now')
+    assert (first.stats.sessions_handed_out, second.stats.quic_moved) == (1, 1)
+
+
+def test_a_session_given_after_the_asker_handed_its_sessions_on_is_ended_with_its_line(env):
+    up = QuicishUpstream(env)
+    (first, addr1), (second, addr2), peers = joined(
+        env, lambda peers, key_port: routed(env, up, peers, key_port))
+    c, sid, _ = connect(env, first, addr1, up)
+    peers[0].close()                                    # the question waits in its inbox
+    moved = env.udp(V4, ('127.0.0.1', 0))
+    moved.sendto(short_header(sid, b'moved'), addr2)
+    env.run_until(lambda: len(second._admission.pending) == 1, what='asked')
+    assert second.export_sessions() == []               # a reload: it hands on what it has
+    peers[0].start()                                    # the answer comes after that
+    env.run_until(lambda: first.stats.sessions_handed_out == 1, what='given')
+    env.run_until(lambda: second.stats.sessions_closed == 1, what='taken, then ended')
+    assert not second._sessions and second.stats.sessions_active == 0
+
+
+def test_a_re_headed_client_is_checked_as_a_moved_one(env):
+    """On the same sender's flow, a header naming another client: allow/deny apply to it
+    (denied: dropped, the session keeps its client), and a late header naming the client
+    just left is not followed back."""
+    up = ProxiedQuicUpstream(env)
+    svc, addr = proxied(env, up, allow=['198.51.100.0/24'])
+    lb, sid = proxied_connect(env, addr)
+    sess = next(iter(svc._sessions.values()))
+    outsider = proxy_header.v2(('203.0.113.9', 1000), ('203.0.113.1', 443), 'udp')
+    lb.sendto(outsider + short_header(sid, b'denied'), addr)
+    env.run_until(lambda: svc.stats.denied == 1, what='denied')
+    env.nothing(lb, 0.05)
+    assert sess.client == ('198.51.100.7', 4433)
+    moved = proxy_header.v2(('198.51.100.7', 5000), ('203.0.113.1', 443), 'udp')
+    lb.sendto(moved + short_header(sid, b'moved'), addr)
+    assert env.recv(lb)[0] == short_header(sid, b'moved')
+    before = proxy_header.v2(('198.51.100.7', 4433), ('203.0.113.1', 443), 'udp')
+    lb.sendto(before + short_header(sid, b'late'), addr)     # reordered at the front
+    env.nothing(lb, 0.05)
+    assert sess.client == ('198.51.100.7', 5000) and svc.stats.quic_moved == 1

@@ -52,7 +52,7 @@ from __future__ import annotations
 import socket
 
 from mpproxy.proxy.edge import acl, proxy_header
-from mpproxy.proxy.udp import pktinfo
+from mpproxy.proxy.udp import moves, pktinfo
 from mpproxy.proxy.udp.session import UNANSWERED, SessionTable, UdpStats
 
 BATCH = 64                # datagrams read per reader callback, per socket
@@ -253,8 +253,10 @@ class Admission:
                         if header is None:
                             continue
                         if sess is not None:
+                            if not self._reheaded(sess, header, now):
+                                dropped += 1
+                                continue
                             sess.pre = bytes(view[:start])
-                            self._reheaded(sess, header)
                 if sess is None:
                     if trusted is None or header.local:   # LOCAL: the sender is the client
                         client, told = addr, None
@@ -378,24 +380,39 @@ class Admission:
 
     # -- the PROXY protocol ----------------------------------------------------------
 
-    def _reheaded(self, sess, header) -> None:
+    def _reheaded(self, sess, header, now: float) -> bool:
         """A session's sender changed its PROXY header. A QUIC session (one with connection
-        IDs: quicroute.py) takes the client it names now (the proxy in front followed its
-        client to a new address): its per-IP count, its own send: v2 header, the access log.
-        Any other session keeps the client its first header named."""
+        IDs: quicroute.py) takes the client it names now, as a moved client (the proxy in
+        front followed its client to a new address): allow/deny, the move-back guard, its
+        per-IP count, its own send: v2 header, the access log. Any other session keeps the
+        client its first header named. False: the datagram is dropped (denied, a late
+        packet, or no header can be made for the new client: then the session ends)."""
         if not sess.cids:
-            return
+            return True
         client, told = (sess.addr, None) if header.local else (header.source, header.destination)
         if client == sess.client and told == sess.told:
-            return
+            return True
+        if self._acl is not None and not self._acl.permits(client[0]):
+            self._deny(client, sess.addr)
+            return False
+        if not moves.may_move(sess, client, now):
+            return False
+        head = None
+        if self._send_v2:
+            head = self._header_for(client, told, sess.key)
+            if head is None:
+                self._end(sess, 'closed')
+                self._stats.sessions_closed += 1
+                return False
         if sess.gated and client[0] != sess.client[0]:
             self._per_ip.release(sess.client[0])
             self._per_ip.adopt(client[0])
+        sess.moved = [sess.client, now, 0]
         sess.client, sess.told = client, told
-        if self._send_v2:
-            head = self._header_for(client, told, sess.key)
-            if head is not None:        # (else it keeps the old one: logged)
-                self._prefix(sess, head)
+        if head is not None:
+            self._prefix(sess, head)
+        self._stats.quic_moved += 1
+        return True
 
     def _read_header(self, view, size: int, addr) -> tuple[int, proxy_header.ProxyHeader | None]:
         """(length, header) of the v2 PROXY header a datagram starts with; (0, None) when it

@@ -63,11 +63,11 @@ class SessionMoves:
         self._rl.info(('moved', 'here'), 'udp %s: QUIC connection of %s moved to %s', self._name,
                       old, client)
 
-    def _seek(self, key, addr, cdata, probe: bytes, client, told, question: int) -> int:
+    def _seek(self, key, addr, cdata, probe: bytes, client, told, question: int) -> int | None:
         """Ask the other workers for the session whose ID `probe` (a short header) carries:
         the client moved, and the kernel now steers its flow to this worker. (`client`,
         `told`: what its PROXY header named, with proxy_protocol.accept.) Returns how many
-        were asked (0: not all could be); each answers (`answered`) or gives the session."""
+        were asked (None: one could not be); each answers (`answered`) or gives the session."""
         anc = None if cdata is None else pktinfo.reply_ancdata(self._lsock.family, cdata)
         where = {'a': list(addr), 'd': key[1].hex() if self._wildcard and key[1] else None,
                  'n': [[lv, ty, bytes(cd).hex()] for lv, ty, cd in anc] if anc else None}
@@ -129,11 +129,11 @@ class SessionMoves:
         addr = tuple(meta['a'])
         dst = bytes.fromhex(meta['d']) if meta['d'] else None
         sess = self._sessions.get((addr, dst) if self._wildcard else addr)
-        if sess is not None and self._closed:       # (asked before this worker stopped)
-            self._end(sess)
+        if sess is not None and (self._closed or self._handed):   # (asked before this worker
+            self._end(sess)                             # stopped or handed its sessions on)
             self.stats.sessions_closed += 1
             return
-        if sess is not None:            # (paused, draining, handed over: kept as any session)
+        if sess is not None:            # (paused or draining: kept as any session)
             self.stats.quic_moved += 1
             if meta.get('m'):
                 sess.moved = [tuple(meta['m']), self._time(), 0]

@@ -112,9 +112,9 @@ class RoutedAdmission(Admission):
             key, flow = next(iter(pending.items()))
             if flow.deadline > now:
                 break
-            if flow.reader is None:         # asked of the other workers, not all answered
-                dropped += self._release(key, flow, now, None, 'timeout', 'no other worker '
-                                         'said it has its session within %gs' % HOLD)
+            if flow.reader is None:         # asked of the other workers, not all answered:
+                dropped += self._release(key, flow, now, None, 'timeout', 'the other workers '
+                                         'did not all answer within %gs' % HOLD, default=False)
             else:
                 dropped += self._release(key, flow, now, None, 'timeout',
                                          f'no whole ClientHello within {HOLD:g}s')
@@ -240,7 +240,7 @@ class RoutedAdmission(Admission):
         flow.size += len(data)
         if flow.reader is None and not flow.waiting:    # no other worker could be asked
             return self._release(key, flow, now, None, 'unknown', 'a short-header packet '
-                                 'whose connection ID no worker has (or could be asked)')
+                                 'whose connection ID no worker has (the others are silent)')
         if flow.reader is None:             # a moved client's, its session asked for
             if len(flow.held) >= MAX_HELD or flow.size >= MAX_HELD_BYTES:
                 return self._release(key, flow, now, None, 'bound',
@@ -271,9 +271,9 @@ class RoutedAdmission(Admission):
 
     def _ask(self, key, flow: Pending, data: bytes, now: float) -> bool:
         """A short header no session here has the ID of: held while the other workers are
-        asked whether their session it is (those that could be: `flow.waiting` answers are
-        due); False (the datagram dropped, nothing held, the next packet asks again) past
-        the SEEKS budget."""
+        asked whether their session it is (all but those silent for a while: `flow.waiting`
+        answers are due); False (the datagram dropped, nothing held, the next packet asks
+        again) past the SEEKS budget or when one cannot be asked now."""
         if not self._may_seek(now):
             self._rl.warning(('quic', 'seeks'), 'udp %s: more than %d new flows a second with '
                              'short-header packets to ask the other workers about: datagram '
@@ -282,11 +282,15 @@ class RoutedAdmission(Admission):
             return False
         self._questions += 1
         flow.token = self._questions
-        flow.waiting = self._seek(key, flow.addr, flow.cdata, data[:cids.PROBE], flow.client,
-                                  flow.told, flow.token)
-        if flow.waiting:
+        asked = self._seek(key, flow.addr, flow.cdata, data[:cids.PROBE], flow.client,
+                           flow.told, flow.token)
+        if asked is None:           # a worker's inbox is full: not asked now
+            self._stats.quic_unrouted += 1
+            return False
+        flow.waiting = asked
+        if asked:
             self._asked[flow.token] = key
-        self._keep(key, flow)       # (nobody could be asked: answered below, as if by all)
+        self._keep(key, flow)       # (nobody to ask: answered below, as if by all)
         return True
 
     def _keep(self, key, flow: Pending) -> None:

@@ -122,6 +122,7 @@ class UdpService(SessionMoves):
         self._wildcard = listener.listen.is_wildcard or pktinfo.is_wildcard(sock)
         self._reading = False
         self._closed = False
+        self._handed = False                    # its sessions went to the next worker(s)
         self._timer = None
         self._buf = bytearray(BUFSIZE)          # every datagram is read into this one buffer
         self._view = memoryview(self._buf)
@@ -214,6 +215,7 @@ class UdpService(SessionMoves):
         and no longer watched: the caller sends them on, then closes them.
         """
         self._stop_reading()
+        self._handed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
