@@ -28,7 +28,9 @@ An area, in int64 words: a header, then two buffers of one snapshot each::
 The writer fills the buffer that is not CURRENT under a seqlock (its SEQ is odd while
 it writes), stores the snapshot's CRC-32, makes SEQ even, then flips CURRENT. A reader
 copies the CURRENT buffer and keeps the copy only if SEQ was even and unchanged
-around the copy and the CRC matches (which also holds on CPUs that reorder stores);
+around the copy, CURRENT still names that buffer after it (else the copy may be of a
+snapshot newer than the one CURRENT names, and the next read would go backwards), and
+the CRC matches (which also holds on CPUs that reorder stores);
 otherwise it retries, and after READ_TRIES falls back to the last snapshot it read.
 The CURRENT buffer is never being written, so a worker killed in the middle of a
 publish (SIGKILL) leaves its previous snapshot readable: the master loses at most
@@ -297,7 +299,11 @@ class Area:
                 continue
             data = self.buffers[b].tobytes()
             crc = words[_CRC + b]
-            if words[_SEQ + b] == seq and zlib.crc32(data) == crc:
+            # CURRENT again: a reader that loaded it long ago may meet its buffer rewritten
+            # whole, newer than the one CURRENT names now (not yet flipped): keeping that
+            # copy, its next read would go backwards
+            if words[_SEQ + b] == seq and words[_CURRENT] == current \
+                    and zlib.crc32(data) == crc:
                 self.last = array('q', data)
                 break
         return self.last

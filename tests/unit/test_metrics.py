@@ -142,6 +142,38 @@ def test_a_torn_copy_is_never_returned(tmp_path):
     assert list(area.read()) == [5] * layout.size  # the CRC catches it: the last good one
 
 
+def test_a_reader_that_loaded_current_long_ago_never_goes_backwards(tmp_path):
+    """The interleaving behind a rare failure of the racing test below: the reader loads
+    CURRENT, stalls; meanwhile the writer publishes a snapshot in the other buffer and
+    writes a newer one into the reader's buffer, its CURRENT flip not yet done. A copy of
+    that newer one must not be kept: CURRENT still names the older, which the next read
+    would return."""
+    layout = Layout(config(tmp_path))
+    area = Area.allocate(layout)
+    writer = Area(area.block, layout.size)          # the worker's view of the same block
+    n = layout.size
+    writer.write([1] * n)                           # buffer 0
+    writer.write([2] * n)                           # buffer 1: CURRENT
+    real = area.words
+
+    class Stall:
+        """The reader's words: on its first SEQ load, the writer runs first."""
+        done = False
+
+        def __getitem__(self, i):
+            if i in (_SEQ, _SEQ + 1) and not self.done:
+                self.done = True
+                writer.write([3] * n)               # buffer 0, CURRENT flipped to it
+                writer.write([4] * n)               # buffer 1, whole ...
+                real[_CURRENT] = 1                  # ... its flip still to come
+            return real[i]
+
+    area.words = Stall()
+    first = area.read()[0]
+    area.words = real
+    assert area.read()[0] >= first == 3
+
+
 def test_reader_racing_a_writer_in_another_process_sees_only_whole_snapshots(tmp_path):
     layout = Layout(config(tmp_path))
     area = Area.allocate(layout)
