@@ -160,11 +160,22 @@ class Arbiter:
     def manage_workers(self) -> None:
         """Let the table move towards its target, then act on what it reports."""
         if self.upgraded_from is not None and os.getppid() != self.upgraded_from:
-            for generation in self.table.generations:   # the old master is gone: no more
-                generation.drop_kept_inboxes()          # of its sessions can come
+            self._old_master_gone()
         self.table.manage(self.config.max_draining_generations)
         for event in self.table.events():
             self.guard.run(f'the {event[0]} event', getattr(self, '_on_' + event[0]), *event[1:])
+
+    def _old_master_gone(self) -> None:
+        """The old master of the binary upgrade exited: none of its sessions can come any
+        more, and the UDP flows are steered to the count of the workers that serve them (it
+        does that at QUIT; killed without QUIT, its program for its own count stays)."""
+        self.upgraded_from = None
+        for generation in self.table.generations:
+            generation.drop_kept_inboxes()
+        serving = self.table.active() or next(
+            (g for g in self.table.generations if g.inherits), None)
+        if serving is not None and serving.udp():
+            self.sockets.resteer(serving.bound, serving.config.workers)
 
     def _poll_watch(self) -> None:
         if self.watch.poll():

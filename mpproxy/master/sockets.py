@@ -108,6 +108,13 @@ class SocketSet:
             failed = failed or not self._steered[key]
         return slots if moved and not failed else None
 
+    def resteer(self, bound: Bound, slots: int) -> None:
+        """Attach the program for `slots` again to every steered UDP listener of `bound`,
+        whatever it is believed to be steered to (another master may have attached its own)."""
+        for listener, socks, _ in bound.entries:
+            if listener.protocol == 'udp' and self._steered.get(listener.key):
+                self._steered[listener.key] = _attach(listener.name, socks[0], slots)
+
     def steerable(self, bound: Bound) -> bool:
         """Every UDP listener of `bound` that existed before is steered (steer() can move
         its flows)."""

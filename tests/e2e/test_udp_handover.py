@@ -17,8 +17,9 @@ import pytest
 
 from helpers.backends import UdpEcho
 from helpers.configs import udp_config, with_pid_file
-from helpers.net import UdpFleet, free_port, metric_total
+from helpers.net import UdpFleet, client, free_port, get, metric_total
 from helpers.proc import Proxy, alive, children, cmdline, read_pid, wait_for
+from mpproxy.shared.steer import slot_of
 
 CLIENTS = 50
 
@@ -81,6 +82,7 @@ def upgrade_scene(proxies, tmp_path, workers: int, admin: int | None = None):
     scene = SimpleNamespace(new=None, fleet=None, pid_file=tmp_path / 'mpproxy.pid')
     try:
         port = free_port()
+        scene.port = port
         scene.config = lambda n: with_pid_file(config(port, backend, n, admin), str(scene.pid_file))
         scene.proxy = proxies(scene.config(workers)).start(wait_workers=workers)
         scene.fleet = UdpFleet(port, CLIENTS)
@@ -157,13 +159,47 @@ def test_a_new_worker_that_dies_before_quit_is_replaced_by_one_that_waits_too(pr
         quit_old_master(scene)
 
 
+def sessions_by_worker(admin: int) -> dict[str, int]:
+    _, _, body = get(admin, '/metrics')
+    out: dict[str, int] = {}
+    for line in body.decode().splitlines():
+        if line.startswith('mpproxy_udp_sessions_created_total{'):
+            worker = re.search(r'worker="(\d+)"', line).group(1)
+            out[worker] = out.get(worker, 0) + int(float(line.rsplit(' ', 1)[1]))
+    return out
+
+
 def test_an_old_master_that_dies_without_quit_leaves_no_client_unserved(proxies, tmp_path):
     """USR2 from 3 workers to 2, then the old master is killed (no QUIT, so it never steered
     the flows to 2): every client is served again, by the new master's workers alone (on
-    new sessions: nothing was handed over)."""
-    with upgrade_scene(proxies, tmp_path, 3) as scene:
+    new sessions: nothing was handed over), and the new master steers the flows to its 2
+    workers itself: new clients reach the worker slot_of names for 2, not for 3."""
+    admin = free_port()
+    with upgrade_scene(proxies, tmp_path, 3, admin) as scene:
         scene.proxy.write_config(scene.config(2))
         scene.new = scene.proxy.upgrade(scene.pid_file, workers=2)
         scene.proxy.proc.kill()
         scene.proxy.proc.wait(5)
         replies_after(scene.fleet, 30, 'from the new master alone')
+        probes = []                     # clients that slot_of sends to 0 of 2 but to 1 of 3
+        while len(probes) < 10:
+            sock = client()
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]
+            if slot_of(('127.0.0.1', port), 2) == 0 and slot_of(('127.0.0.1', port), 3) == 1:
+                probes.append(sock)
+            else:
+                sock.close()
+        before = wait_for(lambda: (lambda c: c if sum(c.values()) >= CLIENTS else None)(
+            sessions_by_worker(admin)), 5, what="the fleet's new sessions counted")
+        try:
+            for sock in probes:
+                sock.sendto(b'probe', ('127.0.0.1', scene.port))
+                assert sock.recvfrom(100)[0].endswith(b'probe')
+        finally:
+            for sock in probes:
+                sock.close()
+        wait_for(lambda: sum(sessions_by_worker(admin).values()) >= sum(before.values()) + 10,
+                 5, what='the probes counted (workers publish each second)')
+        after = sessions_by_worker(admin)
+        assert after.get('0', 0) - before.get('0', 0) == 10, (before, after)
