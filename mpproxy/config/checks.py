@@ -423,14 +423,19 @@ def _keepalive(s: Section) -> Keepalive | None:
                      count=k.get('count', optional(integer(1, 127))))
 
 
+def _bad_alpn_route(pattern: str) -> bool:
+    """`NAME alpn=PROTO[,PROTO]` without a name or without a protocol."""
+    name, _, protocols = pattern.partition(' alpn=')
+    return not name.strip() or not protocols.strip(' ,')
+
+
 def _sni_routes(s: Section, declared: dict) -> tuple[tuple[str, str], ...]:
     routes = []
     for pattern in s.keys():
         target = s.value(pattern)
         if not isinstance(pattern, str) or not pattern.strip():
             s.report(pattern, f'a server name pattern must be a non-empty string, got {describe(pattern)}')
-        elif ' alpn=' in pattern and (not pattern.partition(' alpn=')[0].strip()
-                                      or not pattern.partition(' alpn=')[2].strip(' ,')):
+        elif ' alpn=' in pattern and _bad_alpn_route(pattern):
             s.report(pattern, "write a route that requires an ALPN as 'NAME alpn=PROTO[,PROTO]'")
         elif not isinstance(target, str) or target not in declared:
             s.report(pattern, f'unknown upstream {describe(target)}')

@@ -43,9 +43,10 @@ def allocate(config: Config) -> mmap.mmap | None:
     return mmap.mmap(-1, 2 * size) if size else None
 
 
-def comebacks(block: mmap.mmap, slot: int) -> int:
-    """How many times (mod 256) the server at `slot` went from DOWN to UP."""
-    return block[len(block) // 2 + slot]
+def comeback_index(block: mmap.mmap, slot: int) -> int:
+    """Where in `block` the count of the server at `slot` going from DOWN to UP (mod 256)
+    is kept: the block's second half."""
+    return len(block) // 2 + slot
 
 
 class Checker:
@@ -80,7 +81,7 @@ class Checker:
                 passed, failed = passed + 1, 0
                 if self.block[slot] == DOWN and passed >= hc.rise:
                     self.block[slot] = UP
-                    back = len(self.block) // 2 + slot
+                    back = comeback_index(self.block, slot)
                     self.block[back] = (self.block[back] + 1) & 0xFF
                     self.log.warning('health check: upstream %s: server %s is up '
                                      '(%d check(s) passed)', name, label, passed)

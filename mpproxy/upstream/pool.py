@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from mpproxy.config.schema import Upstream
 from mpproxy.upstream.balancer import make_balancer
-from mpproxy.upstream.health import comebacks
+from mpproxy.upstream.health import comeback_index
 
 # Upper bounds (seconds) of the upstream connect-time histogram's buckets; one more bucket
 # past the last counts the rest (observe/metrics.py publishes them as Prometheus buckets).
@@ -216,12 +216,14 @@ class UpstreamPool:
         """Start the ramp of entries that came back since last asked; whether any did.
         (Also called before each pick: a server is never picked at full weight in between.)"""
         health = self.health
+        if health is not None:
+            block, base = health[0], comeback_index(health[0], health[1])
         noticed = False
         for i, p in enumerate(self.position):
             if not self.slow[p]:
                 continue
             if health is not None:
-                count = comebacks(health[0], health[1] + p)
+                count = block[base + p]
                 if self.comebacks[i] is not None and count != self.comebacks[i]:
                     self.ramp_from[i] = now
                     noticed = True

@@ -39,6 +39,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from mpproxy.config.values import format_sockaddr
 from mpproxy.upstream import hosts
 
 TRY_TIMEOUT = 2.0
@@ -67,7 +68,7 @@ class Resolver:
                  system_timeout: float = SYSTEM_TIMEOUT, resolv_conf: str | None = None,
                  hosts_file: str = hosts.HOSTS):
         self.servers = tuple(servers)
-        self.timeout, self.tries = timeout, tries
+        self.timeout = timeout
         self.lifetime = lifetime(timeout, tries, len(self.servers)) if self.servers \
             else system_timeout
         self.resolv_conf = resolv_conf or os.environ.get(RESOLV_CONF_ENV) or RESOLV_CONF
@@ -194,8 +195,7 @@ def _failures(errors) -> str:
     for server, tcp, port, error, _ in errors:
         if server.startswith('Do53:'):           # dnspython's `Do53:address@port`
             server = server[5:].rpartition('@')[0]
-        where = f'[{server}]:{port}' if ':' in server else f'{server}:{port}'
-        where += ' over TCP' if tcp else ''
+        where = format_sockaddr((server, port)) + (' over TCP' if tcp else '')
         if isinstance(error, str):
             parts.append(f'DNS error {error} from {where}')
         elif isinstance(error, OSError):

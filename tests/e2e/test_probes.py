@@ -12,15 +12,8 @@ import signal
 import socket
 
 from helpers.configs import tcp_config, with_admin, with_keys
-from helpers.net import free_port, get
+from helpers.net import free_port, get, status_code
 from helpers.proc import wait_for
-
-
-def code(port: int, path: str) -> int | None:
-    try:
-        return get(port, path, timeout=2)[0]
-    except OSError:
-        return None
 
 
 def test_healthz_fails_while_a_worker_is_stuck_and_recovers_when_it_is_replaced(proxies, tcp_echo):
@@ -28,7 +21,7 @@ def test_healthz_fails_while_a_worker_is_stuck_and_recovers_when_it_is_replaced(
     config = with_keys(with_admin(tcp_config(port, tcp_echo.address), admin),
                        worker_timeout='5s')
     proxy = proxies(config).start(wait_workers=2)
-    assert code(admin, '/healthz') == 200 and code(admin, '/readyz') == 200
+    assert status_code(admin, '/healthz') == 200 and status_code(admin, '/readyz') == 200
     stuck = proxy.workers()[0]
     proxy.known_pids.add(stuck)
     try:
@@ -40,7 +33,7 @@ def test_healthz_fails_while_a_worker_is_stuck_and_recovers_when_it_is_replaced(
         # worker_timeout: the master kills the stuck worker and forks a new one
         wait_for(lambda: stuck not in proxy.workers() and len(proxy.serving_workers()) == 2,
                  15, what='the stuck worker replaced')
-        wait_for(lambda: code(admin, '/healthz') == 200, 5, what='/healthz to recover')
+        wait_for(lambda: status_code(admin, '/healthz') == 200, 5, what='/healthz to recover')
     finally:
         try:
             os.kill(stuck, signal.SIGKILL)
@@ -52,16 +45,16 @@ def test_readyz_fails_once_quit_starts_while_connections_drain(proxies, tcp_echo
     port, admin = free_port(), free_port()
     proxy = proxies(with_admin(tcp_config(port, tcp_echo.address), admin)).start(
         wait_workers=2)
-    assert code(admin, '/readyz') == 200
+    assert status_code(admin, '/readyz') == 200
     held = socket.create_connection(('127.0.0.1', port), timeout=5)   # keeps the drain going
     try:
         held.sendall(b'x')
         assert held.recv(1) == b'x'
         proxy.signal(signal.SIGQUIT)
-        wait_for(lambda: code(admin, '/readyz') == 503, 5, what='/readyz to fail at QUIT')
+        wait_for(lambda: status_code(admin, '/readyz') == 503, 5, what='/readyz to fail at QUIT')
         status, _, body = get(admin, '/readyz')
         assert body == b'not ready: draining\n'
-        assert code(admin, '/healthz') == 200            # draining is healthy, not dead
+        assert status_code(admin, '/healthz') == 200            # draining is healthy, not dead
         held.sendall(b'still here')                      # the open connection drains on
         assert held.recv(100) == b'still here'
     finally:

@@ -41,13 +41,22 @@ async def with_servers(body):
             server.close()
 
 
-def test_quic_connections_reach_the_server_their_name_routes_to(proxies):
+def through_proxy(proxies, body, default: bool = False, workers: int = 2):
+    """mpproxy on a free port routing to one aioquic server per name (quic_config); runs
+    `await body(proxy, port)` while both serve; returns the proxy."""
     port = free_port(socket.SOCK_DGRAM)
     holder = {}
 
-    async def body(ports):
-        proxy = holder['proxy'] = proxies(quic_config(port, ports, default=False))
-        proxy.start(wait_workers=2)
+    async def run(ports):
+        proxy = holder['proxy'] = proxies(quic_config(port, ports, default, workers))
+        proxy.start(wait_workers=workers)
+        await body(proxy, port)
+    asyncio.run(with_servers(run))
+    return holder['proxy']
+
+
+def test_quic_connections_reach_the_server_their_name_routes_to(proxies):
+    async def body(proxy, port):
         for batch in range(10):         # 50 connections to each name, 10 at a time
             names = ['a.example', 'b.example'] * 5
             got = await asyncio.gather(*(quic_exchange(port, name, b'hello %d' % i)
@@ -59,19 +68,13 @@ def test_quic_connections_reach_the_server_their_name_routes_to(proxies):
         # a name with no route and no default: no answer at all, the client gives up
         with pytest.raises((asyncio.TimeoutError, ConnectionError)):
             await quic_exchange(port, 'nobody.example', b'lost', timeout=1.0)
-    asyncio.run(with_servers(body))
-    proxy = holder['proxy']
+    proxy = through_proxy(proxies, body)
     proxy.wait_log("no route for server name 'nobody.example'")
     assert_clean(proxy)
 
 
 def test_default_route_and_a_client_hello_over_several_initials(proxies):
-    port = free_port(socket.SOCK_DGRAM)
-    holder = {}
-
-    async def body(ports):
-        proxy = holder['proxy'] = proxies(quic_config(port, ports, default=True, workers=1))
-        proxy.start(wait_workers=1)
+    async def body(proxy, port):
         common, answer = await quic_exchange(port, 'nobody.example', b'x')
         assert (common, answer) == ('default.example', b'default.example|x')
         # a route that requires an ALPN the client offers wins over the name's plain route
@@ -82,8 +85,7 @@ def test_default_route_and_a_client_hello_over_several_initials(proxies):
         for name in ('b.example', 'a.example'):
             common, answer = await quic_exchange(port, name, b'big', alpn=big)
             assert (common, answer) == (name, name.encode() + b'|big')
-    asyncio.run(with_servers(body))
-    assert_clean(holder['proxy'])
+    assert_clean(through_proxy(proxies, body, default=True, workers=1))
 
 
 def test_check_names_the_quic_extra_when_cryptography_is_missing(tmp_path):
@@ -107,12 +109,8 @@ def test_a_quic_connection_keeps_exchanging_data_through_three_reloads(proxies):
 
     from aioquic.asyncio import connect
     from aioquic.quic.configuration import QuicConfiguration
-    port = free_port(socket.SOCK_DGRAM)
-    holder = {}
 
-    async def body(ports):
-        proxy = holder['proxy'] = proxies(quic_config(port, ports, default=False))
-        proxy.start(wait_workers=2)
+    async def body(proxy, port):
         loop = asyncio.get_running_loop()
         config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name='b.example',
                                    verify_mode=ssl.CERT_NONE, idle_timeout=10.0)
@@ -144,8 +142,7 @@ def test_a_quic_connection_keeps_exchanging_data_through_three_reloads(proxies):
             await asyncio.wait_for(task, 6.0)
             assert answers == [b'b.example|%d' % i for i in range(len(answers))]
             assert len(answers) >= 15
-    asyncio.run(with_servers(body))
-    proxy = holder['proxy']
+    proxy = through_proxy(proxies, body)
     log = proxy.log()
     assert 'generation 4 active' in log
     assert log.count('handed 1 UDP session(s) to the new worker(s)') == 3, log   # one upstream

@@ -12,7 +12,7 @@ import signal
 import socket
 
 from helpers.configs import listener, upgrade_config, with_admin, with_keys
-from helpers.net import client, connect, echo_roundtrip, free_port, get, roundtrip
+from helpers.net import client, connect, echo_roundtrip, free_port, get, roundtrip, status_code
 from helpers.proc import alive, run_cli, wait_for
 
 
@@ -21,13 +21,6 @@ def grace_config(port: int, admin: int, tcp_up: str, udp_up: str, **keys) -> dic
     config = {'workers': 2, 'listeners': [listener(port, [tcp_up]),
                                           listener(port, [udp_up], 'udp')]}
     return with_keys(with_admin(config, admin), **keys)
-
-
-def code(port: int, path: str) -> int | None:
-    try:
-        return get(port, path, timeout=2)[0]
-    except OSError:
-        return None
 
 
 def served(port: int) -> bool:
@@ -62,14 +55,14 @@ def test_grace_keeps_accepting_tcp_and_udp_while_readyz_fails_then_drains(
     proxy = proxies(grace_config(port, admin, tcp_echo.address, udp_echo.address,
                                  shutdown_grace='5s', shutdown_timeout='3s')).start(wait_workers=2)
     workers = sorted(proxy.workers())
-    assert code(admin, '/readyz') == 200
+    assert status_code(admin, '/readyz') == 200
     held = held_connection(port)
     try:
         proxy.signal(signal.SIGQUIT)
-        wait_for(lambda: code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
+        wait_for(lambda: status_code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
         status, _, body = get(admin, '/readyz')
         assert body.startswith(b'not ready: stopping (shutdown_grace), draining in '), body
-        assert code(admin, '/healthz') == 200
+        assert status_code(admin, '/healthz') == 200
         master = json.loads(get(admin, '/status')[2])['master']
         assert master['state'] == 'grace' and 0 < master['grace_left'] <= 5, master
         # The grace: new clients are still accepted and relayed, by the same workers.
@@ -105,7 +98,7 @@ def test_term_during_the_grace_stops_at_once(proxies, tcp_echo, udp_echo):
     held = held_connection(port)
     try:
         proxy.signal(signal.SIGQUIT)
-        wait_for(lambda: code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
+        wait_for(lambda: status_code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
         assert served(port)                                   # in the grace
         view = run_cli('-c', str(proxy.config_path), 'status')
         assert 'stopping: shutdown_grace, draining in ' in view.stdout, view
@@ -124,7 +117,7 @@ def test_second_quit_cuts_the_grace_short(proxies, tcp_echo, udp_echo):
     held = held_connection(port)
     try:
         proxy.signal(signal.SIGQUIT)
-        wait_for(lambda: code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
+        wait_for(lambda: status_code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
         assert served(port)
         proxy.signal(signal.SIGQUIT)
         proxy.wait_log('second QUIT: shutdown_grace cut short, draining for up to 30s')
@@ -142,14 +135,14 @@ def test_reload_is_refused_during_the_grace(proxies, tmp_path, tcp_echo, udp_ech
                           shutdown_grace='60s', pid_file=str(tmp_path / 'mpproxy.pid'))
     proxy = proxies(config).start(wait_workers=2)
     proxy.signal(signal.SIGQUIT)
-    wait_for(lambda: code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
+    wait_for(lambda: status_code(admin, '/readyz') == 503, 2, what='/readyz to fail at QUIT')
     proxy.signal(signal.SIGHUP)
     proxy.wait_log('reload refused: the master is stopping')
     result = run_cli('-s', 'reload', '-c', str(proxy.config_path))
     assert result.returncode == 1
     assert 'the master is stopping; no reload' in result.stdout + result.stderr, result
     assert 'generation 2' not in proxy.log() and 'reloading' not in proxy.log()
-    assert served(port) and code(admin, '/readyz') == 503     # the grace goes on
+    assert served(port) and status_code(admin, '/readyz') == 503     # the grace goes on
     proxy.signal(signal.SIGTERM)
     assert proxy.wait_exit(5) == 0
 

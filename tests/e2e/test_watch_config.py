@@ -16,7 +16,7 @@ from helpers.backends import tagged_backend
 from helpers.configmap import ConfigMapDir
 from helpers.configs import render, tcp_config, with_keys
 from helpers.net import first_bytes, free_port
-from helpers.proc import children, cmdline, wait_for
+from helpers.proc import wait_for, workers_of
 
 RELOAD = 10.0           # deadline for a change to be applied
 OBSERVE = 3.5           # a window in which nothing must happen: > 2 polls of 1 s, plus slack
@@ -159,7 +159,7 @@ def test_after_usr2_only_the_new_master_follows_the_file(proxies, tmp_path):
 
         proxy.write_config(watched(port, b.address, pid_file=str(pid_file)))
         proxy.wait_log(f'{new}#master: generation 2 active', timeout=RELOAD)
-        proxy.known_pids.update(p for p in children(new) if cmdline(p).startswith('mpproxy: worker'))
+        proxy.known_pids.update(workers_of(new))
         observe()                                     # the old master leaves the file alone
         assert f'{old}#master: config file changed' not in proxy.log()
 

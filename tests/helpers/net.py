@@ -158,6 +158,14 @@ def get(port: int, path: str, method: str = 'GET', timeout: float = 5.0):
         conn.close()
 
 
+def status_code(port: int, path: str) -> int | None:
+    """The HTTP status of GET `path` on 127.0.0.1:`port`, or None when nothing answers."""
+    try:
+        return get(port, path, timeout=2)[0]
+    except OSError:
+        return None
+
+
 def metric_total(admin: int, name: str) -> int:
     """The sum of every series of metric `name` (all labels) on the admin endpoint's /metrics."""
     status, _, body = get(admin, '/metrics')

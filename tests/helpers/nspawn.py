@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from helpers.proc import children
+
 CACHE = Path(os.environ.get('MPPROXY_SYSTEMD_CACHE', '/var/cache/mpproxy-systemd'))
 SUITE = 'bookworm'
 PACKAGES = ('systemd', 'systemd-sysv', 'dbus', 'python3', 'python3-venv')
@@ -124,14 +126,6 @@ def wheels(requirements: list[str], log) -> Path:
     return where
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f'/proc/{pid}/task/{pid}/children') as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 def _comm(pid: int) -> str:
     try:
         with open(f'/proc/{pid}/comm') as f:
@@ -178,7 +172,7 @@ class Container:
                 raise CannotBoot(f'systemd-nspawn exited with code {self.nspawn.returncode}:\n'
                                  f'{self.console()}')
             if self.leader is None:
-                kids = [p for p in _children(self.nspawn.pid) if _comm(p) == 'systemd']
+                kids = [p for p in children(self.nspawn.pid) if _comm(p) == 'systemd']
                 self.leader = kids[0] if kids else None
             if self.leader is not None:
                 state = self.run('systemctl', 'is-system-running', '--wait', check=False,

@@ -45,6 +45,11 @@ def cmdline(pid: int) -> str:
         return ''
 
 
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of master `pid` now."""
+    return [p for p in children(pid) if cmdline(p).startswith('mpproxy: worker')]
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f'/proc/{pid}/stat') as f:
@@ -147,7 +152,7 @@ class Proxy:
         return self.log()
 
     def workers(self) -> list[int]:
-        pids = [p for p in children(self.pid) if cmdline(p).startswith('mpproxy: worker')]
+        pids = workers_of(self.pid)
         self.known_pids.update(pids)
         return pids
 
@@ -175,16 +180,23 @@ class Proxy:
         self.wait_log('mpproxy started', count=started + 1, timeout=timeout)
         if workers:
             self.known_pids.update(wait_for(lambda: (lambda w: w if len(w) == workers else None)(
-                [p for p in children(new) if cmdline(p).startswith('mpproxy: worker')]), timeout,
+                workers_of(new)), timeout,
                 what=f"the new master's {workers} workers"))
         return new
 
     @staticmethod
     def stop_master(pid: int | None, sig: int | None = None, timeout: float = 15.0) -> None:
-        """Stop another master (a binary upgrade's new one) with `sig` (QUIT), if it runs."""
-        if pid and alive(pid):
+        """Stop another master (a binary upgrade's new one) with `sig` (QUIT), if it runs;
+        SIGKILL after `timeout` (a cleanup: it never hides the test's own failure)."""
+        if not pid or not alive(pid):
+            return
+        try:
             os.kill(pid, signal.SIGQUIT if sig is None else sig)
             wait_for(lambda: not alive(pid), timeout, what=f'master {pid} to stop')
+        except ProcessLookupError:
+            pass
+        except AssertionError:
+            os.kill(pid, signal.SIGKILL)
 
     def wait_exit(self, timeout: float = 10.0) -> int:
         return self.proc.wait(timeout)

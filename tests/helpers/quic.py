@@ -22,6 +22,17 @@ def aioquic_initials(server_name: str | None, alpn: list[str], version: int = V1
     return [datagram for datagram, _ in client.datagrams_to_send(now=0.0)]
 
 
+def send_initials(env, addr, server_name: str, alpn=('h3',)):
+    """A new client socket of a unit test's `env` (helpers.udp_unit.Env) that sent the
+    datagrams an aioquic client sends first for `server_name` to `addr`: (socket, them)."""
+    from helpers.udp_unit import V4
+    client = env.udp(V4, ('127.0.0.1', 0))
+    initials = aioquic_initials(server_name, list(alpn))
+    for datagram in initials:
+        client.sendto(datagram, addr)
+    return client, initials
+
+
 def varint(value: int, size: int | None = None) -> bytes:
     """RFC 9000 16: the shortest encoding, or the one of `size` bytes."""
     if size is None:

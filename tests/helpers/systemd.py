@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 from helpers.nspawn import Container
-from helpers.proc import ROOT
+from helpers.proc import ROOT, wait_for
 
 UNIT = 'mpproxy'
 ECHO_A = 9001            # backends inside the container: answers 'a:' + data
@@ -160,10 +160,8 @@ class Installed:
         self.background('check-echo-b', 'echo', ECHO_B, 'b:')
         self.background('check-dns', 'dns', DNS, DNS_DELAY, 'backend.check=127.0.0.1')
         for port, prefix in ((ECHO_A, 'a:'), (ECHO_B, 'b:')):
-            wait = time.monotonic() + 10
-            while self.roundtrip(port, 'up') != f'{prefix}up':
-                assert time.monotonic() < wait, f'the echo backend on {port} did not start'
-                time.sleep(0.1)
+            wait_for(lambda: self.roundtrip(port, 'up') == f'{prefix}up', 10, interval=0.1,
+                     what=f'the echo backend on {port} to start')
 
     def roundtrip(self, port: int, data: str, timeout: float = 5.0) -> str:
         """One connection to 127.0.0.1:port inside: the answer, or `error <errno name>`."""

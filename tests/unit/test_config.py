@@ -668,7 +668,7 @@ def test_sni_listener_needs_no_upstream_of_its_own(tmp_path):
     assert listener.upstream == 'rest'
 
 
-def test_a_udp_listener_takes_sni_routes_for_quic_but_not_beside_proxy_protocol(tmp_path):
+def test_a_udp_listener_takes_sni_routes_for_quic_also_beside_proxy_protocol(tmp_path):
     config = load_text(tmp_path, """\
         upstreams:
           a: {servers: [127.0.0.1:9000]}

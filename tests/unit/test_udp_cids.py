@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers.quic import aioquic_initials
+from helpers.quic import aioquic_initials, send_initials
 from helpers.udp_unit import V4, Clock, EchoUpstream, Env
 from helpers.unit import serve_env
 from mpproxy.config.schema import (Address, Listener, ProxyProtocol, Server, UdpOptions,
@@ -146,10 +146,7 @@ def routed(env, up, peers=None, key_port=None, clock=None, default=None):
 def connect(env, svc, addr, up):
     """A client that sent its Initials and got the server's long-header answer: (client
     socket, the server's ID for it, the Initials it sent)."""
-    c = env.udp(V4, ('127.0.0.1', 0))
-    initials = aioquic_initials('a.example', ['h3'])
-    for d in initials:
-        c.sendto(d, addr)
+    c, initials = send_initials(env, addr, 'a.example')
     answer = env.recv(c)[0]
     return c, server_cid(answer, len(answer)), initials
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from helpers.quic import aioquic_initials, client_hello, split_initials
+from helpers.quic import client_hello, send_initials, split_initials
 from helpers.udp_unit import V4, Clock, EchoUpstream, Env
 from helpers.unit import serve_env
 from mpproxy.config.schema import Address, Listener, Server, UdpOptions, Upstream
@@ -51,10 +51,7 @@ def test_each_name_reaches_its_upstream_with_every_datagram_in_order(env):
     svc, addr, ups = routed(env)
     clients = {}
     for name, want in (('a.example', 'A'), ('x.b.example', 'B'), ('b.example', 'B')):
-        c = env.udp(V4, ('127.0.0.1', 0))
-        initials = aioquic_initials(name, ['h3'])
-        for d in initials:
-            c.sendto(d, addr)
+        c, initials = send_initials(env, addr, name)
         clients[name] = (c, initials, want)
     env.run_until(lambda: len(ups['A'].got) + len(ups['B'].got) >= 3, what='routing')
     for name, (c, initials, want) in clients.items():
@@ -71,10 +68,7 @@ def test_each_name_reaches_its_upstream_with_every_datagram_in_order(env):
 
 def test_an_unknown_name_goes_to_default_or_is_dropped(env):
     svc, addr, ups = routed(env)
-    c = env.udp(V4, ('127.0.0.1', 0))
-    initials = aioquic_initials('nobody.example', ['h3'])
-    for d in initials:
-        c.sendto(d, addr)
+    c, initials = send_initials(env, addr, 'nobody.example')
     env.run_until(lambda: len(ups['D'].got) == len(initials), what='default')
     assert svc.stats.quic_unrouted == 0                 # routed by its name: to default
 
@@ -115,7 +109,8 @@ def test_a_hello_over_three_initials_out_of_order_routes_when_whole(env):
     order = [parts[2], parts[0], parts[1]]
     for d in order[:2]:
         c.sendto(d, addr)
-    env.run_for(0.1)
+    env.run_until(lambda: svc.stats.datagrams_in == 2, what='both read')
+    env.run_for(0.1)                                    # (time to forward them, were it wrong)
     assert all(up.got == [] for up in ups.values())     # held
     assert len(svc._admission.pending) == 1
     c.sendto(order[2], addr)
@@ -183,10 +178,7 @@ def test_close_and_hand_over_forget_held_flows(env):
 
 def test_a_routed_session_handed_over_keeps_its_upstream_and_pool(env):
     old, addr, ups = routed(env)
-    c = env.udp(V4, ('127.0.0.1', 0))
-    initials = aioquic_initials('a.example', ['h3'])
-    for d in initials:
-        c.sendto(d, addr)
+    c, initials = send_initials(env, addr, 'a.example')
     assert env.recv(c)[0] == initials[0]
     out = old.export_sessions()
     assert [meta['p'] for meta, _ in out] == ['A']
